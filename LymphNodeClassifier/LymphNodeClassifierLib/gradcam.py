@@ -1,0 +1,278 @@
+"""Grad-CAM on the TorchScript model, and the CAM mapped back into the CT's physical space.
+
+``gradcam`` explains the **metastatic logit** (the model's single output; positive = metastatic):
+a bright region is one whose activations push the node towards "metastatic". Evidence for "benign"
+is not shown (the ReLU removes it). It runs on the model's exported ``features`` / ``head``
+TorchScript methods, so no hooks are needed:
+
+    A = features(x)              (N, K, h, w)   last conv layer's activations, detached, requires grad
+    y = head(A)                  (N,)           metastatic logits
+    w_k = mean_{h,w} dy/dA_k                    channel weights
+    cam = relu(sum_k w_k A_k)                   (N, h, w)
+    cam = bilinear upsample to (H, W) (align_corners=False), divided by its per-node maximum
+
+so each node's map lies in [0, 1] with 1 at its strongest evidence; a map with no positive evidence
+stays all zero.
+
+``cam_to_volume`` turns the per-node 2D maps into one float32 SimpleITK image on the CT's voxel grid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from torch import nn
+
+from .errors import InputError
+from .inference import _check_batch_size, check_patches
+from .model import LoadedModel
+
+VIEW_ORDER = ("axial", "coronal", "sagittal")
+
+
+# --------------------------------------------------------------------------------------------
+# Grad-CAM
+# --------------------------------------------------------------------------------------------
+
+
+def _unpack_model(model: Any) -> tuple[Any, torch.device, dict | None]:
+    if isinstance(model, LoadedModel):
+        return model.module, model.device, model.card
+    if isinstance(model, (nn.Module, torch.jit.ScriptModule)) and hasattr(model, "features") and hasattr(model, "head"):
+        parameter = next(iter(model.parameters()), None)
+        device = parameter.device if parameter is not None else torch.device("cpu")
+        return model, device, None
+    raise TypeError("gradcam needs a LoadedModel or a module with 'features' and 'head' methods")
+
+
+def gradcam(model: LoadedModel | nn.Module, patches: np.ndarray, batch_size: int = 32, return_logits: bool = False):
+    """Grad-CAM maps ``(N, H, W)`` float32 in [0, 1] explaining each node's metastatic logit.
+
+    ``model`` is a LoadedModel (patches are checked against its card) or a (scripted or eager)
+    module with ``features`` and ``head``; it is evaluated in eval mode. With ``return_logits``
+    returns ``(cams, logits)``.
+    """
+    module, device, card = _unpack_model(model)
+    batch_size = _check_batch_size(batch_size)
+    patches = check_patches(patches, card)
+    n, _, height, width = patches.shape
+    cams = np.zeros((n, height, width), dtype=np.float32)
+    logits_out = np.zeros((n,), dtype=np.float32)
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            for start in range(0, n, batch_size):
+                x = torch.from_numpy(patches[start:start + batch_size]).to(device)
+                cam, logits = _gradcam_batch(module, x, (height, width))
+                cams[start:start + x.shape[0]] = cam.cpu().numpy()
+                logits_out[start:start + x.shape[0]] = logits.cpu().numpy()
+    finally:
+        if was_training:
+            module.train()
+    return (cams, logits_out) if return_logits else cams
+
+
+def _gradcam_batch(module: Any, x: torch.Tensor, out_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    fmap = module.features(x).detach().requires_grad_(True)
+    logits = module.head(fmap).reshape(-1)
+    if logits.shape[0] != x.shape[0]:
+        raise RuntimeError(f"the model's head returned {logits.shape[0]} logits for {x.shape[0]} patches; expected one per node")
+    # Each logit depends only on its own node's feature map (eval mode), so the gradient of the
+    # sum gives every node's own gradient in one backward pass.
+    (grads,) = torch.autograd.grad(logits.sum(), fmap)
+    weights = grads.mean(dim=(2, 3), keepdim=True)
+    cam = torch.relu((weights * fmap).sum(dim=1, keepdim=True))
+    cam = torch.nn.functional.interpolate(cam, size=out_size, mode="bilinear", align_corners=False)[:, 0]
+    peak = cam.amax(dim=(1, 2), keepdim=True)
+    cam = torch.where(peak > 0, cam / peak.clamp_min(torch.finfo(cam.dtype).tiny), torch.zeros_like(cam))
+    return cam.detach().float().clamp_(0.0, 1.0), logits.detach().float()
+
+
+# --------------------------------------------------------------------------------------------
+# CAM back into CT space
+# --------------------------------------------------------------------------------------------
+
+
+def _field(obj: Any, name: str) -> Any:
+    if isinstance(obj, Mapping):
+        return obj[name]
+    return getattr(obj, name)
+
+
+def _vector(obj: Any, name: str) -> np.ndarray:
+    value = np.asarray(_field(obj, name), dtype=np.float64).reshape(-1)
+    if value.shape != (3,) or not np.isfinite(value).all():
+        raise ValueError(f"plane field {name} must be a finite 3-vector, got {value}")
+    return value
+
+
+def _planes_of(patch: Any) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+    """[(view, origin, row_step, col_step)] of a NodePatch in channel order."""
+    planes = _field(patch, "planes")
+    if isinstance(planes, Mapping):
+        names = [v for v in VIEW_ORDER if v in planes]
+        items = [(v, planes[v]) for v in names]
+    elif isinstance(planes, Sequence):
+        names = list(VIEW_ORDER) if len(planes) == 3 else ["axial"] if len(planes) == 1 else []
+        items = list(zip(names, planes))
+    else:
+        names = []
+    if names not in (list(VIEW_ORDER), ["axial"]):
+        raise ValueError("a NodePatch must have planes for [axial, coronal, sagittal] or [axial]")
+    return [(v, _vector(p, "origin_lps"), _vector(p, "row_step_lps"), _vector(p, "col_step_lps")) for v, p in items]
+
+
+def _bilinear(cam: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Sample a 2D map at continuous pixel coordinates (pixel centres at integers, edges clamped)."""
+    h, w = cam.shape
+    r = np.clip(rows, 0.0, h - 1.0)
+    c = np.clip(cols, 0.0, w - 1.0)
+    r0 = np.minimum(np.floor(r).astype(np.int64), h - 2) if h > 1 else np.zeros(r.shape, np.int64)
+    c0 = np.minimum(np.floor(c).astype(np.int64), w - 2) if w > 1 else np.zeros(c.shape, np.int64)
+    fr = r - r0
+    fc = c - c0
+    r1 = np.minimum(r0 + 1, h - 1)
+    c1 = np.minimum(c0 + 1, w - 1)
+    top = cam[r0, c0] * (1.0 - fc) + cam[r0, c1] * fc
+    bottom = cam[r1, c0] * (1.0 - fc) + cam[r1, c1] * fc
+    return top * (1.0 - fr) + bottom * fr
+
+
+class _CtGrid:
+    def __init__(self, ct: sitk.Image):
+        self.size = np.array(ct.GetSize(), dtype=np.int64)
+        self.origin = np.array(ct.GetOrigin(), dtype=np.float64)
+        direction = np.array(ct.GetDirection(), dtype=np.float64).reshape(3, 3)
+        self.matrix = direction @ np.diag(np.array(ct.GetSpacing(), dtype=np.float64))
+        self.inverse = np.linalg.inv(self.matrix)
+
+    def to_index(self, points: np.ndarray) -> np.ndarray:
+        return (points - self.origin) @ self.inverse.T
+
+    def to_physical(self, ijk: np.ndarray) -> np.ndarray:
+        return ijk @ self.matrix.T + self.origin
+
+
+def _node_cam_region(cam: np.ndarray, patch: Any, grid: _CtGrid) -> tuple[np.ndarray, np.ndarray] | None:
+    """(lower ijk, values[k, j, i]) of one node's 3D CAM on the CT grid, or None outside the CT."""
+    planes = _planes_of(patch)
+    height, width = cam.shape
+    lo_r, hi_r, lo_c, hi_c = -0.5, height - 0.5, -0.5, width - 0.5
+    solvers = []
+    corners = []
+    for _, origin, row, col in planes:
+        basis = np.stack([row, col], axis=1)  # (3, 2)
+        solvers.append((origin, np.linalg.pinv(basis)))
+        for r in (lo_r, hi_r):
+            for c in (lo_c, hi_c):
+                corners.append(origin + r * row + c * col)
+    corners = np.array(corners)
+
+    extrusion = None
+    if len(planes) == 1:
+        _, origin, row, col = planes[0]
+        normal = np.cross(row, col)
+        normal /= np.linalg.norm(normal)
+        z_lo, z_hi = _node_extent_along(patch, grid, origin, normal, row, col, height)
+        extrusion = (origin, normal, z_lo, z_hi)
+        corners = np.concatenate([corners + normal * z_lo, corners + normal * z_hi])
+
+    ijk = grid.to_index(corners)
+    lower = np.maximum(np.floor(ijk.min(axis=0) - 1e-6).astype(np.int64), 0)
+    upper = np.minimum(np.ceil(ijk.max(axis=0) + 1e-6).astype(np.int64), grid.size - 1)
+    if np.any(upper < lower):
+        return None
+
+    kk, jj, ii = np.meshgrid(*(np.arange(lower[a], upper[a] + 1) for a in (2, 1, 0)), indexing="ij")
+    shape = kk.shape
+    points = grid.to_physical(np.stack([ii.ravel(), jj.ravel(), kk.ravel()], axis=1).astype(np.float64))
+    inside = np.ones(points.shape[0], dtype=bool)
+    value = np.ones(points.shape[0], dtype=np.float64)
+    for origin, solve in solvers:
+        rc = (points - origin) @ solve.T
+        inside &= (rc[:, 0] >= lo_r) & (rc[:, 0] <= hi_r) & (rc[:, 1] >= lo_c) & (rc[:, 1] <= hi_c)
+        value *= _bilinear(cam, rc[:, 0], rc[:, 1])
+    if extrusion is not None:
+        origin, normal, z_lo, z_hi = extrusion
+        z = (points - origin) @ normal
+        inside &= (z >= z_lo) & (z <= z_hi)
+    else:
+        value = np.cbrt(value)  # geometric mean of the three views
+    value = np.where(inside, value, 0.0)
+    return lower, value.reshape(shape).astype(np.float32)
+
+
+def _node_extent_along(patch: Any, grid: _CtGrid, origin: np.ndarray, normal: np.ndarray, row: np.ndarray, col: np.ndarray, size: int) -> tuple[float, float]:
+    """Range of (p - origin) . normal covered by the node's bounding box (half-voxel margins)."""
+    node = getattr(patch, "node", None)
+    bbox = getattr(node, "bbox_index", None) if node is not None else None
+    if bbox is None:
+        half = 0.5 * size * float(np.linalg.norm(row))
+        return -half, half
+    i0, j0, k0, i1, j1, k1 = (float(v) for v in bbox)
+    corners = np.array([[i, j, k] for i in (i0 - 0.5, i1 + 0.5) for j in (j0 - 0.5, j1 + 0.5) for k in (k0 - 0.5, k1 + 0.5)])
+    z = (grid.to_physical(corners) - origin) @ normal
+    return float(z.min()), float(z.max())
+
+
+def cam_to_volume(cams: np.ndarray, node_patches: Sequence[Any], ct_image: sitk.Image) -> sitk.Image:
+    """Map each node's CAM into the CT's space: one float32 image in [0, 1] on the CT's voxel grid.
+
+    The result has the CT's spacing and direction and an origin on a CT voxel (it is the sub-grid of
+    the CT that bounds all nodes' patches); voxels away from every node are 0; where nodes overlap
+    the maximum is kept.
+
+    - Tri-planar patches: the value at a physical point p inside the node's patch cube is the
+      geometric mean of the three 2D CAM values read (bilinearly) at p's in-plane (row, column)
+      coordinates of the axial, coronal and sagittal planes, so it is high only where all three
+      views agree.
+    - Axial patches: the axial CAM read at p's in-plane coordinates, extruded along the plane normal
+      (S-I) over the node's bounding-box extent.
+
+    ``node_patches[n]`` follows the ``patches.NodePatch`` contract: ``planes`` (by view name, or a
+    list in channel order) with ``origin_lps``, ``row_step_lps``, ``col_step_lps``, and ``node``
+    (``NodeInfo`` with ``bbox_index``, used for the axial extrusion).
+    """
+    if not isinstance(ct_image, sitk.Image) or ct_image.GetDimension() != 3:
+        raise InputError("The CT must be a 3D image; load a CT volume, not a 2D slice.")
+    cams = np.asarray(cams, dtype=np.float32)
+    if cams.ndim != 3:
+        raise InputError(f"CAMs must have shape (N, size, size), got {cams.shape}; pass the output of gradcam().")
+    if cams.shape[0] != len(node_patches):
+        raise InputError(f"Got {cams.shape[0]} CAMs for {len(node_patches)} node patches; compute one CAM per patch.")
+    cams = np.nan_to_num(np.clip(cams, 0.0, 1.0), nan=0.0)
+    grid = _CtGrid(ct_image)
+
+    regions = []
+    for cam, patch in zip(cams, node_patches):
+        image = getattr(patch, "image", None)
+        if image is not None and tuple(np.shape(image)[-2:]) != cam.shape:
+            raise InputError(f"A CAM of {cam.shape[0]}x{cam.shape[1]} pixels does not match its {np.shape(image)[-2]}x{np.shape(image)[-1]} patch; compute the CAMs from these patches.")
+        region = _node_cam_region(cam, patch, grid)
+        if region is not None:
+            regions.append(region)
+
+    if not regions:
+        lower = np.zeros(3, dtype=np.int64)
+        volume = np.zeros((1, 1, 1), dtype=np.float32)
+    else:
+        lower = np.min([r[0] for r in regions], axis=0)
+        upper = np.max([r[0] + np.array(r[1].shape[::-1]) for r in regions], axis=0)  # exclusive
+        extent = upper - lower
+        volume = np.zeros((extent[2], extent[1], extent[0]), dtype=np.float32)
+        for start, values in regions:
+            o = start - lower
+            k, j, i = values.shape
+            target = volume[o[2]:o[2] + k, o[1]:o[1] + j, o[0]:o[0] + i]
+            np.maximum(target, values, out=target)
+
+    out = sitk.GetImageFromArray(volume)
+    out.SetSpacing(ct_image.GetSpacing())
+    out.SetDirection(ct_image.GetDirection())
+    out.SetOrigin(ct_image.TransformIndexToPhysicalPoint([int(v) for v in lower]))
+    return out

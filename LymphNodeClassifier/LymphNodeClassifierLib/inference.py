@@ -1,0 +1,97 @@
+"""Batched inference with a loaded model: patches → probability of the metastatic class.
+
+The patches must have been made with the card's preprocessing (``card["preprocessing"]``); this
+module checks what it can see (channels, size, value range) and refuses anything else.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .errors import InputError
+from .model import LoadedModel
+
+
+def check_patches(patches: np.ndarray, card: dict | None = None) -> np.ndarray:
+    """Validate ``(N, C, H, W)`` patches (against the card when given); return them as float32.
+
+    Values must be finite and in [0, 1] (windowed HU, see windowing.py).
+    """
+    if isinstance(patches, torch.Tensor):
+        patches = patches.detach().cpu().numpy()
+    patches = np.asarray(patches)
+    if patches.ndim != 4:
+        raise InputError(f"Patches must be an array of shape (N, channels, size, size), got shape {patches.shape}; stack the per-node patches with numpy.stack.")
+    if not np.issubdtype(patches.dtype, np.floating):
+        raise InputError(f"Patches must be floating point in [0, 1], got dtype {patches.dtype}; window the CT with windowing.py before classifying.")
+    if card is not None:
+        channels = int(card["architecture"]["in_channels"])
+        size = int(card["preprocessing"]["patch_size"])
+        names = card["preprocessing"].get("channels", [])
+        if patches.shape[1:] != (channels, size, size):
+            raise InputError(
+                f"Patches of shape {patches.shape[1:]} per node do not match the model, which expects "
+                f"({channels}, {size}, {size}) (channels {names}); extract the patches with the model card's preprocessing."
+            )
+    elif patches.shape[2] != patches.shape[3]:
+        raise InputError(f"Patches must be square, got {patches.shape[2]}x{patches.shape[3]} pixels; extract them with patches.extract_patches.")
+    patches = np.ascontiguousarray(patches, dtype=np.float32)
+    if patches.size:
+        if not np.isfinite(patches).all():
+            raise InputError("Patches contain NaN or infinite values; check the CT image and re-extract the patches.")
+        low, high = float(patches.min()), float(patches.max())
+        if low < -1e-3 or high > 1.0 + 1e-3:
+            raise InputError(f"Patch values range from {low:g} to {high:g} but must lie in [0, 1]; window the CT (windowing.py) before classifying.")
+    return patches
+
+
+def _check_batch_size(batch_size: int) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise InputError(f"The batch size must be a positive integer, got {batch_size!r}; use e.g. 32.")
+    return int(batch_size)
+
+
+@contextmanager
+def deterministic() -> Iterator[None]:
+    """Ask PyTorch for deterministic algorithms (warn-only) for the duration; restore afterwards.
+
+    On CPU the kernels used here are deterministic anyway; this also guards a CUDA run against
+    non-deterministic algorithm choices without turning a missing deterministic kernel into an error.
+    """
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    cudnn_benchmark = torch.backends.cudnn.benchmark
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+        torch.backends.cudnn.benchmark = cudnn_benchmark
+
+
+def predict_logits(loaded_model: LoadedModel, patches: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """Logits ``(N,)`` (float32) of the metastatic class, computed in batches."""
+    if not isinstance(loaded_model, LoadedModel):
+        raise TypeError("predict needs a LoadedModel from model.load_model")
+    batch_size = _check_batch_size(batch_size)
+    patches = check_patches(patches, loaded_model.card)
+    module = loaded_model.module
+    module.eval()
+    out = np.empty((patches.shape[0],), dtype=np.float32)
+    with deterministic(), torch.inference_mode():
+        for start in range(0, patches.shape[0], batch_size):
+            batch = torch.from_numpy(patches[start:start + batch_size]).to(loaded_model.device)
+            logits = module(batch)
+            out[start:start + batch.shape[0]] = logits.reshape(-1).float().cpu().numpy()
+    return out
+
+
+def predict(loaded_model: LoadedModel, patches: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """Probabilities ``(N,)`` (float64, sigmoid of the logits) that each node is metastatic."""
+    logits = predict_logits(loaded_model, patches, batch_size).astype(np.float64)
+    return 1.0 / (1.0 + np.exp(-logits))

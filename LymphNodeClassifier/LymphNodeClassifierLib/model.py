@@ -1,0 +1,555 @@
+"""CNN architectures, the model card, TorchScript export and loading.
+
+Model contract (docs/ARCHITECTURE.md): input float32 ``(N, C, size, size)`` in [0, 1], where C is
+3 tri-planar channels ``[axial, coronal, sagittal]`` (+1 axial ``mask`` channel) or 1 for a single
+axial slice; output one logit per node, ``(N,)``, positive = metastatic.
+
+Every architecture is split in two so Grad-CAM needs no hooks:
+
+- ``features(x) -> feature map``: the activations of the last convolutional layer (after its ReLU);
+- ``head(feature_map) -> logits (N,)``; ``forward(x) = head(features(x))``.
+
+Both are exported as TorchScript methods (``@torch.jit.export``), so a loaded model file offers them
+too (see ``gradcam.py``).
+
+A model file is a TorchScript archive (``torch.jit.save``) holding the model card as the extra file
+``model_card.json``. It is read back with ``torch.jit.load`` only, never with pickle /
+``torch.load``: a model file from someone else cannot run arbitrary Python on load.
+
+The model card (a validated dict, see ``validate_card``) carries every preprocessing parameter that
+inference needs, so a model is always applied the way it was trained.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import json
+import math
+import os
+import warnings
+import zipfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from .errors import InputError
+from .fileio import atomic_path
+
+CARD_VERSION = 1
+CARD_FILE_NAME = "model_card.json"
+
+VIEW_CHANNELS = {"triplanar": ["axial", "coronal", "sagittal"], "axial": ["axial"]}
+MASK_CHANNEL_NAME = "mask"
+
+DEFAULT_LABEL_DEFINITION = (
+    "1 = metastatic lymph node, 0 = benign lymph node, as labelled in the training dataset's "
+    "reference standard; the model outputs the probability of the metastatic class."
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Architectures
+# --------------------------------------------------------------------------------------------
+
+
+def _conv3x3(in_channels: int, out_channels: int, stride: int = 1, bias: bool = True) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=bias)
+
+
+def _check_shape_args(in_channels: int, size: int) -> None:
+    if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
+        raise InputError(f"The number of input channels must be a positive integer, got {in_channels!r}; use 1 (axial), 3 (tri-planar) or 4 (tri-planar + mask).")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 8:
+        raise InputError(f"The patch size must be an integer of at least 8 pixels, got {size!r}; use the default 64.")
+
+
+class CustomCNN(nn.Module):
+    """The 2D CNN of the abdominal-CT lymph-node study, adapted to the patch size.
+
+    Conv 32 → ReLU → MaxPool → Dropout → Conv 64 → ReLU → MaxPool → Dropout → Conv 128 → ReLU
+    → MaxPool → Dropout → Flatten → Dense 128 → ReLU → Dropout → Dense 1 (logit); 3x3 convolutions
+    with padding 1, 2x2 max pooling. ``features`` ends at the ReLU of the third convolution
+    (``size / 4`` pixels square), ``head`` starts at the third max pooling.
+    """
+
+    def __init__(self, in_channels: int = 3, size: int = 64, conv_dropout: float = 0.25, dense_dropout: float = 0.5):
+        super().__init__()
+        _check_shape_args(in_channels, size)
+        self.architecture_name = "custom_cnn"
+        self.in_channels = in_channels
+        self.size = size
+        self.body = nn.Sequential(
+            _conv3x3(in_channels, 32), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(conv_dropout),
+            _conv3x3(32, 64), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(conv_dropout),
+            _conv3x3(64, 128), nn.ReLU(),
+        )
+        pooled = size // 2 // 2 // 2
+        self.classifier = nn.Sequential(
+            nn.MaxPool2d(2), nn.Dropout(conv_dropout), nn.Flatten(),
+            nn.Linear(128 * pooled * pooled, 128), nn.ReLU(), nn.Dropout(dense_dropout),
+            nn.Linear(128, 1),
+        )
+
+    @torch.jit.export
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    @torch.jit.export
+    def head(self, feature_map: torch.Tensor) -> torch.Tensor:
+        return self.classifier(feature_map)[:, 0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def feature_layer(self) -> nn.Module:
+        """The module whose output is ``features(x)`` (for hook-based tools such as captum)."""
+        return self.body[-1]
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: conv-BN-ReLU-conv-BN + shortcut (1x1 conv-BN when the shape changes), ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = _conv3x3(in_channels, out_channels, stride, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.relu1 = nn.ReLU()
+        self.conv2 = _conv3x3(out_channels, out_channels, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
+        else:
+            self.shortcut = nn.Identity()
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu2(out + self.shortcut(x))
+
+
+class SmallResNet(nn.Module):
+    """A small residual 2D CNN.
+
+    Stem 3x3 conv 32 (stride 2) + BN + ReLU, then three stages of one basic residual block each with
+    32 / 64 / 128 channels (strides 1, 2, 1), global average pooling, dropout, linear → 1 logit.
+    ``features`` is the output of the last block (``size / 4`` pixels square), ``head`` is pooling,
+    dropout and the linear layer.
+    """
+
+    def __init__(self, in_channels: int = 3, size: int = 64, dropout: float = 0.3):
+        super().__init__()
+        _check_shape_args(in_channels, size)
+        self.architecture_name = "small_resnet"
+        self.in_channels = in_channels
+        self.size = size
+        self.stem = nn.Sequential(_conv3x3(in_channels, 32, stride=2, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.stages = nn.Sequential(BasicBlock(32, 32, 1), BasicBlock(32, 64, 2), BasicBlock(64, 128, 1))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(128, 1)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    @torch.jit.export
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stages(self.stem(x))
+
+    @torch.jit.export
+    def head(self, feature_map: torch.Tensor) -> torch.Tensor:
+        pooled = torch.flatten(self.pool(feature_map), 1)
+        return self.fc(self.dropout(pooled))[:, 0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def feature_layer(self) -> nn.Module:
+        """The module whose output is ``features(x)`` (for hook-based tools such as captum)."""
+        return self.stages[-1]
+
+
+ARCHITECTURES: dict[str, type[nn.Module]] = {"custom_cnn": CustomCNN, "small_resnet": SmallResNet}
+
+
+def architecture_names() -> list[str]:
+    return list(ARCHITECTURES)
+
+
+def _normalise_architecture(name: str) -> str:
+    if not isinstance(name, str):
+        raise InputError(f"The architecture must be a name, got {name!r}; choose one of {', '.join(ARCHITECTURES)}.")
+    key = name.strip().lower().replace("-", "_")
+    aliases = {"customcnn": "custom_cnn", "cnn": "custom_cnn", "smallresnet": "small_resnet", "resnet": "small_resnet"}
+    key = aliases.get(key, key)
+    if key not in ARCHITECTURES:
+        raise InputError(f"Unknown architecture '{name}'; choose one of {', '.join(ARCHITECTURES)}.")
+    return key
+
+
+def build_model(architecture: str, in_channels: int, size: int) -> nn.Module:
+    """A freshly initialised eager model (train mode) of the named architecture."""
+    return ARCHITECTURES[_normalise_architecture(architecture)](in_channels=in_channels, size=size)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+# --------------------------------------------------------------------------------------------
+# Device
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` → CUDA when available, else CPU; ``"cpu"``; ``"cuda"`` / ``"cuda:N"`` (must exist)."""
+    if isinstance(device, torch.device):
+        device = str(device)
+    if not isinstance(device, str):
+        raise InputError(f"Unknown device {device!r}; use 'auto', 'cpu' or 'cuda'.")
+    key = device.strip().lower()
+    if key == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if key == "cpu":
+        return torch.device("cpu")
+    if key == "cuda" or key.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise InputError(f"Device '{device}' was requested but this PyTorch has no usable CUDA GPU; choose device 'auto' or 'cpu'.")
+        resolved = torch.device(key)
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise InputError(f"Device '{device}' does not exist (this machine has {torch.cuda.device_count()} CUDA device(s)); choose 'cuda' or 'auto'.")
+        return resolved
+    raise InputError(f"Unknown device '{device}'; use 'auto', 'cpu' or 'cuda'.")
+
+
+# --------------------------------------------------------------------------------------------
+# Model card
+# --------------------------------------------------------------------------------------------
+
+# A model card is a plain JSON dict (``ModelCard``); ``validate_card`` is its schema.
+ModelCard = dict
+
+
+def expected_channels(views: str, mask_channel: bool) -> list[str]:
+    """Channel names, in order, of a patch with these views (ARCHITECTURE.md, patch frame)."""
+    if views not in VIEW_CHANNELS:
+        raise InputError(f"Unknown views '{views}'; use 'triplanar' or 'axial'.")
+    return list(VIEW_CHANNELS[views]) + ([MASK_CHANNEL_NAME] if mask_channel else [])
+
+
+class _CardError(Exception):
+    pass
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _require(mapping: dict, key: str, where: str, check, what: str) -> Any:
+    if key not in mapping:
+        raise _CardError(f"{where}{key} is missing")
+    value = mapping[key]
+    if not check(value):
+        raise _CardError(f"{where}{key} must be {what}, got {value!r}")
+    return value
+
+
+def _check_card(card: dict) -> None:
+    str_ = lambda v: isinstance(v, str)  # noqa: E731
+    dict_ = lambda v: isinstance(v, dict)  # noqa: E731
+    for key in ("name", "description", "model_version", "label_definition", "created"):
+        _require(card, key, "", str_, "a string")
+    try:
+        _dt.datetime.fromisoformat(card["created"])
+    except ValueError:
+        raise _CardError(f"created must be an ISO date such as 2024-05-01, got {card['created']!r}") from None
+    _require(card, "decision_threshold", "", lambda v: _is_number(v) and 0.0 <= v <= 1.0, "a number in [0, 1]")
+
+    pre = _require(card, "preprocessing", "", dict_, "an object")
+    w = "preprocessing."
+    low = _require(pre, "window_low", w, _is_number, "a number (HU)")
+    high = _require(pre, "window_high", w, _is_number, "a number (HU)")
+    if not high > low:
+        raise _CardError(f"preprocessing.window_high ({high}) must be greater than window_low ({low})")
+    _require(pre, "window_preset", w, str_, "a string")
+    _require(pre, "spacing_mm", w, lambda v: isinstance(v, list) and len(v) == 3 and all(_is_number(s) and s > 0 for s in v), "a list of 3 positive numbers")
+    size = _require(pre, "patch_size", w, lambda v: _is_int(v) and v >= 8, "an integer >= 8")
+    _require(pre, "field_of_view_mm", w, lambda v: _is_number(v) and v > 0, "a positive number")
+    views = _require(pre, "views", w, lambda v: v in VIEW_CHANNELS, "'triplanar' or 'axial'")
+    mask = _require(pre, "mask_channel", w, lambda v: isinstance(v, bool), "true or false")
+    channels = _require(pre, "channels", w, lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v), "a list of channel names")
+    _require(pre, "air_hu", w, _is_number, "a number (HU)")
+    expected = expected_channels(views, mask)
+    if channels != expected:
+        raise _CardError(f"preprocessing.channels {channels} do not match views '{views}' with mask_channel={mask} (expected {expected})")
+
+    arch = _require(card, "architecture", "", dict_, "an object")
+    _require(arch, "name", "architecture.", lambda v: isinstance(v, str) and v in ARCHITECTURES, f"one of {', '.join(ARCHITECTURES)}")
+    in_channels = _require(arch, "in_channels", "architecture.", lambda v: _is_int(v) and v >= 1, "a positive integer")
+    _require(arch, "parameters", "architecture.", lambda v: _is_int(v) and v >= 0, "a non-negative integer")
+    if in_channels != len(channels):
+        raise _CardError(f"architecture.in_channels ({in_channels}) differs from the {len(channels)} preprocessing channels")
+
+    training = _require(card, "training", "", dict_, "an object")
+    _require(training, "command", "training.", str_, "a string")
+    _require(training, "seed", "training.", lambda v: v is None or _is_int(v), "an integer or null")
+    _require(training, "epochs", "training.", lambda v: _is_int(v) and v >= 0, "a non-negative integer")
+    dataset = _require(training, "dataset", "training.", dict_, "an object")
+    for key in ("cases", "nodes"):
+        if key in dataset:
+            _require(dataset, key, "training.dataset.", lambda v: _is_int(v) and v >= 0, "a non-negative integer")
+    if "fingerprint" in dataset:
+        _require(dataset, "fingerprint", "training.dataset.", str_, "a string")
+
+    metrics = _require(card, "metrics", "", dict_, "an object")
+    for key in ("validation", "test", "held_out"):
+        _require(metrics, key, "metrics.", lambda v: v is None or isinstance(v, dict), "an object or null")
+    del size  # checked above; consistency with the network is checked at export
+
+
+def validate_card(card: Any, source: str | os.PathLike | None = None) -> dict:
+    """Check a model card and return a normalised deep copy (numbers as float where they are floats).
+
+    Raises InputError naming ``source`` (a file) when given. Unknown keys are kept (a newer writer of
+    the same card version may add optional fields); an unknown ``card_version`` is refused.
+    """
+    what = f"The model card of '{source}'" if source is not None else "The model card"
+    if not isinstance(card, dict):
+        raise InputError(f"{what} is not a JSON object; re-export the model with LymphNodeClassifier.")
+    version = card.get("card_version")
+    if version is None:
+        raise InputError(f"{what} has no card_version; re-export the model with LymphNodeClassifier.")
+    if not _is_int(version) or version != CARD_VERSION:
+        raise InputError(
+            f"{what} was written by a newer/unknown LymphNodeClassifier (card version {version!r}); "
+            "update the extension or re-export the model."
+        )
+    try:
+        _check_card(card)
+        text = json.dumps(card)
+    except _CardError as exc:
+        raise InputError(f"{what} is invalid: {exc}; re-export the model with LymphNodeClassifier.") from None
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{what} cannot be stored as JSON ({exc}); keep only numbers, strings, lists and objects in it.") from None
+    out = json.loads(text)
+    out["decision_threshold"] = float(out["decision_threshold"])
+    pre = out["preprocessing"]
+    for key in ("window_low", "window_high", "field_of_view_mm", "air_hu"):
+        pre[key] = float(pre[key])
+    pre["spacing_mm"] = [float(s) for s in pre["spacing_mm"]]
+    return out
+
+
+def new_card(
+    *,
+    architecture: str,
+    preprocessing: dict,
+    training: dict,
+    metrics: dict | None = None,
+    decision_threshold: float = 0.5,
+    model_version: str = "1.0.0",
+    name: str = "LymphNodeClassifier model",
+    description: str = "",
+    label_definition: str = DEFAULT_LABEL_DEFINITION,
+    parameters: int = 0,
+    created: str | None = None,
+) -> dict:
+    """Build and validate a version-1 card; ``architecture.in_channels`` follows from the channels.
+
+    ``parameters`` is overwritten with the real count by ``export_torchscript``.
+    """
+    arch = _normalise_architecture(architecture)
+    pre = dict(preprocessing)
+    if "channels" not in pre and "views" in pre:
+        pre["channels"] = expected_channels(pre["views"], bool(pre.get("mask_channel", False)))
+    metrics = dict(metrics or {})
+    for key in ("validation", "test", "held_out"):
+        metrics.setdefault(key, {})
+    card = {
+        "card_version": CARD_VERSION,
+        "name": name,
+        "description": description,
+        "model_version": model_version,
+        "created": created or _dt.date.today().isoformat(),
+        "label_definition": label_definition,
+        "decision_threshold": decision_threshold,
+        "preprocessing": pre,
+        "architecture": {"name": arch, "in_channels": len(pre.get("channels", [])), "parameters": int(parameters)},
+        "training": dict(training),
+        "metrics": metrics,
+    }
+    return validate_card(card)
+
+
+# --------------------------------------------------------------------------------------------
+# TorchScript export / load
+# --------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _quiet_jit() -> Iterator[None]:
+    # TorchScript is the file format of this extension (loadable in Slicer without Python model
+    # code and without pickle); recent PyTorch flags torch.jit.* as deprecated. Silence only that.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*torch\.jit.*")
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit.*")
+        yield
+
+
+@dataclass
+class LoadedModel:
+    """A TorchScript model in eval mode on ``device`` with its validated card."""
+
+    module: torch.jit.ScriptModule
+    card: dict
+    device: torch.device
+    path: Path | None = field(default=None)
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.card["architecture"]["in_channels"])
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.card["preprocessing"]["patch_size"])
+
+    @property
+    def decision_threshold(self) -> float:
+        return float(self.card["decision_threshold"])
+
+
+def _script_or_trace(model: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
+    try:
+        with _quiet_jit():
+            return torch.jit.script(model)
+    except Exception as exc:  # noqa: BLE001 - any scripting failure falls back to tracing
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        warnings.warn(
+            f"torch.jit.script failed ({type(exc).__name__}: {reason}); exporting with torch.jit.trace "
+            "instead, which records one execution path (data-dependent control flow is frozen).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    with torch.no_grad():
+        fmap = model.features(example)
+    with _quiet_jit():
+        return torch.jit.trace_module(model, {"forward": example, "features": example, "head": fmap})
+
+
+def export_torchscript(model: nn.Module, card: dict, path: str | os.PathLike) -> Path:
+    """Write ``model`` (eval mode, on CPU) as TorchScript with ``card`` as ``model_card.json``.
+
+    ``features`` and ``head`` are exported methods. ``architecture.parameters`` in the card is set
+    to the real count. The file is written atomically; returns its path.
+    """
+    path = Path(path)
+    for method in ("features", "head"):
+        if not callable(getattr(model, method, None)):
+            raise InputError(f"The model has no '{method}' method; build it with model.build_model so Grad-CAM can use it.")
+    if not isinstance(card, dict):
+        raise InputError("The model card must be a dict; build it with model.new_card.")
+    card = copy.deepcopy(card)
+    card.setdefault("architecture", {})
+    if isinstance(card["architecture"], dict):
+        card["architecture"]["parameters"] = count_parameters(model)
+    card = validate_card(card)
+
+    in_channels = int(getattr(model, "in_channels", card["architecture"]["in_channels"]))
+    size = int(getattr(model, "size", card["preprocessing"]["patch_size"]))
+    arch_name = getattr(model, "architecture_name", card["architecture"]["name"])
+    if (arch_name, in_channels, size) != (card["architecture"]["name"], card["architecture"]["in_channels"], card["preprocessing"]["patch_size"]):
+        raise InputError(
+            f"The model ({arch_name}, {in_channels} channels, {size} px) does not match its card "
+            f"({card['architecture']['name']}, {card['architecture']['in_channels']} channels, "
+            f"{card['preprocessing']['patch_size']} px); fix the card before exporting."
+        )
+
+    eager = copy.deepcopy(model).to("cpu").eval()
+    generator = torch.Generator().manual_seed(0)
+    example = torch.rand((2, in_channels, size, size), generator=generator)
+    scripted = _script_or_trace(eager, example)
+    scripted.eval()
+    with torch.no_grad():
+        expected = eager(example)
+        got = scripted(example)
+    if got.shape != expected.shape or not torch.allclose(got, expected, atol=1e-4, rtol=1e-4):
+        raise RuntimeError("The exported TorchScript model does not reproduce the eager model's outputs; the model was not written.")
+
+    with atomic_path(path) as tmp, _quiet_jit():
+        torch.jit.save(scripted, str(tmp), _extra_files={CARD_FILE_NAME: json.dumps(card, indent=2)})
+    return path
+
+
+def _not_a_model(path: Path, detail: str = "") -> InputError:
+    extra = f" ({detail})" if detail else ""
+    return InputError(f"'{path}' is not a LymphNodeClassifier model file{extra}; choose a .pt file exported by LymphNodeClassifier (TorchScript with a model card).")
+
+
+def _check_exists(path: Path) -> None:
+    if not path.exists():
+        raise InputError(f"Model file '{path}' does not exist; check the path.")
+    if not path.is_file():
+        raise InputError(f"Model path '{path}' is not a file; choose the exported .pt file.")
+
+
+def _parse_card(raw: bytes | str, path: Path) -> dict:
+    if not raw:
+        raise InputError(f"'{path}' has no model card ({CARD_FILE_NAME}); re-export the model with LymphNodeClassifier.")
+    try:
+        card = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise InputError(f"The model card of '{path}' is not valid JSON; re-export the model with LymphNodeClassifier.") from None
+    return validate_card(card, source=path)
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a model file with ``torch.jit.load`` only (never pickle) and validate its card."""
+    path = Path(path)
+    dev = resolve_device(device)
+    _check_exists(path)
+    extra = {CARD_FILE_NAME: ""}
+    try:
+        with _quiet_jit():
+            module = torch.jit.load(str(path), map_location=dev, _extra_files=extra)
+    except Exception as exc:  # noqa: BLE001 - any failure here means "not a TorchScript archive"
+        detail = "not a TorchScript archive" if isinstance(exc, RuntimeError) else type(exc).__name__
+        raise _not_a_model(path, detail) from None
+    card = _parse_card(extra[CARD_FILE_NAME], path)
+    for method in ("features", "head"):
+        if not hasattr(module, method):
+            raise _not_a_model(path, f"no exported '{method}' method")
+    module.eval()
+    return LoadedModel(module=module, card=card, device=dev, path=path)
+
+
+def read_card(path: str | os.PathLike) -> dict:
+    """The validated card of a model file, read from the archive without loading the weights."""
+    path = Path(path)
+    _check_exists(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            roots = {name.split("/", 1)[0] for name in names if "/" in name}
+            if len(roots) != 1:
+                raise _not_a_model(path, "not a TorchScript archive")
+            root = roots.pop()
+            required = (f"{root}/data.pkl", f"{root}/constants.pkl")
+            if not all(name in names for name in required) or not any(n.startswith(f"{root}/code/") for n in names):
+                raise _not_a_model(path, "not a TorchScript archive")
+            card_name = f"{root}/extra/{CARD_FILE_NAME}"
+            raw = archive.read(card_name) if card_name in names else b""
+    except (zipfile.BadZipFile, OSError):
+        raise _not_a_model(path, "not a TorchScript archive") from None
+    return _parse_card(raw, path)
