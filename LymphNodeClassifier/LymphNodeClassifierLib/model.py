@@ -442,10 +442,30 @@ def _script_or_trace(model: nn.Module, example: torch.Tensor) -> torch.jit.Scrip
             RuntimeWarning,
             stacklevel=3,
         )
+    plain = _without_exports(model)
     with torch.no_grad():
-        fmap = model.features(example)
+        fmap = plain.features(example)
     with _quiet_jit():
-        return torch.jit.trace_module(model, {"forward": example, "features": example, "head": fmap})
+        return torch.jit.trace_module(plain, {"forward": example, "features": example, "head": fmap})
+
+
+def _without_exports(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose ``@torch.jit.export`` methods are plain Python methods.
+
+    Tracing compiles exported methods with the scripting compiler (the very thing that failed), so
+    for the trace fallback every module's exported methods are shadowed by undecorated wrappers.
+    """
+    clone = copy.deepcopy(model)
+    for module in clone.modules():
+        cls = type(module)
+        overrides = {}
+        for name in dir(cls):
+            item = getattr(cls, name, None)
+            if callable(item) and getattr(item, "_torchscript_modifier", None) is torch._jit_internal.FunctionModifiers.EXPORT:
+                overrides[name] = (lambda function: lambda self, *args: function(self, *args))(item)
+        if overrides:
+            module.__class__ = type(cls.__name__, (cls,), overrides)
+    return clone
 
 
 def export_torchscript(model: nn.Module, card: dict, path: str | os.PathLike) -> Path:
