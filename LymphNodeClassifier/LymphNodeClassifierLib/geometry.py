@@ -1,0 +1,167 @@
+"""Patient coordinates and image geometry.
+
+SimpleITK images live in LPS. Slicer's RAS = diag(-1, -1, 1) * LPS; the conversion is done here
+and nowhere else in the Lib. Physical points always go through origin, spacing and direction.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+
+_LPS_TO_RAS = np.array([-1.0, -1.0, 1.0])
+
+INTEGER_PIXEL_TYPES = frozenset(
+    {
+        sitk.sitkUInt8, sitk.sitkInt8, sitk.sitkUInt16, sitk.sitkInt16,
+        sitk.sitkUInt32, sitk.sitkInt32, sitk.sitkUInt64, sitk.sitkInt64,
+    }
+)
+FLOAT_PIXEL_TYPES = frozenset({sitk.sitkFloat32, sitk.sitkFloat64})
+
+
+def lps_to_ras(points: np.ndarray) -> np.ndarray:
+    """Flip the first two axes of LPS points `(..., 3)` to get RAS points."""
+    points = np.asarray(points, dtype=np.float64)
+    _check_points(points)
+    return points * _LPS_TO_RAS
+
+
+def ras_to_lps(points: np.ndarray) -> np.ndarray:
+    """Flip the first two axes of RAS points `(..., 3)` to get LPS points."""
+    points = np.asarray(points, dtype=np.float64)
+    _check_points(points)
+    return points * _LPS_TO_RAS
+
+
+def _check_points(points: np.ndarray) -> None:
+    if points.ndim == 0 or points.shape[-1] != 3:
+        raise ValueError(f"expected points of shape (..., 3), got {points.shape}")
+
+
+def direction_matrix(image: sitk.Image) -> np.ndarray:
+    """The image's 3x3 direction matrix (columns are the i, j, k axes in LPS)."""
+    return np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+
+
+def index_to_physical_matrix(image: sitk.Image) -> np.ndarray:
+    """4x4 affine taking homogeneous (i, j, k, 1) voxel indices to LPS millimetres."""
+    matrix = np.eye(4)
+    matrix[:3, :3] = direction_matrix(image) @ np.diag(image.GetSpacing())
+    matrix[:3, 3] = image.GetOrigin()
+    return matrix
+
+
+def physical_points_of_indices(image: sitk.Image, ijk: np.ndarray) -> np.ndarray:
+    """LPS points `(..., 3)` of (continuous) voxel indices `(..., 3)` given in (i, j, k) order."""
+    ijk = np.asarray(ijk, dtype=np.float64)
+    _check_points(ijk)
+    matrix = index_to_physical_matrix(image)
+    return ijk @ matrix[:3, :3].T + matrix[:3, 3]
+
+
+def continuous_indices_of_physical_points(image: sitk.Image, points_lps: np.ndarray) -> np.ndarray:
+    """Continuous (i, j, k) indices `(..., 3)` of LPS points `(..., 3)`: the inverse of the above."""
+    points_lps = np.asarray(points_lps, dtype=np.float64)
+    _check_points(points_lps)
+    matrix = index_to_physical_matrix(image)
+    return np.linalg.solve(matrix[:3, :3], (points_lps - matrix[:3, 3]).reshape(-1, 3).T).T.reshape(points_lps.shape)
+
+
+def same_geometry(a: sitk.Image, b: sitk.Image, tolerance: float = 1e-4) -> bool:
+    """True if both images have the same size and, within `tolerance`, spacing, origin and direction.
+
+    `tolerance` is relative to the smallest spacing for origin and spacing (so 1e-4 of a voxel) and
+    absolute for the (unitless) direction cosines.
+    """
+    if a.GetDimension() != b.GetDimension() or a.GetSize() != b.GetSize():
+        return False
+    voxel_mm = tolerance * min(min(a.GetSpacing()), min(b.GetSpacing()))
+    return (
+        np.allclose(a.GetSpacing(), b.GetSpacing(), rtol=0.0, atol=voxel_mm)
+        and np.allclose(a.GetOrigin(), b.GetOrigin(), rtol=0.0, atol=voxel_mm)
+        and np.allclose(a.GetDirection(), b.GetDirection(), rtol=0.0, atol=tolerance)
+    )
+
+
+def check_ct_image(ct: sitk.Image) -> None:
+    """Raise InputError unless `ct` is a 3D single-channel volume whose voxels are not all equal."""
+    if ct.GetDimension() != 3:
+        raise InputError(f"The CT volume is {ct.GetDimension()}D; load a 3D CT volume.")
+    if ct.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError("The CT volume has several values per voxel (colour or vector image); load a grey-value CT volume.")
+    if min(ct.GetSize()) < 2:
+        raise InputError(f"The CT volume has size {ct.GetSize()}, a single slice; load a 3D CT volume with several slices.")
+    if ct.GetPixelID() not in INTEGER_PIXEL_TYPES | FLOAT_PIXEL_TYPES:
+        raise InputError(f"The CT volume has pixel type {ct.GetPixelIDTypeAsString()}; load a CT stored as integer or float HU values.")
+    stats = sitk.MinimumMaximumImageFilter()
+    stats.Execute(ct)
+    if not np.isfinite([stats.GetMinimum(), stats.GetMaximum()]).all():
+        raise InputError("The CT volume contains NaN or infinite values; load a CT volume with valid HU values.")
+    if stats.GetMinimum() == stats.GetMaximum():
+        raise InputError(
+            f"The CT volume is empty (every voxel is {stats.GetMinimum():g}); load the actual CT image, not a blank volume."
+        )
+
+
+def check_label_image(label: sitk.Image) -> None:
+    """Raise InputError unless `label` is a 3D single-channel map of non-negative integer values."""
+    if label.GetDimension() != 3:
+        raise InputError(f"The label volume is {label.GetDimension()}D; use a 3D label map of the lymph nodes.")
+    if label.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError("The label volume has several values per voxel; use a single-channel label map (one integer per voxel).")
+    pixel_id = label.GetPixelID()
+    if pixel_id not in INTEGER_PIXEL_TYPES | FLOAT_PIXEL_TYPES:
+        raise InputError(f"The label volume has pixel type {label.GetPixelIDTypeAsString()}; use an integer label map.")
+    stats = sitk.MinimumMaximumImageFilter()
+    stats.Execute(label)
+    if pixel_id in FLOAT_PIXEL_TYPES:
+        values = sitk.GetArrayViewFromImage(label)
+        if not np.isfinite([stats.GetMinimum(), stats.GetMaximum()]).all() or not np.array_equal(values, np.round(values)):
+            raise InputError(
+                "The label volume has non-integer values (it looks like a probability or intensity image); "
+                "use a label map with one integer value per node."
+            )
+    if stats.GetMinimum() < 0:
+        raise InputError(f"The label volume has negative values (minimum {stats.GetMinimum():g}); use label values 0 (background) and 1, 2, ... for nodes.")
+    if stats.GetMaximum() == 0:
+        raise InputError("The label volume is empty (all voxels are 0); draw or load the lymph node segmentation first.")
+    if stats.GetMaximum() > np.iinfo(np.uint32).max:
+        raise InputError(f"The label volume has values up to {stats.GetMaximum():g}; use label values below 2**32.")
+
+
+def as_label_pixel_type(label: sitk.Image) -> sitk.Image:
+    """Cast a checked label map to UInt16 (values < 65536) or UInt32; integer-valued floats included."""
+    stats = sitk.MinimumMaximumImageFilter()
+    stats.Execute(label)
+    target = sitk.sitkUInt16 if stats.GetMaximum() <= np.iinfo(np.uint16).max else sitk.sitkUInt32
+    return label if label.GetPixelID() == target else sitk.Cast(label, target)
+
+
+def prepare_label_image(ct: sitk.Image, label: sitk.Image) -> tuple[sitk.Image, bool, str | None]:
+    """Check the CT and the label map and bring the label onto the CT's voxel grid.
+
+    Returns `(label_in_ct_space, resampled, message)`: the label as UInt16/UInt32 on the CT grid,
+    whether it had to be resampled (nearest neighbour, outside = 0), and a message saying so.
+    """
+    check_ct_image(ct)
+    check_label_image(label)
+    label = as_label_pixel_type(label)
+    if same_geometry(ct, label):
+        label = sitk.Image(label)  # a copy that shares nothing with the caller's image
+        label.CopyInformation(ct)  # remove sub-tolerance differences
+        return label, False, None
+    resampled = sitk.Resample(label, ct, sitk.Transform(), sitk.sitkNearestNeighbor, 0, label.GetPixelID())
+    stats = sitk.MinimumMaximumImageFilter()
+    stats.Execute(resampled)
+    if stats.GetMaximum() == 0:
+        raise InputError(
+            "The label volume does not overlap the CT in physical space; check that the label map belongs to this CT."
+        )
+    message = (
+        "The label volume's geometry (size, spacing, origin or direction) differs from the CT's; "
+        "it was resampled onto the CT grid with nearest-neighbour interpolation."
+    )
+    return resampled, True, message
