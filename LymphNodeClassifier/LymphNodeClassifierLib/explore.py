@@ -1,0 +1,252 @@
+"""Data exploration and automatic case checks for a dataset folder.
+
+`explore --dataset DIR --out DIR` writes `exploration.json` (per-case scanner figures, node sizes by
+class and every problem found) and `exploration.png` (histograms of in-plane spacing, slice
+thickness, slice count, HU range and node short axis by class). The same checks list the cases a
+curator should look at: unreadable or empty images, missing or empty masks, masks outside the CT,
+geometry mismatch, an HU range that is not a CT, nodes too small to classify, and nodes in the
+manifest without voxels in the label map (or the reverse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from .dataset import CaseRecord, Dataset
+from .errors import InputError
+from .fileio import atomic_path, atomic_write_json
+from .geometry import prepare_label_image, same_geometry
+from .nodes import extract_nodes
+
+# A CT has air (about -1000 HU) somewhere in the field of view and soft tissue above 0 HU; an
+# image without values below this floor was probably not rescaled to HU (raw 0..4095 values) or is
+# not a CT at all.
+CT_AIR_CEILING_HU = -500.0
+CT_MAX_PLAUSIBLE_HU = 10000.0
+# Below this short axis a node covers only a few voxels of a 0.79 mm patch: too small to classify.
+MIN_CLASSIFIABLE_SHORT_AXIS_MM = 3.0
+
+
+@dataclass
+class Problem:
+    kind: str  # short machine name, e.g. "empty_mask"
+    message: str  # one sentence for the curator
+    label_value: int | None = None
+
+
+@dataclass
+class CaseCheck:
+    case_id: str
+    patient_id: str
+    problems: list[Problem] = field(default_factory=list)
+    spacing_mm: tuple[float, float, float] | None = None
+    size: tuple[int, int, int] | None = None
+    tilted: bool | None = None
+    hu_min: float | None = None
+    hu_max: float | None = None
+    hu_p01: float | None = None
+    hu_p99: float | None = None
+    nodes: list[dict] = field(default_factory=list)  # label_value, short_axis_mm, long_axis_mm, volume_mm3, metastatic
+
+
+def _read(path: Path, what: str, case_id: str, problems: list[Problem]) -> sitk.Image | None:
+    if not path.is_file():
+        problems.append(Problem(f"missing_{what}", f"Case {case_id}: the {what} file {path.name} is missing."))
+        return None
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError:
+        problems.append(Problem(f"unreadable_{what}", f"Case {case_id}: the {what} file {path.name} cannot be read as an image."))
+        return None
+
+
+def check_case(dataset: Dataset, case: CaseRecord) -> CaseCheck:
+    """Read one case and list what is wrong with it (never raises for a bad case)."""
+    check = CaseCheck(case.case_id, case.patient_id)
+    problems = check.problems
+    ct = _read(dataset.ct_path(case), "ct", case.case_id, problems)
+    labels = _read(dataset.labels_path(case), "mask", case.case_id, problems)
+    if ct is not None:
+        array = sitk.GetArrayViewFromImage(ct)
+        check.spacing_mm = tuple(float(s) for s in ct.GetSpacing())
+        check.size = tuple(int(s) for s in ct.GetSize())
+        check.tilted = not np.allclose(np.array(ct.GetDirection()).reshape(3, 3), np.eye(3), atol=1e-6)
+        hu_min, hu_max = float(array.min()), float(array.max())
+        check.hu_min, check.hu_max = hu_min, hu_max
+        check.hu_p01, check.hu_p99 = (float(v) for v in np.percentile(array[:: max(1, array.shape[0] // 8)], [1, 99]))
+        if hu_min == hu_max:
+            problems.append(Problem("empty_image", f"Case {case.case_id}: the CT is empty (every voxel is {hu_min:g})."))
+            ct = None
+        elif hu_min > CT_AIR_CEILING_HU or hu_max > CT_MAX_PLAUSIBLE_HU:
+            problems.append(
+                Problem(
+                    "implausible_hu",
+                    f"Case {case.case_id}: the CT values run from {hu_min:g} to {hu_max:g}, not a CT in HU "
+                    "(no air, or not rescaled); check the rescale slope/intercept or the file.",
+                )
+            )
+    if ct is None or labels is None:
+        return check
+    if not same_geometry(ct, labels):
+        problems.append(
+            Problem(
+                "geometry_mismatch",
+                f"Case {case.case_id}: the mask's grid differs from the CT's; it is resampled onto the CT (nearest neighbour).",
+            )
+        )
+    try:
+        labels_on_ct, _, _ = prepare_label_image(ct, labels)
+    except InputError as error:
+        kind = "mask_outside_ct" if "overlap" in str(error) else "empty_mask" if "empty" in str(error) else "bad_mask"
+        problems.append(Problem(kind, f"Case {case.case_id}: {error}"))
+        return check
+    nodes, _ = extract_nodes(labels_on_ct, per_label_value=True)
+    records = {record.label_value: record for record in dataset.nodes_of(case.case_id)}
+    for node in nodes:
+        record = records.get(node.label_value)
+        check.nodes.append(
+            {
+                "label_value": node.label_value,
+                "short_axis_mm": node.short_axis_mm,
+                "long_axis_mm": node.long_axis_mm,
+                "volume_mm3": node.volume_mm3,
+                "touches_edge": node.touches_edge,
+                "metastatic": None if record is None else record.metastatic,
+                "excluded": None if record is None else record.excluded,
+            }
+        )
+        if record is None:
+            problems.append(
+                Problem("node_without_record", f"Case {case.case_id}: label value {node.label_value} has no node in dataset.json.", node.label_value)
+            )
+        if node.short_axis_mm < MIN_CLASSIFIABLE_SHORT_AXIS_MM:
+            problems.append(
+                Problem(
+                    "node_too_small",
+                    f"Case {case.case_id}: node {node.label_value} has a short axis of {node.short_axis_mm:.1f} mm, "
+                    f"below {MIN_CLASSIFIABLE_SHORT_AXIS_MM:g} mm: too small to classify.",
+                    node.label_value,
+                )
+            )
+    present = {node.label_value for node in nodes}
+    for label_value in sorted(set(records) - present):
+        problems.append(
+            Problem(
+                "missing_node_mask",
+                f"Case {case.case_id}: node {label_value} is in dataset.json but has no voxels in the mask.",
+                label_value,
+            )
+        )
+    return check
+
+
+def explore_dataset(
+    dataset: Dataset, out_dir: str | Path, progress: Callable[[int, int], None] | None = None
+) -> dict:
+    """Check every case, write `exploration.json` and `exploration.png` into `out_dir`, return the summary."""
+    out_dir = Path(out_dir)
+    checks = []
+    for index, case in enumerate(dataset.cases):
+        checks.append(check_case(dataset, case))
+        if progress:
+            progress(index + 1, len(dataset.cases))
+    summary = summarise(dataset, checks)
+    atomic_write_json(out_dir / "exploration.json", summary)
+    plot_exploration(checks, out_dir / "exploration.png")
+    return summary
+
+
+def summarise(dataset: Dataset, checks: Sequence[CaseCheck]) -> dict:
+    node_rows = [node for check in checks for node in check.nodes]
+    by_class: dict[str, list[float]] = {"metastatic": [], "benign": [], "unlabelled": []}
+    for node in node_rows:
+        key = {1: "metastatic", 0: "benign"}.get(node["metastatic"], "unlabelled")
+        by_class[key].append(node["short_axis_mm"])
+    problems = [asdict(problem) | {"case_id": check.case_id} for check in checks for problem in check.problems]
+    kinds: dict[str, int] = {}
+    for problem in problems:
+        kinds[problem["kind"]] = kinds.get(problem["kind"], 0) + 1
+    return {
+        "dataset": str(dataset.folder),
+        "cases": len(checks),
+        "patients": len({check.patient_id for check in checks}),
+        "nodes": len(node_rows),
+        "nodes_by_class": {key: len(values) for key, values in by_class.items()},
+        "short_axis_mm_median_by_class": {key: (float(np.median(v)) if v else None) for key, v in by_class.items()},
+        "cases_with_problems": sorted({problem["case_id"] for problem in problems}),
+        "problem_counts": kinds,
+        "problems": problems,
+        "per_case": [
+            {key: value for key, value in asdict(check).items() if key not in ("problems",)} for check in checks
+        ],
+    }
+
+
+def plot_exploration(checks: Sequence[CaseCheck], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    readable = [check for check in checks if check.spacing_mm is not None]
+    figure, axes = plt.subplots(2, 3, figsize=(13, 7.5))
+    panels = [
+        ("In-plane spacing (mm)", [check.spacing_mm[0] for check in readable]),
+        ("Slice thickness (mm)", [check.spacing_mm[2] for check in readable]),
+        ("Slices per CT", [check.size[2] for check in readable]),
+        ("CT 1st percentile (HU)", [check.hu_p01 for check in readable]),
+        ("CT 99th percentile (HU)", [check.hu_p99 for check in readable]),
+    ]
+    for axis, (title, values) in zip(axes.flat, panels):
+        axis.hist(values, bins=_bins(values), color="#4c72b0")
+        axis.set_title(title)
+        axis.set_ylabel("cases")
+    axis = axes.flat[5]
+    for label, value, colour in (("benign", 0, "#2ca02c"), ("metastatic", 1, "#d62728")):
+        sizes = [node["short_axis_mm"] for check in checks for node in check.nodes if node["metastatic"] == value]
+        if sizes:
+            axis.hist(sizes, bins=_bins(sizes), alpha=0.6, color=colour, label=f"{label} (n={len(sizes)})")
+    axis.set_title("Node short axis by class (mm)")
+    axis.set_ylabel("nodes")
+    axis.legend()
+    n_problem_cases = len({check.case_id for check in checks if check.problems})
+    figure.suptitle(f"{len(checks)} cases, {sum(len(c.nodes) for c in checks)} nodes, {n_problem_cases} cases to review")
+    figure.tight_layout()
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=100, format="png")
+    plt.close(figure)
+
+
+def _bins(values: Sequence[float]) -> int | np.ndarray:
+    # numpy refuses 20 bins over a range narrower than float resolution (e.g. one scanner's spacing).
+    if not values or np.ptp(values) < 1e-3:
+        centre = float(values[0]) if values else 0.0
+        return np.array([centre - 0.5, centre + 0.5])
+    return 20
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="explore", description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", required=True, help="dataset folder (with dataset.json)")
+    parser.add_argument("--out", help="output folder (default: DATASET/exploration)")
+    args = parser.parse_args(argv)
+    dataset = Dataset.load(args.dataset)
+    out_dir = Path(args.out) if args.out else Path(args.dataset) / "exploration"
+    summary = explore_dataset(dataset, out_dir, progress=lambda done, total: print(f"\rchecked {done}/{total} cases", end="", file=sys.stderr))
+    print(file=sys.stderr)
+    print(
+        f"{summary['cases']} cases, {summary['nodes']} nodes ({summary['nodes_by_class']['metastatic']} metastatic, "
+        f"{summary['nodes_by_class']['benign']} benign); {len(summary['cases_with_problems'])} cases to review; "
+        f"wrote {out_dir / 'exploration.json'} and {out_dir / 'exploration.png'}"
+    )
+    for problem in summary["problems"]:
+        print(f"  {problem['message']}")
+    return 0
