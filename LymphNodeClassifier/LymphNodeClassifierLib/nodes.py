@@ -74,16 +74,17 @@ def extract_nodes(label_image: sitk.Image, per_label_value: bool = False) -> tup
             "The label volume must be a 3D integer label map; check it with geometry.prepare_label_image first."
         )
     if per_label_value:
-        component_image = _relabel_by_value(label_image)
+        raw_components = _relabel_by_value(label_image)
     else:
         foreground = sitk.NotEqual(label_image, 0)
-        component_image = sitk.ConnectedComponent(foreground, True)  # fullyConnected=True: 26-connectivity
+        raw_components = sitk.ConnectedComponent(foreground, True)  # fullyConnected=True: 26-connectivity
     shape = sitk.LabelShapeStatisticsImageFilter()
     shape.ComputePerimeterOff()
-    shape.Execute(component_image)
+    shape.Execute(raw_components)
     components = list(shape.GetLabels())
+    # array views: the images they look into stay referenced until the function returns
     label_array = sitk.GetArrayViewFromImage(label_image)
-    component_array = sitk.GetArrayViewFromImage(component_image)
+    component_array = sitk.GetArrayViewFromImage(raw_components)
 
     crops: dict[int, tuple[tuple[int, ...], np.ndarray]] = {}
     first_voxel: dict[int, tuple[int, int, int]] = {}
@@ -99,8 +100,9 @@ def extract_nodes(label_image: sitk.Image, per_label_value: bool = False) -> tup
 
     new_id = {component: node_id for node_id, component in enumerate(order, start=1)}
     pixel_type = sitk.sitkUInt16 if len(order) <= np.iinfo(np.uint16).max else sitk.sitkUInt32
+    component_image = raw_components
     if any(new_id[c] != c for c in order):
-        component_image = sitk.ChangeLabel(component_image, changeMap={float(c): float(n) for c, n in new_id.items()})
+        component_image = sitk.ChangeLabel(raw_components, changeMap={float(c): float(n) for c, n in new_id.items()})
     component_image = sitk.Cast(component_image, pixel_type)
 
     voxel_volume_mm3 = float(np.prod(label_image.GetSpacing()))

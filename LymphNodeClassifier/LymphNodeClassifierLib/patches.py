@@ -1,0 +1,270 @@
+"""Per-node 2D patches sampled directly from the CT in physical space.
+
+Each view is a `size x size` plane on a grid aligned with the patient axes (LPS), whatever the
+CT's direction matrix, with the node centroid at the continuous pixel `((size-1)/2, (size-1)/2)`.
+Only the plane itself is resampled (as a one-voxel-thick 3D grid), never the whole volume.
+
+View orientation (radiological display, like Slicer's slice views):
+- axial: rows anterior -> posterior (+y), columns patient right -> left (+x);
+- coronal: rows superior -> inferior (-z), columns patient right -> left (+x);
+- sagittal: rows superior -> inferior (-z), columns anterior -> posterior (+y).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+from .geometry import physical_points_of_indices
+from .nodes import NodeInfo
+from .windowing import apply_window
+
+VIEW_MODES = ("triplanar", "axial")
+TRIPLANAR_VIEWS = ("axial", "coronal", "sagittal")
+
+_X, _Y, _Z = np.eye(3)
+# view name -> (column unit vector, row unit vector) in LPS; the plane normal is column x row
+_VIEW_AXES: dict[str, tuple[np.ndarray, np.ndarray]] = {
+    "axial": (_X, _Y),
+    "coronal": (_X, -_Z),
+    "sagittal": (_Y, -_Z),
+}
+
+
+@dataclass(frozen=True)
+class PatchSpec:
+    """How patches are sampled: pixel spacing (x, y, z mm), size in pixels, views, mask channel."""
+
+    spacing_mm: tuple[float, float, float] = (0.79, 0.79, 0.79)
+    size: int = 64
+    views: str = "triplanar"
+    mask_channel: bool = False
+    air_hu: float = -1024.0
+
+    def __post_init__(self) -> None:
+        spacing = self.spacing_mm
+        if np.isscalar(spacing):
+            spacing = (spacing,) * 3
+        try:
+            spacing = tuple(float(s) for s in spacing)
+        except (TypeError, ValueError):
+            raise InputError(f"The patch spacing {self.spacing_mm!r} is not a list of numbers; give three spacings in mm, e.g. 0.79 0.79 0.79.") from None
+        if len(spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing):
+            raise InputError(f"The patch spacing {self.spacing_mm!r} must be three positive numbers in mm; e.g. 0.79 0.79 0.79.")
+        if isinstance(self.size, bool) or not isinstance(self.size, (int, np.integer)) or not 4 <= self.size <= 1024:
+            raise InputError(f"The patch size {self.size!r} must be a whole number of pixels from 4 to 1024; e.g. 64.")
+        if self.views not in VIEW_MODES:
+            raise InputError(f"Unknown patch views '{self.views}'; use one of: {', '.join(VIEW_MODES)}.")
+        if not math.isfinite(float(self.air_hu)):
+            raise InputError(f"The air value {self.air_hu!r} must be a finite HU value; e.g. -1024.")
+        object.__setattr__(self, "spacing_mm", spacing)
+        object.__setattr__(self, "size", int(self.size))
+        object.__setattr__(self, "mask_channel", bool(self.mask_channel))
+        object.__setattr__(self, "air_hu", float(self.air_hu))
+
+    @property
+    def view_names(self) -> tuple[str, ...]:
+        """Names of the sampled views, in channel order."""
+        return TRIPLANAR_VIEWS if self.views == "triplanar" else ("axial",)
+
+    @property
+    def channels(self) -> int:
+        """Number of image channels: one per view, plus the axial mask when `mask_channel`."""
+        return len(self.view_names) + int(self.mask_channel)
+
+
+@dataclass(frozen=True)
+class PlaneGeometry:
+    """Where a view lies: pixel (r, c) is at `origin_lps + r * row_step_lps + c * col_step_lps`."""
+
+    origin_lps: tuple[float, float, float]
+    row_step_lps: tuple[float, float, float]
+    col_step_lps: tuple[float, float, float]
+    name: str
+
+    def pixel_to_lps(self, row: float | np.ndarray, col: float | np.ndarray) -> np.ndarray:
+        """LPS points `(..., 3)` of (continuous) pixel positions."""
+        row, col = np.asarray(row, dtype=float)[..., None], np.asarray(col, dtype=float)[..., None]
+        return np.asarray(self.origin_lps) + row * np.asarray(self.row_step_lps) + col * np.asarray(self.col_step_lps)
+
+
+@dataclass
+class NodePatch:
+    """One node's patch: windowed image channels, per-view node masks and the views' geometry."""
+
+    node: NodeInfo
+    image: np.ndarray  # float32 (C, size, size) in [0, 1]
+    mask: np.ndarray  # uint8 (V, size, size), 1 on the node
+    planes: list[PlaneGeometry]
+    centre_lps: tuple[float, float, float]
+    largest_axial_z_lps: float  # LPS z of the axial plane with the largest node cross-section
+    largest_axial_area_mm2: float  # that cross-section's area inside the patch field of view
+
+
+class _PlaneSampler:
+    """Resamples a CT and a component image on small patient-aligned grids (filters reused)."""
+
+    def __init__(self, ct: sitk.Image, component_image: sitk.Image, air_hu: float) -> None:
+        self.ct = ct
+        self.component_image = component_image
+        self.ct_filter = sitk.ResampleImageFilter()
+        self.ct_filter.SetInterpolator(sitk.sitkLinear)
+        self.ct_filter.SetDefaultPixelValue(air_hu)  # outside the CT: air
+        self.ct_filter.SetOutputPixelType(sitk.sitkFloat32)
+        self.mask_filter = sitk.ResampleImageFilter()
+        self.mask_filter.SetInterpolator(sitk.sitkNearestNeighbor)
+        self.mask_filter.SetDefaultPixelValue(0)
+        self.mask_filter.SetOutputPixelType(component_image.GetPixelID())
+
+    @staticmethod
+    def _set_grid(resample: sitk.ResampleImageFilter, origin, spacing, direction, size) -> None:
+        resample.SetOutputOrigin(tuple(float(v) for v in origin))
+        resample.SetOutputSpacing(tuple(float(v) for v in spacing))
+        resample.SetOutputDirection(tuple(float(v) for v in np.asarray(direction).ravel()))
+        resample.SetSize([int(v) for v in size])
+
+    def ct_values(self, origin, spacing, direction, size) -> np.ndarray:
+        """HU on the grid, `[k, j, i]` float32 (air outside the CT)."""
+        self._set_grid(self.ct_filter, origin, spacing, direction, size)
+        return sitk.GetArrayFromImage(self.ct_filter.Execute(self.ct))
+
+    def node_mask(self, node_id: int, origin, spacing, direction, size) -> np.ndarray:
+        """Nearest-neighbour node mask on the grid, `[k, j, i]` bool."""
+        self._set_grid(self.mask_filter, origin, spacing, direction, size)
+        resampled = self.mask_filter.Execute(self.component_image)  # must outlive the array view
+        return sitk.GetArrayViewFromImage(resampled) == node_id
+
+
+def _plane(name: str, centre_lps: np.ndarray, spec: PatchSpec) -> tuple[PlaneGeometry, np.ndarray, np.ndarray]:
+    """Geometry of one view centred on `centre_lps`, plus its 3x3 direction and spacing as a 1-thick grid."""
+    col_unit, row_unit = _VIEW_AXES[name]
+    normal = np.cross(col_unit, row_unit)
+    spacing = np.asarray(spec.spacing_mm)
+    col_step = col_unit * (np.abs(col_unit) @ spacing)
+    row_step = row_unit * (np.abs(row_unit) @ spacing)
+    half = (spec.size - 1) / 2.0
+    origin = centre_lps - half * row_step - half * col_step
+    geometry = PlaneGeometry(_point(origin), _point(row_step), _point(col_step), name)
+    direction = np.column_stack([col_unit, row_unit, normal])  # grid i = column, j = row
+    grid_spacing = np.array([np.abs(col_unit) @ spacing, np.abs(row_unit) @ spacing, np.abs(normal) @ spacing])
+    return geometry, direction, grid_spacing
+
+
+def _point(values: np.ndarray) -> tuple[float, float, float]:
+    return (float(values[0]), float(values[1]), float(values[2]))
+
+
+def _largest_axial_cross_section(
+    sampler: _PlaneSampler, node: NodeInfo, centre_lps: np.ndarray, spec: PatchSpec, bbox_image: sitk.Image
+) -> tuple[float, float]:
+    """LPS z and area (mm2) of the axial plane (z = centroid z + m * spacing_z) with the most node pixels."""
+    i0, j0, k0, i1, j1, k1 = node.bbox_index
+    corners = np.array([[i, j, k] for i in (i0 - 0.5, i1 + 0.5) for j in (j0 - 0.5, j1 + 0.5) for k in (k0 - 0.5, k1 + 0.5)])
+    z_values = physical_points_of_indices(bbox_image, corners)[:, 2]
+    spacing_x, spacing_y, spacing_z = spec.spacing_mm
+    first = math.floor((z_values.min() - centre_lps[2]) / spacing_z)
+    last = math.ceil((z_values.max() - centre_lps[2]) / spacing_z)
+    geometry, direction, grid_spacing = _plane("axial", centre_lps, spec)
+    origin = np.asarray(geometry.origin_lps) + np.array([0.0, 0.0, first * spacing_z])
+    masks = sampler.node_mask(node.node_id, origin, grid_spacing, direction, (spec.size, spec.size, last - first + 1))
+    areas = masks.sum(axis=(1, 2))
+    steps = np.arange(first, last + 1)
+    best = int(np.lexsort((np.abs(steps), -areas))[0])  # most pixels, then closest to the centroid
+    return float(centre_lps[2] + steps[best] * spacing_z), float(areas[best] * spacing_x * spacing_y)
+
+
+def _check_window(window: tuple[float, float]) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in window)
+    except (TypeError, ValueError):
+        raise InputError(f"The window {window!r} is not a (low, high) pair of HU values; e.g. (-135, 215).") from None
+    if not low < high:
+        raise InputError(f"The window low ({low:g}) must be below high ({high:g}); fix the window values.")
+    return low, high
+
+
+def _extract(
+    sampler: _PlaneSampler, nodes: list[NodeInfo], spec: PatchSpec, window: tuple[float, float], bbox_image: sitk.Image
+) -> list[NodePatch]:
+    """Patches of all nodes; `bbox_image` is the image whose indices the nodes' `bbox_index` use."""
+    low, high = _check_window(window)
+    patches = []
+    for node in nodes:
+        centre = np.asarray(node.centroid_lps, dtype=float)
+        largest_z, largest_area = _largest_axial_cross_section(sampler, node, centre, spec, bbox_image)
+        images, masks, planes = [], [], []
+        for name in spec.view_names:
+            plane_centre = centre.copy()
+            if spec.views == "axial":
+                plane_centre[2] = largest_z  # the plane of the largest cross-section, centred in-plane
+            geometry, direction, grid_spacing = _plane(name, plane_centre, spec)
+            grid_size = (spec.size, spec.size, 1)
+            hu = sampler.ct_values(geometry.origin_lps, grid_spacing, direction, grid_size)[0]
+            images.append(apply_window(hu, low, high))
+            masks.append(sampler.node_mask(node.node_id, geometry.origin_lps, grid_spacing, direction, grid_size)[0])
+            planes.append(geometry)
+        mask = np.stack(masks).astype(np.uint8)
+        if spec.mask_channel:
+            images.append(mask[0].astype(np.float32))
+        patches.append(
+            NodePatch(
+                node=node,
+                image=np.stack(images).astype(np.float32, copy=False),
+                mask=mask,
+                planes=planes,
+                centre_lps=_point(centre),
+                largest_axial_z_lps=largest_z,
+                largest_axial_area_mm2=largest_area,
+            )
+        )
+    return patches
+
+
+def _check_images(ct: sitk.Image, component_image: sitk.Image) -> None:
+    if ct.GetDimension() != 3 or component_image.GetDimension() != 3:
+        raise InputError("The CT and the node label volume must both be 3D volumes; load 3D images.")
+
+
+def extract_patches(
+    ct: sitk.Image, component_image: sitk.Image, nodes: list[NodeInfo], spec: PatchSpec, window: tuple[float, float]
+) -> list[NodePatch]:
+    """Sample each node's views from the CT (linear, air outside) and its mask (nearest neighbour).
+
+    `component_image` holds each node's `node_id` (from `nodes.extract_nodes`); the CT is windowed
+    to [0, 1] with `window = (low_hu, high_hu)` after resampling.
+    """
+    _check_images(ct, component_image)
+    return _extract(_PlaneSampler(ct, component_image, spec.air_hu), nodes, spec, window, bbox_image=component_image)
+
+
+def resample_whole_volume_then_crop(
+    ct: sitk.Image, component_image: sitk.Image, nodes: list[NodeInfo], spec: PatchSpec, window: tuple[float, float]
+) -> list[NodePatch]:
+    """Slow baseline (the seed pipeline): resample the whole CT and component image to the patch
+    spacing on a patient-aligned grid, then cut the same views out of those volumes.
+
+    The views are cut at the same physical positions as `extract_patches` (linear interpolation of
+    the resampled CT, nearest neighbour of the resampled mask), so both agree within interpolation
+    error; only for benchmarks and equivalence tests.
+    """
+    _check_images(ct, component_image)
+    size = np.array(ct.GetSize(), dtype=float)
+    corners = np.array([[i, j, k] for i in (-0.5, size[0] - 0.5) for j in (-0.5, size[1] - 0.5) for k in (-0.5, size[2] - 0.5)])
+    corners_lps = physical_points_of_indices(ct, corners)
+    low, high = corners_lps.min(axis=0), corners_lps.max(axis=0)
+    spacing = np.asarray(spec.spacing_mm)
+    grid_size = [int(n) for n in np.ceil((high - low) / spacing)]
+    reference = sitk.Image(grid_size, sitk.sitkUInt8)
+    reference.SetSpacing(tuple(spacing))
+    reference.SetOrigin(tuple(low + spacing / 2.0))
+    whole_ct = sitk.Resample(ct, reference, sitk.Transform(), sitk.sitkLinear, spec.air_hu, sitk.sitkFloat32)
+    whole_components = sitk.Resample(
+        component_image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, component_image.GetPixelID()
+    )
+    sampler = _PlaneSampler(whole_ct, whole_components, spec.air_hu)
+    return _extract(sampler, nodes, spec, window, bbox_image=component_image)
+
