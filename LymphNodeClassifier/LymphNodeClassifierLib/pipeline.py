@@ -1,0 +1,129 @@
+"""The classification pipeline on images: CT + label map -> nodes -> patches -> model -> results.
+
+One function shared by the Slicer logic and the command line, so both run exactly the same steps.
+Every preprocessing parameter comes from the model card, never from defaults: a model only sees
+the window, spacing and patch geometry it was trained with.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import CancelledError
+from .geometry import prepare_label_image
+from .gradcam import cam_to_volume, gradcam
+from .inference import predict
+from .model import LoadedModel
+from .nodes import NodeInfo, extract_nodes
+from .patches import NodePatch, PatchSpec, extract_patches
+
+ProgressCallback = Callable[[float, str], None]
+
+
+@dataclass
+class ClassificationResult:
+    nodes: list[NodeInfo]
+    patches: list[NodePatch]
+    probabilities: np.ndarray
+    predictions: np.ndarray
+    decision_threshold: float
+    component_image: sitk.Image
+    cams: np.ndarray | None = None
+    cam_volume: sitk.Image | None = None
+    messages: list[str] = field(default_factory=list)
+
+
+class StageTimer:
+    """Wall-clock seconds per named stage, measured inside the process (for `--timings`)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+def patch_spec_from_card(card: dict) -> PatchSpec:
+    preprocessing = card["preprocessing"]
+    return PatchSpec(
+        spacing_mm=tuple(float(s) for s in preprocessing["spacing_mm"]),
+        size=int(preprocessing["patch_size"]),
+        views=preprocessing["views"],
+        mask_channel=bool(preprocessing["mask_channel"]),
+        air_hu=float(preprocessing["air_hu"]),
+    )
+
+
+def window_from_card(card: dict) -> tuple[float, float]:
+    preprocessing = card["preprocessing"]
+    return float(preprocessing["window_low"]), float(preprocessing["window_high"])
+
+
+def classify_images(
+    ct: sitk.Image,
+    labels: sitk.Image,
+    model: LoadedModel,
+    with_gradcam: bool = True,
+    per_label_value: bool = False,
+    timer: StageTimer | None = None,
+    progress: ProgressCallback | None = None,
+    is_cancelled: Callable[[], bool] | None = None,
+) -> ClassificationResult:
+    """Classify every node of `labels` (a label map on or around `ct`) with `model`."""
+    timer = timer or StageTimer()
+    report = progress or (lambda fraction, message: None)
+
+    def checkpoint(fraction: float, message: str) -> None:
+        if is_cancelled is not None and is_cancelled():
+            raise CancelledError("Classification cancelled.")
+        report(fraction, message)
+
+    checkpoint(0.0, "Checking the label volume")
+    messages: list[str] = []
+    with timer.stage("nodes"):
+        labels_on_ct, _, resample_message = prepare_label_image(ct, labels)
+        if resample_message:
+            messages.append(resample_message)
+        nodes, component_image = extract_nodes(labels_on_ct, per_label_value=per_label_value)
+
+    checkpoint(0.2, f"Cropping {len(nodes)} node patches")
+    with timer.stage("patches"):
+        patches = extract_patches(ct, component_image, nodes, patch_spec_from_card(model.card), window_from_card(model.card))
+        batch = np.stack([patch.image for patch in patches]).astype(np.float32)
+
+    checkpoint(0.4, "Running the model")
+    with timer.stage("model"):
+        probabilities = predict(model, batch)
+    threshold = float(model.card["decision_threshold"])
+    predictions = (probabilities >= threshold).astype(np.int64)
+
+    cams = cam_volume = None
+    if with_gradcam:
+        checkpoint(0.7, "Computing Grad-CAM")
+        with timer.stage("gradcam"):
+            cams = gradcam(model, batch)
+            cam_volume = cam_to_volume(cams, patches, ct)
+
+    checkpoint(1.0, "Done")
+    return ClassificationResult(
+        nodes=nodes,
+        patches=patches,
+        probabilities=probabilities,
+        predictions=predictions,
+        decision_threshold=threshold,
+        component_image=component_image,
+        cams=cams,
+        cam_volume=cam_volume,
+        messages=messages,
+    )

@@ -1,0 +1,290 @@
+"""Per-node report tiles rendered through real Slicer slice views, offscreen (no Qt).
+
+trame-slicer's `SlicerApp` gives a headless Slicer application (MRML scene, application logic,
+module logics) and real slice views driven by Slicer's slice logic and displayable managers, the
+same code that draws the Red/Yellow/Green views in Slicer. One app and one axial slice view are
+made lazily, once per process (creating them costs seconds), and reused for every call; each call
+adds its volumes and segmentation to the app's scene and removes them again before returning.
+
+What a tile shows (the axial slice through the node's centroid, centred on it):
+- the CT in grey at the model's window (background layer);
+- Grad-CAM in heat colours at `cam_opacity` (foreground layer, values below 0.05 transparent);
+- every node's outline (segmentation, 2D fill off), coloured by its probability
+  (`segfile.probability_color`: green -> yellow -> red).
+
+Geometry only goes through `convert.update_volume_node_from_sitk_image` (LPS -> RAS) and
+`NodeInfo.centroid_ras`; the view is patient-axial whatever the CT's direction matrix, with
+Slicer's radiological convention (patient right on the screen's left, anterior at the top).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import slicer
+import vtk
+
+from LymphNodeClassifierLib.geometry import continuous_indices_of_physical_points, physical_points_of_indices
+from LymphNodeClassifierLib.nodes import NodeInfo
+from LymphNodeClassifierLib.segfile import probability_color, segment_name
+
+from .convert import update_volume_node_from_sitk_image
+
+VIEW_NAME = "LymphNodeClassifierReport"
+CAM_LOWER_THRESHOLD = 0.05  # as the Grad-CAM node in the module (logic._show_as_heat_map)
+OUTLINE_THICKNESS_PX = 2
+_NODE_NAME_PREFIX = "__LymphNodeClassifier report"
+
+
+class SliceViewsUnavailable(RuntimeError):
+    """Slicer slice views cannot be created in this process (no trame-slicer, no OpenGL); the message says why."""
+
+
+@dataclass(frozen=True)
+class RendererInfo:
+    startup_seconds: float
+    opengl: str
+
+
+class _SliceViewRenderer:
+    """One headless SlicerApp with one offscreen axial slice view, reused for every tile."""
+
+    def __init__(self) -> None:
+        start = time.perf_counter()
+        try:
+            from trame_slicer.core import SlicerApp
+            from trame_slicer.views import DirectViewFactory, ViewLayoutDefinition
+        except ImportError as error:
+            raise SliceViewsUnavailable(f"trame-slicer is not installed ({error}); pip install trame-slicer") from error
+        # Probe OpenGL on a bare window first: creating the app's views would otherwise fail deep inside VTK.
+        probe = vtk.vtkRenderWindow()
+        probe.SetOffScreenRendering(1)
+        probe.ShowWindowOff()
+        if not probe.SupportsOpenGL():
+            raise SliceViewsUnavailable(
+                "no usable OpenGL for offscreen rendering (VTK could not create an EGL, OSMesa or X context)"
+            )
+        probe.Finalize()
+        del probe
+        try:
+            self.app = SlicerApp()
+            self.app.view_manager.register_factory(DirectViewFactory(do_render_offscreen=True))
+            self.view = self.app.view_manager.create_view(ViewLayoutDefinition.axial_view(VIEW_NAME))
+        except Exception as error:  # VTK / MRML failures surface as assorted exceptions
+            raise SliceViewsUnavailable(f"could not create a Slicer slice view ({type(error).__name__}: {error})") from error
+        if self.view is None:
+            raise SliceViewsUnavailable("trame-slicer created no slice view")
+        window = self.view.render_window()
+        window.SetMultiSamples(0)  # exact colours: outlines are compared with the segment colours
+        window.SetOffScreenRendering(1)
+        self.slice_node = self.view.get_view_node()
+        self.slice_node.SetOrientationMarkerType(slicer.vtkMRMLAbstractViewNode.OrientationMarkerTypeNone)
+        self.slice_node.SetRulerType(slicer.vtkMRMLAbstractViewNode.RulerTypeThin)
+        self.slice_node.SetRulerColor(slicer.vtkMRMLAbstractViewNode.RulerColorWhite)
+        self.view.set_background_color([0, 0, 0])
+        self.size = (0, 0)
+        self.info = RendererInfo(time.perf_counter() - start, window.ReportCapabilities().splitlines()[0] if window.ReportCapabilities() else "")
+
+    @property
+    def scene(self):
+        return self.app.scene
+
+    def set_size(self, size_px: int) -> None:
+        if self.size != (size_px, size_px):
+            self.view.render_window().SetSize(size_px, size_px)
+            self.view.update_size(size_px, size_px)
+            # the slice node follows the window through the interactor's resize event; make sure
+            self.slice_node.SetDimensions(size_px, size_px, 1)
+            self.size = (size_px, size_px)
+
+    def grab(self) -> np.ndarray:
+        window = self.view.render_window()
+        window.Render()
+        grabber = vtk.vtkWindowToImageFilter()
+        grabber.SetInput(window)
+        grabber.SetInputBufferTypeToRGB()
+        grabber.ReadFrontBufferOff()
+        grabber.ShouldRerenderOff()
+        grabber.Update()
+        image = grabber.GetOutput()
+        width, height, _ = image.GetDimensions()
+        from vtk.util.numpy_support import vtk_to_numpy
+
+        pixels = vtk_to_numpy(image.GetPointData().GetScalars()).reshape(height, width, -1)[:, :, :3]
+        return np.ascontiguousarray(pixels[::-1])  # VTK rows start at the bottom
+
+
+_renderer: _SliceViewRenderer | None = None
+_renderer_error: str | None = None
+_lock = threading.Lock()
+
+
+def _get_renderer() -> _SliceViewRenderer:
+    """The process's renderer, made on first use; a failure is remembered (and raised again) so it costs once."""
+    global _renderer, _renderer_error
+    if _renderer is None:
+        if _renderer_error is not None:
+            raise SliceViewsUnavailable(_renderer_error)
+        try:
+            _renderer = _SliceViewRenderer()
+        except SliceViewsUnavailable as error:
+            _renderer_error = str(error)
+            raise
+    return _renderer
+
+
+def renderer_info() -> RendererInfo:
+    """Start-up time and OpenGL description of the process's renderer (starting it if needed)."""
+    with _lock:
+        return _get_renderer().info
+
+
+def render_node_tiles(
+    ct_image: sitk.Image,
+    component_image: sitk.Image,
+    nodes: Sequence[NodeInfo],
+    probabilities: Sequence[float],
+    cam_volume: sitk.Image | None = None,
+    window: tuple[float, float] = (-135.0, 215.0),
+    size_px: int = 320,
+    field_of_view_mm: float = 60.0,
+    cam_opacity: float = 0.4,
+) -> list[np.ndarray]:
+    """One RGB uint8 `(size_px, size_px, 3)` tile per node: the axial slice through its centroid.
+
+    `component_image` holds each node's `node_id` (from `nodes.extract_nodes`); `probabilities[n]`
+    colours node `nodes[n]`. Raises `SliceViewsUnavailable` if slice views cannot be made here.
+    """
+    if len(probabilities) != len(nodes):
+        raise ValueError(f"got {len(probabilities)} probabilities for {len(nodes)} nodes")
+    low, high = (float(v) for v in window)
+    if not low < high:
+        raise ValueError(f"window low {low:g} must be below high {high:g}")
+    if not nodes:
+        return []
+    size_px = int(size_px)
+    with _lock:
+        renderer = _get_renderer()
+        scene = renderer.scene
+        before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+        view = renderer.view
+        try:
+            with view.render_blocked():
+                renderer.set_size(size_px)
+                radius_mm = field_of_view_mm / 2.0 * math.sqrt(2.0) + 2.0  # the view's corners, plus a margin
+                centroids = np.array([node.centroid_lps for node in nodes], dtype=float)
+                ct_crop = _crop_around(ct_image, centroids, radius_mm)
+                components_crop = _crop_around(component_image, centroids, radius_mm)
+                ct_node = _add_ct(scene, ct_crop, low, high)
+                _add_segmentation(scene, ct_node, components_crop, nodes, probabilities)
+                cam_node = _add_cam(scene, cam_volume) if cam_volume is not None else None
+                view.set_background_volume_id(ct_node.GetID())
+                view.set_foreground_volume_id(cam_node.GetID() if cam_node is not None else None)
+                view.set_foreground_opacity(float(cam_opacity) if cam_node is not None else 0.0)
+                slice_node = renderer.slice_node
+                slice_node.SetOrientation("Axial")  # patient axial, even on a tilted CT
+                tiles = []
+                for node in nodes:
+                    r, a, s = node.centroid_ras
+                    slice_node.JumpSliceByCentering(r, a, s)
+                    thickness = slice_node.GetFieldOfView()[2]
+                    slice_node.SetFieldOfView(field_of_view_mm, field_of_view_mm, thickness)
+                    tiles.append(renderer.grab())
+        finally:
+            view.set_background_volume_id(None)
+            view.set_foreground_volume_id(None)
+            _remove_nodes_added_since(scene, before)
+    return tiles
+
+
+# -- scene content -------------------------------------------------------------------------------
+
+
+def _crop_around(image: sitk.Image, points_lps: np.ndarray, radius_mm: float) -> sitk.Image:
+    """The image's voxel sub-grid holding every ball of `radius_mm` around `points_lps` (same voxels, same geometry)."""
+    size = np.array(image.GetSize())
+    centres = continuous_indices_of_physical_points(image, points_lps)  # (n, 3) in (i, j, k)
+    pad = radius_mm / np.array(image.GetSpacing()) + 1.0  # orthonormal directions: a ball spans r / spacing per index
+    lower = np.floor((centres - pad).min(axis=0)).astype(int)
+    upper = np.ceil((centres + pad).max(axis=0)).astype(int)
+    lower = np.clip(lower, 0, size - 1)
+    upper = np.clip(upper, lower, size - 1)
+    if np.all(lower == 0) and np.all(upper == size - 1):
+        return image
+    return sitk.RegionOfInterest(image, [int(v) for v in upper - lower + 1], [int(v) for v in lower])
+
+
+def _add_ct(scene, ct: sitk.Image, low: float, high: float):
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"{_NODE_NAME_PREFIX} CT")
+    update_volume_node_from_sitk_image(node, ct)
+    node.CreateDefaultDisplayNodes()
+    display = node.GetDisplayNode()
+    display.SetAndObserveColorNodeID("vtkMRMLColorTableNodeGrey")
+    display.AutoWindowLevelOff()
+    display.SetWindowLevelMinMax(low, high)
+    display.InterpolateOn()
+    return node
+
+
+def _add_segmentation(scene, ct_node, components: sitk.Image, nodes: Sequence[NodeInfo], probabilities: Sequence[float]):
+    segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{_NODE_NAME_PREFIX} nodes")
+    segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(ct_node)
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", f"{_NODE_NAME_PREFIX} components")
+    try:
+        update_volume_node_from_sitk_image(labelmap, components)
+        logic = slicer.vtkSlicerSegmentationsModuleLogic()
+        logic.SetMRMLScene(scene)
+        if not logic.ImportLabelmapToSegmentationNode(labelmap, segmentation_node):
+            raise RuntimeError("Slicer could not import the node label map into the report's segmentation")
+    finally:
+        scene.RemoveNode(labelmap)
+    by_id = {node.node_id: (node, float(p)) for node, p in zip(nodes, probabilities)}
+    segmentation = segmentation_node.GetSegmentation()
+    for index in range(segmentation.GetNumberOfSegments()):
+        segment = segmentation.GetNthSegment(index)
+        node, probability = by_id.get(int(segment.GetLabelValue()), (None, 0.0))
+        if node is not None:
+            segment.SetName(segment_name(node, probability))
+        segment.SetColor(*probability_color(probability))
+    segmentation_node.CreateDefaultDisplayNodes()
+    display = segmentation_node.GetDisplayNode()
+    display.SetVisibility(True)
+    display.SetVisibility2DFill(False)
+    display.SetVisibility2DOutline(True)
+    display.SetOpacity2DOutline(1.0)
+    display.SetSliceIntersectionThickness(OUTLINE_THICKNESS_PX)
+    return segmentation_node
+
+
+def _add_cam(scene, cam_volume: sitk.Image):
+    from .logic import heat_color_node  # lazily: logic imports the model code (torch)
+
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"{_NODE_NAME_PREFIX} Grad-CAM")
+    update_volume_node_from_sitk_image(node, sitk.Cast(cam_volume, sitk.sitkFloat32))
+    node.CreateDefaultDisplayNodes()
+    display = node.GetDisplayNode()
+    display.SetAndObserveColorNodeID(heat_color_node(scene).GetID())
+    display.AutoWindowLevelOff()
+    display.SetWindowLevelMinMax(0.0, 1.0)
+    display.AutoThresholdOff()
+    display.SetLowerThreshold(CAM_LOWER_THRESHOLD)
+    display.SetUpperThreshold(1.0e6)
+    display.ApplyThresholdOn()
+    display.InterpolateOn()
+    return node
+
+
+def _remove_nodes_added_since(scene, before: set[str]) -> None:
+    added = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
+    added = [node for node in added if node.GetID() not in before and not node.GetSingletonTag()]
+    # data nodes first: removing them also removes their display and storage nodes
+    added.sort(key=lambda node: node.IsA("vtkMRMLDisplayNode") or node.IsA("vtkMRMLStorageNode"))
+    for node in added:
+        if node.GetScene() is scene:
+            scene.RemoveNode(node)
