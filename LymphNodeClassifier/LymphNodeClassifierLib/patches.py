@@ -33,6 +33,7 @@ _VIEW_AXES: dict[str, tuple[np.ndarray, np.ndarray]] = {
     "coronal": (_X, -_Z),
     "sagittal": (_Y, -_Z),
 }
+_VIEW_NORMALS = {name: np.cross(col, row) for name, (col, row) in _VIEW_AXES.items()}  # right-handed grids
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,8 @@ class _PlaneSampler:
         self.mask_filter.SetInterpolator(sitk.sitkNearestNeighbor)
         self.mask_filter.SetDefaultPixelValue(0)
         self.mask_filter.SetOutputPixelType(component_image.GetPixelID())
+        for resample in (self.ct_filter, self.mask_filter):
+            resample.SetNumberOfThreads(1)  # a few thousand pixels: thread start-up and barriers cost more
 
     @staticmethod
     def _set_grid(resample: sitk.ResampleImageFilter, origin, spacing, direction, size) -> None:
@@ -142,7 +145,7 @@ class _PlaneSampler:
 def _plane(name: str, centre_lps: np.ndarray, spec: PatchSpec) -> tuple[PlaneGeometry, np.ndarray, np.ndarray]:
     """Geometry of one view centred on `centre_lps`, plus its 3x3 direction and spacing as a 1-thick grid."""
     col_unit, row_unit = _VIEW_AXES[name]
-    normal = np.cross(col_unit, row_unit)
+    normal = _VIEW_NORMALS[name]
     spacing = np.asarray(spec.spacing_mm)
     col_step = col_unit * (np.abs(col_unit) @ spacing)
     row_step = row_unit * (np.abs(row_unit) @ spacing)
@@ -158,23 +161,54 @@ def _point(values: np.ndarray) -> tuple[float, float, float]:
     return (float(values[0]), float(values[1]), float(values[2]))
 
 
-def _largest_axial_cross_section(
-    sampler: _PlaneSampler, node: NodeInfo, centre_lps: np.ndarray, spec: PatchSpec, bbox_image: sitk.Image
-) -> tuple[float, float]:
-    """LPS z and area (mm2) of the axial plane (z = centroid z + m * spacing_z) with the most node pixels."""
+def _node_corners_lps(node: NodeInfo, bbox_image: sitk.Image) -> np.ndarray:
+    """LPS corners (8, 3) of the node's bounding box, voxel boundaries included."""
     i0, j0, k0, i1, j1, k1 = node.bbox_index
     corners = np.array([[i, j, k] for i in (i0 - 0.5, i1 + 0.5) for j in (j0 - 0.5, j1 + 0.5) for k in (k0 - 0.5, k1 + 0.5)])
-    z_values = physical_points_of_indices(bbox_image, corners)[:, 2]
-    spacing_x, spacing_y, spacing_z = spec.spacing_mm
-    first = math.floor((z_values.min() - centre_lps[2]) / spacing_z)
-    last = math.ceil((z_values.max() - centre_lps[2]) / spacing_z)
-    geometry, direction, grid_spacing = _plane("axial", centre_lps, spec)
-    origin = np.asarray(geometry.origin_lps) + np.array([0.0, 0.0, first * spacing_z])
-    masks = sampler.node_mask(node.node_id, origin, grid_spacing, direction, (spec.size, spec.size, last - first + 1))
-    areas = masks.sum(axis=(1, 2))
-    steps = np.arange(first, last + 1)
-    best = int(np.lexsort((np.abs(steps), -areas))[0])  # most pixels, then closest to the centroid
-    return float(centre_lps[2] + steps[best] * spacing_z), float(areas[best] * spacing_x * spacing_y)
+    return physical_points_of_indices(bbox_image, corners)
+
+
+def _footprint(plane: PlaneGeometry, corners_lps: np.ndarray, size: int) -> tuple[int, int, int, int] | None:
+    """Rows r0..r1 and columns c0..c1 of the plane that can hold node pixels, or None.
+
+    The node's bounding box projected on the plane, one pixel of margin; only these pixels are
+    sampled for the mask (nothing else can be the node), which keeps mask resampling cheap.
+    """
+    row_step, col_step = np.asarray(plane.row_step_lps), np.asarray(plane.col_step_lps)
+    relative = corners_lps - np.asarray(plane.origin_lps)
+    rows, cols = relative @ row_step / (row_step @ row_step), relative @ col_step / (col_step @ col_step)
+    r0, r1 = max(0, math.floor(rows.min()) - 1), min(size - 1, math.ceil(rows.max()) + 1)
+    c0, c1 = max(0, math.floor(cols.min()) - 1), min(size - 1, math.ceil(cols.max()) + 1)
+    return (r0, r1, c0, c1) if r0 <= r1 and c0 <= c1 else None
+
+
+def _sample_mask(
+    sampler: _PlaneSampler, node_id: int, plane: PlaneGeometry, direction: np.ndarray, grid_spacing: np.ndarray,
+    footprint: tuple[int, int, int, int] | None, size: int, thickness: int = 1,
+) -> np.ndarray:
+    """Node mask `[slice, row, col]` of `thickness` planes stacked along the normal, sampled in the footprint."""
+    masks = np.zeros((thickness, size, size), dtype=bool)
+    if footprint is None:
+        return masks
+    r0, r1, c0, c1 = footprint
+    origin = plane.pixel_to_lps(r0, c0)
+    masks[:, r0 : r1 + 1, c0 : c1 + 1] = sampler.node_mask(
+        node_id, origin, grid_spacing, direction, (c1 - c0 + 1, r1 - r0 + 1, thickness)
+    )
+    return masks
+
+
+def _axial_cross_sections(
+    sampler: _PlaneSampler, node: NodeInfo, centre_lps: np.ndarray, corners_lps: np.ndarray, spec: PatchSpec
+) -> tuple[np.ndarray, np.ndarray]:
+    """Node masks on the axial planes z = centroid z + m * spacing_z that cross the node, and those m."""
+    spacing_z = spec.spacing_mm[2]
+    first = math.floor((corners_lps[:, 2].min() - centre_lps[2]) / spacing_z)
+    last = max(math.ceil((corners_lps[:, 2].max() - centre_lps[2]) / spacing_z), first)
+    plane, direction, grid_spacing = _plane("axial", centre_lps + np.array([0.0, 0.0, first * spacing_z]), spec)
+    footprint = _footprint(plane, corners_lps, spec.size)
+    masks = _sample_mask(sampler, node.node_id, plane, direction, grid_spacing, footprint, spec.size, last - first + 1)
+    return masks, np.arange(first, last + 1)
 
 
 def _check_window(window: tuple[float, float]) -> tuple[float, float]:
@@ -192,21 +226,29 @@ def _extract(
 ) -> list[NodePatch]:
     """Patches of all nodes; `bbox_image` is the image whose indices the nodes' `bbox_index` use."""
     low, high = _check_window(window)
+    spacing_x, spacing_y, spacing_z = spec.spacing_mm
     patches = []
     for node in nodes:
         centre = np.asarray(node.centroid_lps, dtype=float)
-        largest_z, largest_area = _largest_axial_cross_section(sampler, node, centre, spec, bbox_image)
+        corners = _node_corners_lps(node, bbox_image)
+        axial_masks, steps = _axial_cross_sections(sampler, node, centre, corners, spec)
+        areas = axial_masks.sum(axis=(1, 2))
+        largest = int(np.lexsort((np.abs(steps), -areas))[0])  # most pixels, then closest to the centroid
+        largest_z = float(centre[2] + steps[largest] * spacing_z)
         images, masks, planes = [], [], []
         for name in spec.view_names:
             plane_centre = centre.copy()
             if spec.views == "axial":
                 plane_centre[2] = largest_z  # the plane of the largest cross-section, centred in-plane
-            geometry, direction, grid_spacing = _plane(name, plane_centre, spec)
-            grid_size = (spec.size, spec.size, 1)
-            hu = sampler.ct_values(geometry.origin_lps, grid_spacing, direction, grid_size)[0]
+            plane, direction, grid_spacing = _plane(name, plane_centre, spec)
+            hu = sampler.ct_values(plane.origin_lps, grid_spacing, direction, (spec.size, spec.size, 1))[0]
             images.append(apply_window(hu, low, high))
-            masks.append(sampler.node_mask(node.node_id, geometry.origin_lps, grid_spacing, direction, grid_size)[0])
-            planes.append(geometry)
+            if name == "axial":  # already sampled on the same pixel lattice
+                masks.append(axial_masks[largest if spec.views == "axial" else int(np.flatnonzero(steps == 0)[0])])
+            else:
+                footprint = _footprint(plane, corners, spec.size)
+                masks.append(_sample_mask(sampler, node.node_id, plane, direction, grid_spacing, footprint, spec.size)[0])
+            planes.append(plane)
         mask = np.stack(masks).astype(np.uint8)
         if spec.mask_channel:
             images.append(mask[0].astype(np.float32))
@@ -218,7 +260,7 @@ def _extract(
                 planes=planes,
                 centre_lps=_point(centre),
                 largest_axial_z_lps=largest_z,
-                largest_axial_area_mm2=largest_area,
+                largest_axial_area_mm2=float(areas[largest] * spacing_x * spacing_y),
             )
         )
     return patches
