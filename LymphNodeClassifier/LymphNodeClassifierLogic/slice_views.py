@@ -8,7 +8,8 @@ adds its volumes and segmentation to the app's scene and removes them again befo
 
 What a tile shows (the axial slice through the node's centroid, centred on it):
 - the CT in grey at the model's window (background layer);
-- Grad-CAM in heat colours at `cam_opacity` (foreground layer, values below 0.05 transparent);
+- Grad-CAM in heat colours at `cam_opacity` (foreground layer; below `report.CAM_DISPLAY_THRESHOLD`
+  transparent, as in the report's patch fallback);
 - every node's outline (segmentation, 2D fill off), coloured by its probability
   (`segfile.probability_color`: green -> yellow -> red).
 
@@ -20,6 +21,8 @@ Slicer's radiological convention (patient right on the screen's left, anterior a
 from __future__ import annotations
 
 import math
+import os
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -29,15 +32,16 @@ import numpy as np
 import SimpleITK as sitk
 import slicer
 import vtk
+from vtk.util.numpy_support import vtk_to_numpy
 
-from LymphNodeClassifierLib.geometry import continuous_indices_of_physical_points, physical_points_of_indices
+from LymphNodeClassifierLib.geometry import continuous_indices_of_physical_points
 from LymphNodeClassifierLib.nodes import NodeInfo
+from LymphNodeClassifierLib.report import CAM_DISPLAY_THRESHOLD
 from LymphNodeClassifierLib.segfile import probability_color, segment_name
 
 from .convert import update_volume_node_from_sitk_image
 
 VIEW_NAME = "LymphNodeClassifierReport"
-CAM_LOWER_THRESHOLD = 0.05  # as the Grad-CAM node in the module (logic._show_as_heat_map)
 OUTLINE_THICKNESS_PX = 2
 _NODE_NAME_PREFIX = "__LymphNodeClassifier report"
 
@@ -62,6 +66,9 @@ class _SliceViewRenderer:
             from trame_slicer.views import DirectViewFactory, ViewLayoutDefinition
         except ImportError as error:
             raise SliceViewsUnavailable(f"trame-slicer is not installed ({error}); pip install trame-slicer") from error
+        if sys.platform.startswith("linux") and not os.environ.get("DISPLAY"):
+            # no X server: go straight to EGL instead of failing on X first (and warning about it)
+            os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
         # Probe OpenGL on a bare window first: creating the app's views would otherwise fail deep inside VTK.
         probe = vtk.vtkRenderWindow()
         probe.SetOffScreenRendering(1)
@@ -72,14 +79,23 @@ class _SliceViewRenderer:
             )
         probe.Finalize()
         del probe
+        # trame-slicer observes the interactor's WindowResizeEvent, which VTK 9.6 warns about once per
+        # view; keep that deprecation notice out of the command line's output.
+        warnings_shown = vtk.vtkObject.GetGlobalWarningDisplay()
+        vtk.vtkObject.GlobalWarningDisplayOff()
         try:
             self.app = SlicerApp()
             self.app.view_manager.register_factory(DirectViewFactory(do_render_offscreen=True))
             self.view = self.app.view_manager.create_view(ViewLayoutDefinition.axial_view(VIEW_NAME))
         except Exception as error:  # VTK / MRML failures surface as assorted exceptions
             raise SliceViewsUnavailable(f"could not create a Slicer slice view ({type(error).__name__}: {error})") from error
+        finally:
+            vtk.vtkObject.SetGlobalWarningDisplay(warnings_shown)
         if self.view is None:
             raise SliceViewsUnavailable("trame-slicer created no slice view")
+        # Renders only when a tile is grabbed: trame-slicer's direct rendering would redraw on every
+        # MRML change, and a view without volumes cannot draw (its slice logic has nothing to blend).
+        self.view.set_render_blocked(True)
         window = self.view.render_window()
         window.SetMultiSamples(0)  # exact colours: outlines are compared with the segment colours
         window.SetOffScreenRendering(1)
@@ -89,7 +105,7 @@ class _SliceViewRenderer:
         self.slice_node.SetRulerColor(slicer.vtkMRMLAbstractViewNode.RulerColorWhite)
         self.view.set_background_color([0, 0, 0])
         self.size = (0, 0)
-        self.info = RendererInfo(time.perf_counter() - start, window.ReportCapabilities().splitlines()[0] if window.ReportCapabilities() else "")
+        self.info = RendererInfo(time.perf_counter() - start, _opengl_description(window))
 
     @property
     def scene(self):
@@ -99,7 +115,7 @@ class _SliceViewRenderer:
         if self.size != (size_px, size_px):
             self.view.render_window().SetSize(size_px, size_px)
             self.view.update_size(size_px, size_px)
-            # the slice node follows the window through the interactor's resize event; make sure
+            # the slice node follows the window through the interactor's resize event; set it anyway
             self.slice_node.SetDimensions(size_px, size_px, 1)
             self.size = (size_px, size_px)
 
@@ -114,10 +130,15 @@ class _SliceViewRenderer:
         grabber.Update()
         image = grabber.GetOutput()
         width, height, _ = image.GetDimensions()
-        from vtk.util.numpy_support import vtk_to_numpy
-
         pixels = vtk_to_numpy(image.GetPointData().GetScalars()).reshape(height, width, -1)[:, :, :3]
         return np.ascontiguousarray(pixels[::-1])  # VTK rows start at the bottom
+
+
+def _opengl_description(window) -> str:
+    """Window class and the GL / EGL renderer or vendor line of VTK's capability report."""
+    lines = (window.ReportCapabilities() or "").splitlines()
+    wanted = [line.strip() for line in lines if "renderer string" in line or "vendor string" in line]
+    return "; ".join([type(window).__name__, *wanted[:2]])
 
 
 _renderer: _SliceViewRenderer | None = None
@@ -150,8 +171,8 @@ def render_node_tiles(
     component_image: sitk.Image,
     nodes: Sequence[NodeInfo],
     probabilities: Sequence[float],
-    cam_volume: sitk.Image | None = None,
-    window: tuple[float, float] = (-135.0, 215.0),
+    cam_volume: sitk.Image | None,
+    window: tuple[float, float],
     size_px: int = 320,
     field_of_view_mm: float = 60.0,
     cam_opacity: float = 0.4,
@@ -159,7 +180,10 @@ def render_node_tiles(
     """One RGB uint8 `(size_px, size_px, 3)` tile per node: the axial slice through its centroid.
 
     `component_image` holds each node's `node_id` (from `nodes.extract_nodes`); `probabilities[n]`
-    colours node `nodes[n]`. Raises `SliceViewsUnavailable` if slice views cannot be made here.
+    colours node `nodes[n]`; `cam_volume` (Grad-CAM in [0, 1], any grid) may be None; `window` is
+    the model card's (low, high) HU. The first call in a process starts the offscreen Slicer app
+    (about 1.5 s), later calls reuse it (about 30 ms per 320 px tile). Raises
+    `SliceViewsUnavailable` if slice views cannot be made here (no trame-slicer, no OpenGL).
     """
     if len(probabilities) != len(nodes):
         raise ValueError(f"got {len(probabilities)} probabilities for {len(nodes)} nodes")
@@ -175,27 +199,26 @@ def render_node_tiles(
         before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
         view = renderer.view
         try:
-            with view.render_blocked():
-                renderer.set_size(size_px)
-                radius_mm = field_of_view_mm / 2.0 * math.sqrt(2.0) + 2.0  # the view's corners, plus a margin
-                centroids = np.array([node.centroid_lps for node in nodes], dtype=float)
-                ct_crop = _crop_around(ct_image, centroids, radius_mm)
-                components_crop = _crop_around(component_image, centroids, radius_mm)
-                ct_node = _add_ct(scene, ct_crop, low, high)
-                _add_segmentation(scene, ct_node, components_crop, nodes, probabilities)
-                cam_node = _add_cam(scene, cam_volume) if cam_volume is not None else None
-                view.set_background_volume_id(ct_node.GetID())
-                view.set_foreground_volume_id(cam_node.GetID() if cam_node is not None else None)
-                view.set_foreground_opacity(float(cam_opacity) if cam_node is not None else 0.0)
-                slice_node = renderer.slice_node
-                slice_node.SetOrientation("Axial")  # patient axial, even on a tilted CT
-                tiles = []
-                for node in nodes:
-                    r, a, s = node.centroid_ras
-                    slice_node.JumpSliceByCentering(r, a, s)
-                    thickness = slice_node.GetFieldOfView()[2]
-                    slice_node.SetFieldOfView(field_of_view_mm, field_of_view_mm, thickness)
-                    tiles.append(renderer.grab())
+            renderer.set_size(size_px)
+            radius_mm = field_of_view_mm / 2.0 * math.sqrt(2.0) + 2.0  # the view's corners, plus a margin
+            centroids = np.array([node.centroid_lps for node in nodes], dtype=float)
+            ct_crop = _crop_around(ct_image, centroids, radius_mm)
+            components_crop = _crop_around(component_image, centroids, radius_mm)
+            ct_node = _add_ct(scene, ct_crop, low, high)
+            _add_segmentation(scene, renderer.app.segmentations_logic, ct_node, components_crop, nodes, probabilities)
+            cam_node = _add_cam(scene, cam_volume) if cam_volume is not None else None
+            view.set_background_volume_id(ct_node.GetID())
+            view.set_foreground_volume_id(cam_node.GetID() if cam_node is not None else None)
+            view.set_foreground_opacity(float(cam_opacity) if cam_node is not None else 0.0)
+            slice_node = renderer.slice_node
+            slice_node.SetOrientation("Axial")  # patient axial, even on a tilted CT
+            tiles = []
+            for node in nodes:
+                r, a, s = node.centroid_ras
+                slice_node.JumpSliceByCentering(r, a, s)
+                thickness = slice_node.GetFieldOfView()[2]
+                slice_node.SetFieldOfView(field_of_view_mm, field_of_view_mm, thickness)
+                tiles.append(renderer.grab())
         finally:
             view.set_background_volume_id(None)
             view.set_foreground_volume_id(None)
@@ -232,15 +255,13 @@ def _add_ct(scene, ct: sitk.Image, low: float, high: float):
     return node
 
 
-def _add_segmentation(scene, ct_node, components: sitk.Image, nodes: Sequence[NodeInfo], probabilities: Sequence[float]):
+def _add_segmentation(scene, segmentations_logic, ct_node, components: sitk.Image, nodes: Sequence[NodeInfo], probabilities: Sequence[float]):
     segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{_NODE_NAME_PREFIX} nodes")
     segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(ct_node)
     labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", f"{_NODE_NAME_PREFIX} components")
     try:
         update_volume_node_from_sitk_image(labelmap, components)
-        logic = slicer.vtkSlicerSegmentationsModuleLogic()
-        logic.SetMRMLScene(scene)
-        if not logic.ImportLabelmapToSegmentationNode(labelmap, segmentation_node):
+        if not segmentations_logic.ImportLabelmapToSegmentationNode(labelmap, segmentation_node):
             raise RuntimeError("Slicer could not import the node label map into the report's segmentation")
     finally:
         scene.RemoveNode(labelmap)
@@ -273,7 +294,7 @@ def _add_cam(scene, cam_volume: sitk.Image):
     display.AutoWindowLevelOff()
     display.SetWindowLevelMinMax(0.0, 1.0)
     display.AutoThresholdOff()
-    display.SetLowerThreshold(CAM_LOWER_THRESHOLD)
+    display.SetLowerThreshold(CAM_DISPLAY_THRESHOLD)
     display.SetUpperThreshold(1.0e6)
     display.ApplyThresholdOn()
     display.InterpolateOn()
