@@ -37,6 +37,7 @@ NODE_COLUMNS = [
     "case_id", "node_id", "label_value", "centroid_R_mm", "centroid_A_mm", "centroid_S_mm",
     "volume_mm3", "short_axis_mm", "long_axis_mm", "touches_edge", "probability", "prediction",
 ]
+TILE_FIELD_OF_VIEW_MM = 60.0  # a node plus its surroundings, as a radiologist would zoom
 TIMING_STAGES = ("read", "nodes", "patches", "model", "gradcam", "write", "report", "total")
 
 
@@ -82,7 +83,8 @@ def render_tiles(ct: sitk.Image, result: ClassificationResult, window: tuple[flo
     try:
         slice_views = importlib.import_module("LymphNodeClassifierLogic.slice_views")
         return slice_views.render_node_tiles(
-            ct, result.component_image, result.nodes, result.probabilities, result.cam_volume, window=window
+            ct, result.component_image, result.nodes, result.probabilities, result.cam_volume, window=window,
+            field_of_view_mm=TILE_FIELD_OF_VIEW_MM,
         )
     except ImportError:
         return None
@@ -127,6 +129,9 @@ def write_case_outputs(
                     cams=result.cams,
                     threshold=result.decision_threshold,
                     title=f"{case_id}: {len(result.nodes)} nodes, model {model.card.get('name', '')}",
+                    window=window,
+                    field_of_view_mm=TILE_FIELD_OF_VIEW_MM,
+                    notes=result.messages,
                 )
         for produced in staging.iterdir():
             os.replace(produced, out_dir / produced.name)
