@@ -94,3 +94,14 @@ def test_json_safe_turns_nan_into_null():
     got = json_safe(binary_metrics([0, 0], [0.2, 0.6], 0.5))
     text = json.dumps(got, allow_nan=False)
     assert json.loads(text)["auc"] is None
+
+
+def test_rank_auc_used_by_the_bootstrap_equals_roc_auc_score_with_ties():
+    from LymphNodeClassifierLib.metrics import rank_auc
+
+    rng = np.random.default_rng(5)
+    for _ in range(50):
+        y = rng.integers(0, 2, size=40)
+        y[:2] = (0, 1)
+        p = np.round(rng.random(40), 1)  # many ties
+        assert rank_auc(y, p) == pytest.approx(roc_auc_score(y, p), abs=1e-12)
