@@ -1,0 +1,712 @@
+"""Training a node classifier on a dataset and exporting it with its model card.
+
+- `TrainingConfig`: every choice of a run (preprocessing, architecture, optimisation, augmentation,
+  split, seed); validated on creation (`InputError`).
+- `split_by_patient`: train / validation / test indices with scikit-learn's StratifiedGroupKFold,
+  so no patient has nodes in two splits and the class balance is kept roughly equal.
+- `train(patchset, config, on_event, is_cancelled) -> TrainingResult`: eager PyTorch on CPU (or
+  whatever device the tensors are on: CPU here), BCEWithLogits + Adam, ReduceLROnPlateau
+  (factor 0.5) on the validation loss, early stopping on the validation loss; the weights of the
+  best epoch (lowest validation loss; a decrease counts when it exceeds 1e-4 relative, the
+  scheduler's own threshold) are kept. The decision threshold is chosen on the validation
+  set (Youden's J = sensitivity + specificity - 1, maximal). Test metrics use that threshold.
+- Augmentation (training batches only), on the fly on CPU tensors: random horizontal / vertical
+  flips, rotation by an angle drawn uniformly in [-rotation_degrees, rotation_degrees] and a shift
+  up to `translation_px` pixels per axis, both in one `affine_grid` / `grid_sample` (bilinear)
+  with zero padding: 0 is air after windowing, like the air padding of `patches.py`. The same
+  2-D transform is applied to every channel of a node (the study's 2-D augmentation; it is not a
+  3-D rotation of the node).
+- Deterministic for a seed: the CPU random state is forked (the caller's is untouched) and seeded,
+  the data order and augmentation draw from their own `torch.Generator`, deterministic
+  algorithms are requested (`inference.deterministic`); `num_threads`, when set, is applied for
+  the run and restored after (else torch's current setting is used).
+- Events: `on_event(dict)` gets JSON-serialisable dicts in order: one `{"event": "start", ...}`,
+  one `{"event": "epoch", "epoch", "epochs", "train_loss", "val_loss", "val_auc", "lr",
+  "seconds"}` per epoch, one `{"event": "done", ...}`; nan is sent as null.
+  `is_cancelled()` is checked before every batch and raises `errors.CancelledError`; nothing is
+  written by `train`, so a cancelled run can never replace a model.
+- `export_trained_model` builds the card (`model.new_card`) and writes TorchScript atomically.
+- `main(argv)`: the `train` command of the CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import shlex
+import sys
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.model_selection import StratifiedGroupKFold
+
+from . import __version__
+from .errors import CancelledError, InputError
+from .inference import deterministic
+from .metrics import binary_metrics, bootstrap_ci, json_safe
+from .model import build_model, export_torchscript, new_card
+from .patches import VIEW_MODES, PatchSpec
+from .patchset import PatchSet, build_patchset
+from .windowing import WINDOW_PRESETS
+
+ARCHITECTURE_NAMES = {"custom": "custom_cnn", "resnet": "small_resnet"}
+# A validation loss counts as lower when it is below best * (1 - this): ReduceLROnPlateau's default
+# relative threshold, used for early stopping and the best epoch too so the three agree.
+_MIN_IMPROVEMENT = 1e-4
+EventCallback = Callable[[dict], None]
+
+
+# --------------------------------------------------------------------------------------------
+# configuration
+
+
+def _positive_int(value: Any, what: str, example: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise InputError(f"The {what} must be a positive whole number, got {value!r}; use e.g. {example}.")
+    return int(value)
+
+
+def _number(value: Any, what: str, low: float, high: float, example: float) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"The {what} {value!r} is not a number; use e.g. {example}.") from None
+    if isinstance(value, bool) or not math.isfinite(number) or not low <= number <= high:
+        raise InputError(f"The {what} must be a number from {low:g} to {high:g}, got {value!r}; use e.g. {example}.")
+    return number
+
+
+@dataclass
+class TrainingConfig:
+    """One training run. Defaults: the abdominal-CT study (64 px at 0.79 mm, W350 L40, 10 px shifts)."""
+
+    architecture: str = "custom"  # "custom" (the study's CNN) or "resnet" (small residual CNN)
+    views: str = "triplanar"  # "triplanar" (axial, coronal, sagittal) or "axial"
+    mask_channel: bool = False
+    patch_size: int = 64
+    spacing_mm: tuple[float, float, float] = (0.79, 0.79, 0.79)
+    window: tuple[float, float] = (-135.0, 215.0)
+    air_hu: float = -1024.0
+    epochs: int = 40
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    flips: bool = True
+    rotation_degrees: float = 180.0
+    translation_px: float = 10.0
+    patience: int = 8  # early stopping: epochs without a lower validation loss
+    lr_patience: int = 3  # ReduceLROnPlateau: epochs without improvement before halving the LR
+    seed: int = 0
+    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    num_threads: int | None = None  # torch threads for the run; None = leave torch's setting
+
+    def __post_init__(self) -> None:
+        arch = str(self.architecture).strip().lower()
+        arch = {v: k for k, v in ARCHITECTURE_NAMES.items()}.get(arch, arch)
+        if arch not in ARCHITECTURE_NAMES:
+            raise InputError(f"Unknown architecture '{self.architecture}'; use one of: {', '.join(ARCHITECTURE_NAMES)}.")
+        self.architecture = arch
+        if self.views not in VIEW_MODES:
+            raise InputError(f"Unknown views '{self.views}'; use one of: {', '.join(VIEW_MODES)}.")
+        self.mask_channel = bool(self.mask_channel)
+        self.epochs = _positive_int(self.epochs, "number of epochs", 40)
+        self.batch_size = _positive_int(self.batch_size, "batch size", 32)
+        if self.batch_size < 2:
+            raise InputError("The batch size must be at least 2 (batch normalisation needs two nodes per batch); use e.g. 32.")
+        self.learning_rate = _number(self.learning_rate, "learning rate", 0.0, 1.0, 0.001)
+        if self.learning_rate <= 0:
+            raise InputError("The learning rate must be above 0; use e.g. 0.001.")
+        self.weight_decay = _number(self.weight_decay, "weight decay", 0.0, 1.0, 0.0001)
+        self.flips = bool(self.flips)
+        spec = self.patch_spec()  # validates size, spacing, air (InputError)
+        self.patch_size, self.spacing_mm, self.air_hu = spec.size, spec.spacing_mm, spec.air_hu
+        self.rotation_degrees = _number(self.rotation_degrees, "rotation range (degrees)", 0.0, 180.0, 180)
+        self.translation_px = _number(self.translation_px, "translation range (pixels)", 0.0, self.patch_size / 2, 10)
+        self.patience = _positive_int(self.patience, "early-stopping patience", 8)
+        self.lr_patience = _positive_int(self.lr_patience, "learning-rate patience", 3)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
+            raise InputError(f"The seed must be a non-negative whole number, got {self.seed!r}; use e.g. 0.")
+        self.seed = int(self.seed)
+        if self.num_threads is not None:
+            self.num_threads = _positive_int(self.num_threads, "number of threads", 2)
+        self.split_fractions = _check_fractions(self.split_fractions)
+        try:
+            low, high = (float(v) for v in self.window)
+        except (TypeError, ValueError):
+            raise InputError(f"The window {self.window!r} is not a (low, high) pair of HU values; use e.g. -135 215.") from None
+        if not (math.isfinite(low) and math.isfinite(high) and low < high):
+            raise InputError(f"The window low ({low:g}) must be a finite HU value below high ({high:g}); fix the window.")
+        self.window = (low, high)
+
+    @property
+    def model_name(self) -> str:
+        """The architecture's name in `model.ARCHITECTURES`."""
+        return ARCHITECTURE_NAMES[self.architecture]
+
+    @property
+    def window_preset(self) -> str:
+        for name, window in WINDOW_PRESETS.items():
+            if tuple(window) == tuple(self.window):
+                return name
+        return "custom"
+
+    def patch_spec(self) -> PatchSpec:
+        return PatchSpec(spacing_mm=self.spacing_mm, size=self.patch_size, views=self.views, mask_channel=self.mask_channel, air_hu=self.air_hu)
+
+    def preprocessing(self) -> dict:
+        """The card's `preprocessing` section (what inference must reproduce)."""
+        spec = self.patch_spec()
+        return {
+            "window_low": self.window[0],
+            "window_high": self.window[1],
+            "window_preset": self.window_preset,
+            "spacing_mm": list(spec.spacing_mm),
+            "patch_size": spec.size,
+            "field_of_view_mm": spec.size * spec.spacing_mm[0],
+            "views": spec.views,
+            "mask_channel": spec.mask_channel,
+            "channels": list(spec.view_names) + (["mask"] if spec.mask_channel else []),
+            "air_hu": spec.air_hu,
+        }
+
+    def to_dict(self) -> dict:
+        return json_safe(asdict(self))
+
+
+def _check_fractions(fractions: Any) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(f) for f in fractions)
+    except (TypeError, ValueError):
+        raise InputError(f"The split fractions {fractions!r} are not numbers; give train, validation and test fractions, e.g. 0.8 0.1 0.1.") from None
+    if len(values) != 3 or not all(math.isfinite(v) and v >= 0 for v in values) or abs(sum(values) - 1.0) > 1e-6:
+        raise InputError(f"The split fractions {fractions!r} must be three non-negative numbers that add up to 1; e.g. 0.8 0.1 0.1.")
+    if values[0] <= 0 or values[1] <= 0:
+        raise InputError("The training and validation fractions must both be above 0 (validation chooses the epoch and the threshold); e.g. 0.8 0.1 0.1.")
+    return values
+
+
+# --------------------------------------------------------------------------------------------
+# patient-level split
+
+
+def _one_fold(indices: np.ndarray, y: np.ndarray, groups: np.ndarray, share: float, seed: int) -> np.ndarray:
+    """Indices of one StratifiedGroupKFold fold holding about `share` of `indices`."""
+    n_splits = max(2, int(round(1.0 / share)))
+    n_groups = len(np.unique(groups[indices]))
+    if n_groups < n_splits:
+        raise InputError(
+            f"There are only {n_groups} patients left to split off a {share:.0%} share; add patients or use larger validation/test fractions."
+        )
+    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*least populated class.*")
+        folds = [fold for _, fold in splitter.split(np.zeros(indices.size), y[indices], groups[indices])]
+    target = share * indices.size
+    best = min(range(len(folds)), key=lambda f: (abs(folds[f].size - target), f))
+    return indices[np.sort(folds[best])]
+
+
+def split_by_patient(
+    patient_ids: Sequence, y: Sequence[int], fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train, validation, test) node indices; every patient's nodes lie in exactly one of them.
+
+    The test share is one StratifiedGroupKFold fold (about 1/round(1/test) of the nodes), the
+    validation share one fold of the rest; the fold closest in size to the requested share is
+    taken. A test fraction of 0 gives an empty test set. Each index array is sorted.
+    """
+    groups = np.asarray(patient_ids).astype(str)
+    labels = np.asarray(y).astype(np.int64)
+    if groups.ndim != 1 or groups.shape != labels.shape:
+        raise InputError(f"There are {groups.size} patient ids for {labels.size} labels; pass one patient id per node.")
+    train_f, val_f, test_f = _check_fractions(fractions)
+    indices = np.arange(labels.size)
+    test = np.zeros(0, dtype=np.int64)
+    rest = indices
+    if test_f > 0:
+        test = _one_fold(indices, labels, groups, test_f, seed)
+        rest = np.setdiff1d(indices, test)
+    validation = _one_fold(rest, labels, groups, val_f / (train_f + val_f), seed + 1)
+    train_idx = np.setdiff1d(rest, validation)
+    if train_idx.size == 0:
+        raise InputError("No nodes are left for training after the validation and test splits; add patients.")
+    return train_idx.astype(np.int64), validation.astype(np.int64), test.astype(np.int64)
+
+
+# --------------------------------------------------------------------------------------------
+# augmentation
+
+
+def augment_batch(
+    x: torch.Tensor,
+    generator: torch.Generator,
+    config: TrainingConfig,
+    angles_deg: torch.Tensor | None = None,
+    shifts_px: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Randomly flipped, rotated and shifted copy of a `(N, C, H, W)` batch (zero padding = air).
+
+    `angles_deg` (N,) and `shifts_px` (N, 2: columns, rows) override the random draws (tests).
+    A positive angle turns the image counter-clockwise as displayed (rows down, columns right);
+    a positive shift moves the content towards higher column / row indices.
+    """
+    n, _, height, width = x.shape
+    if config.flips:
+        flip_columns = (torch.rand(n, generator=generator) < 0.5)[:, None, None, None]
+        flip_rows = (torch.rand(n, generator=generator) < 0.5)[:, None, None, None]
+        x = torch.where(flip_columns, x.flip(-1), x)
+        x = torch.where(flip_rows, x.flip(-2), x)
+    if angles_deg is None:
+        angles_deg = (torch.rand(n, generator=generator) * 2 - 1) * config.rotation_degrees
+    if shifts_px is None:
+        shifts_px = (torch.rand((n, 2), generator=generator) * 2 - 1) * config.translation_px
+    angles_deg = angles_deg.to(x.dtype)
+    shifts_px = shifts_px.to(x.dtype)
+    if not (angles_deg.abs().max() > 0 or shifts_px.abs().max() > 0):
+        return x
+    # affine_grid maps output (u, v) in [-1, 1] (u = column, v = row) to input coordinates:
+    # input = R(-angle) @ output - shift, so the content turns by +angle and moves by +shift.
+    radians = torch.deg2rad(angles_deg)
+    cos, sin = torch.cos(radians), torch.sin(radians)
+    scale = torch.tensor([2.0 / width, 2.0 / height], dtype=x.dtype)
+    shift = shifts_px * scale
+    theta = torch.zeros((n, 2, 3), dtype=x.dtype)
+    # rows grow downwards: turning counter-clockwise on screen is clockwise in (u, v)
+    theta[:, 0, 0], theta[:, 0, 1] = cos, -sin
+    theta[:, 1, 0], theta[:, 1, 1] = sin, cos
+    theta[:, :, 2] = -(theta[:, :, :2] @ shift[:, :, None])[:, :, 0]
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if config.mask_channel:
+        out[:, -1] = (out[:, -1] >= 0.5).to(out.dtype)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# training
+
+
+@dataclass
+class TrainingResult:
+    """The outcome of `train`: the best epoch's eager model (eval mode) and what was measured."""
+
+    model: torch.nn.Module
+    config: TrainingConfig
+    history: list[dict]
+    best_epoch: int
+    epochs_run: int
+    stopped_early: bool
+    decision_threshold: float
+    threshold_method: str
+    metrics: dict  # {"validation": {...}, "test": {...} or None}; JSON-safe (nan -> None)
+    splits: dict[str, np.ndarray]  # "train" / "validation" / "test" -> node indices
+    probabilities: dict[str, np.ndarray]  # "validation" / "test" -> probabilities of the best model
+    seconds: float
+    data: dict = field(default_factory=dict)  # PatchSet.summary() of the training data
+
+
+@contextmanager
+def _threads(count: int | None) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if count is not None:
+            torch.set_num_threads(previous)
+
+
+def predict_probabilities(model: torch.nn.Module, x: np.ndarray | torch.Tensor, batch_size: int = 256) -> np.ndarray:
+    """Probabilities (float64) of an eager model (put in eval mode) for `(N, C, H, W)` patches."""
+    model.eval()
+    tensor = torch.as_tensor(x, dtype=torch.float32)
+    out = []
+    with torch.inference_mode():
+        for start in range(0, tensor.shape[0], batch_size):
+            out.append(torch.sigmoid(model(tensor[start:start + batch_size])).double().numpy())
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def _loss_and_probabilities(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> tuple[float, np.ndarray]:
+    model.eval()
+    losses, probs = [], []
+    with torch.inference_mode():
+        for start in range(0, x.shape[0], batch_size):
+            logits = model(x[start:start + batch_size])
+            losses.append(F.binary_cross_entropy_with_logits(logits, y[start:start + batch_size], reduction="sum").item())
+            probs.append(torch.sigmoid(logits).double().numpy())
+    return sum(losses) / max(1, x.shape[0]), (np.concatenate(probs) if probs else np.zeros(0))
+
+
+def _auc(y: np.ndarray, p: np.ndarray) -> float:
+    return float(roc_auc_score(y, p)) if y.size and 0 < y.sum() < y.size else math.nan
+
+
+def youden_threshold(y: np.ndarray, probability: np.ndarray) -> tuple[float, str]:
+    """The threshold maximising sensitivity + specificity - 1 on (y, probability), and how it was found."""
+    y = np.asarray(y)
+    if y.size == 0 or y.sum() in (0, y.size):
+        return 0.5, "0.5 (the validation set has only one class, so Youden's J is undefined)"
+    fpr, tpr, thresholds = roc_curve(y, probability)
+    j = tpr - fpr
+    best = 1 + int(np.argmax(j[1:]))  # thresholds[0] is +inf (nothing positive)
+    return float(min(1.0, max(0.0, thresholds[best]))), "Youden's J maximal on the validation set"
+
+
+def evaluate(probability: np.ndarray, patchset: PatchSet, threshold: float, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Metrics of `probability` on `patchset` at `threshold`, with patient-level bootstrap CIs.
+
+    Adds the AUC of the short-axis size rule on the same nodes (`size_rule_auc`) and, for phantoms,
+    the AUC against the noise-free truth (`auc_vs_truth`). JSON-safe.
+    """
+    out = binary_metrics(patchset.y, probability, threshold)
+    out["ci95"] = bootstrap_ci(patchset.y, probability, threshold, n_boot=n_boot, seed=seed, groups=patchset.patient_ids)
+    out["ci_resampling"] = "patient"
+    out["size_rule_auc"] = _auc(patchset.y, patchset.short_axis_mm)
+    out["patients"] = int(len(set(patchset.patient_ids.tolist())))
+    if patchset.has_truth:
+        out["auc_vs_truth"] = _auc(patchset.true_y, probability)
+        out["size_rule_auc_vs_truth"] = _auc(patchset.true_y, patchset.short_axis_mm)
+    return json_safe(out)
+
+
+def _check_patchset(patchset: PatchSet, config: TrainingConfig) -> None:
+    if not isinstance(patchset, PatchSet):
+        raise TypeError("train needs a patchset.PatchSet (patchset.build_patchset)")
+    spec = config.patch_spec()
+    if patchset.x.ndim != 4 or patchset.x.shape[1:] != (spec.channels, spec.size, spec.size):
+        raise InputError(
+            f"The patches have shape {patchset.x.shape[1:]} per node but the configuration needs "
+            f"({spec.channels}, {spec.size}, {spec.size}); extract them with the configuration's patch spec."
+        )
+    if patchset.spec != spec or tuple(patchset.window) != tuple(config.window):
+        raise InputError("The patches were extracted with another patch spec or window than the configuration's; rebuild them with config.patch_spec() and config.window.")
+    if len(patchset) < 10:
+        raise InputError(f"The dataset has only {len(patchset)} usable labelled nodes; label at least 10 (better hundreds) before training.")
+    positives = int(patchset.y.sum())
+    if positives == 0 or positives == len(patchset):
+        only = "benign" if positives == 0 else "metastatic"
+        raise InputError(f"All {len(patchset)} usable nodes are {only}; label nodes of both classes before training.")
+
+
+def train(
+    patchset: PatchSet,
+    config: TrainingConfig,
+    on_event: EventCallback | None = None,
+    is_cancelled: Callable[[], bool] | None = None,
+    splits: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+) -> TrainingResult:
+    """Train on `patchset` (split by patient unless `splits` gives (train, val, test) indices)."""
+    _check_patchset(patchset, config)
+    with _threads(config.num_threads):
+        return _train(patchset, config, on_event, is_cancelled, splits)
+
+
+def _train(patchset, config, on_event, is_cancelled, splits) -> TrainingResult:
+    started = time.perf_counter()
+    emit = (lambda event: on_event(json_safe(event))) if on_event is not None else (lambda event: None)
+    if splits is None:
+        splits = split_by_patient(patchset.patient_ids, patchset.y, config.split_fractions, config.seed)
+    train_idx, val_idx, test_idx = (np.asarray(s, dtype=np.int64) for s in splits)
+    if train_idx.size < 2 or val_idx.size < 1:
+        raise InputError("The training split needs at least 2 nodes and the validation split at least 1; add patients.")
+
+    with deterministic(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        generator = torch.Generator().manual_seed(config.seed)
+        x = torch.from_numpy(np.ascontiguousarray(patchset.x, dtype=np.float32))
+        y = torch.from_numpy(patchset.y.astype(np.float32))
+        x_val, y_val = x[val_idx], y[val_idx]
+        model = build_model(config.model_name, patchset.x.shape[1], config.patch_size)
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=config.lr_patience)
+        emit({
+            "event": "start", "epochs": config.epochs, "train_nodes": int(train_idx.size), "val_nodes": int(val_idx.size),
+            "test_nodes": int(test_idx.size), "architecture": config.model_name, "seed": config.seed,
+        })
+        history: list[dict] = []
+        best_loss, best_epoch, best_state, since_best, stopped_early = math.inf, 0, None, 0, False
+        for epoch in range(1, config.epochs + 1):
+            epoch_start = time.perf_counter()
+            model.train()
+            order = train_idx[torch.randperm(train_idx.size, generator=generator).numpy()]
+            total, seen = 0.0, 0
+            for start in range(0, order.size, config.batch_size):
+                if is_cancelled is not None and is_cancelled():
+                    raise CancelledError("Training cancelled; no model was written.")
+                batch = order[start:start + config.batch_size]
+                if batch.size < 2 and seen:  # batch normalisation cannot train on a single node
+                    continue
+                xb = augment_batch(x[batch], generator, config)
+                logits = model(xb)
+                loss = F.binary_cross_entropy_with_logits(logits, y[batch])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += loss.item() * batch.size
+                seen += batch.size
+            val_loss, val_prob = _loss_and_probabilities(model, x_val, y_val)
+            lr = optimizer.param_groups[0]["lr"]
+            record = {
+                "epoch": epoch, "train_loss": total / max(1, seen), "val_loss": val_loss,
+                "val_auc": _auc(patchset.y[val_idx], val_prob), "lr": lr, "seconds": time.perf_counter() - epoch_start,
+            }
+            history.append(json_safe(record))
+            emit({"event": "epoch", "epochs": config.epochs, **record})
+            if val_loss < best_loss * (1.0 - _MIN_IMPROVEMENT):
+                best_loss, best_epoch, since_best = val_loss, epoch, 0
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                since_best += 1
+            scheduler.step(val_loss)
+            if since_best >= config.patience:
+                stopped_early = epoch < config.epochs
+                break
+        model.load_state_dict(best_state)
+        model.eval()
+        probabilities = {"validation": predict_probabilities(model, x_val)}
+        if test_idx.size:
+            probabilities["test"] = predict_probabilities(model, x[test_idx])
+
+    threshold, method = youden_threshold(patchset.y[val_idx], probabilities["validation"])
+    metrics = {
+        "validation": evaluate(probabilities["validation"], patchset.subset(val_idx), threshold, seed=config.seed),
+        "test": evaluate(probabilities["test"], patchset.subset(test_idx), threshold, seed=config.seed) if test_idx.size else None,
+    }
+    seconds = time.perf_counter() - started
+    result = TrainingResult(
+        model=model, config=config, history=history, best_epoch=best_epoch, epochs_run=len(history),
+        stopped_early=stopped_early, decision_threshold=threshold, threshold_method=method, metrics=metrics,
+        splits={"train": train_idx, "validation": val_idx, "test": test_idx}, probabilities=probabilities,
+        seconds=seconds, data=patchset.summary(),
+    )
+    emit({
+        "event": "done", "best_epoch": best_epoch, "epochs_run": len(history), "stopped_early": stopped_early,
+        "decision_threshold": threshold, "val_auc": metrics["validation"]["auc"],
+        "test_auc": metrics["test"]["auc"] if metrics["test"] else None, "seconds": seconds,
+    })
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# export
+
+
+def build_card(
+    result: TrainingResult,
+    patchset_summary: dict,
+    config: TrainingConfig,
+    command: str,
+    held_out: dict | None = None,
+    model_version: str = "1.0.0",
+    name: str = "LymphNodeClassifier model",
+    description: str = "",
+) -> dict:
+    """The model card of a training result (validated by `model.new_card`)."""
+    summary = json_safe(dict(patchset_summary))
+    training = {
+        "command": str(command),
+        "seed": config.seed,
+        "epochs": result.epochs_run,
+        "best_epoch": result.best_epoch,
+        "stopped_early": result.stopped_early,
+        "dataset": summary,
+        "split": {
+            "method": "StratifiedGroupKFold by patient (no patient in two splits)",
+            "fractions": list(config.split_fractions),
+            **{f"{key}_nodes": int(value.size) for key, value in result.splits.items()},
+        },
+        "config": config.to_dict(),
+        "history": result.history,
+        "seconds": round(result.seconds, 1),
+        "software": {"LymphNodeClassifierLib": __version__, "torch": torch.__version__},
+        "threshold_method": result.threshold_method,
+    }
+    metrics = {"validation": result.metrics["validation"], "test": result.metrics["test"], "held_out": json_safe(held_out or {})}
+    return new_card(
+        architecture=config.model_name,
+        preprocessing=config.preprocessing(),
+        training=training,
+        metrics=metrics,
+        decision_threshold=result.decision_threshold,
+        model_version=model_version,
+        name=name,
+        description=description,
+    )
+
+
+def export_trained_model(
+    result: TrainingResult,
+    patchset_summary: dict,
+    config: TrainingConfig,
+    path: str | Path,
+    command: str,
+    held_out: dict | None = None,
+    **card_fields: Any,
+) -> Path:
+    """Write the trained model as TorchScript with its card (atomically); returns the path.
+
+    `held_out` maps a held-out dataset's name to its metrics (`evaluate`); `card_fields` are
+    passed to `build_card` (model_version, name, description).
+    """
+    card = build_card(result, patchset_summary, config, command, held_out, **card_fields)
+    return export_torchscript(result.model, card, path)
+
+
+def evaluate_held_out(result: TrainingResult, held_out: dict[str, PatchSet]) -> dict[str, dict]:
+    """`evaluate` of the trained model on each named held-out PatchSet, at the model's threshold."""
+    out = {}
+    for key, patchset in held_out.items():
+        if len(patchset) == 0:
+            raise InputError(f"The held-out dataset '{key}' has no usable labelled nodes; label its nodes or leave it out.")
+        if patchset.x.shape[1:] != (result.config.patch_spec().channels, result.config.patch_size, result.config.patch_size):
+            raise InputError(f"The held-out dataset '{key}' was extracted with another patch spec; rebuild it with the training configuration.")
+        probability = predict_probabilities(result.model, patchset.x)
+        metrics = evaluate(probability, patchset, result.decision_threshold, seed=result.config.seed)
+        metrics["dataset"] = patchset.summary()
+        out[key] = metrics
+    return out
+
+
+def train_and_export(
+    patchset: PatchSet,
+    config: TrainingConfig,
+    path: str | Path,
+    command: str,
+    held_out: dict[str, PatchSet] | None = None,
+    on_event: EventCallback | None = None,
+    is_cancelled: Callable[[], bool] | None = None,
+    **card_fields: Any,
+) -> tuple[TrainingResult, dict[str, dict]]:
+    """Train, evaluate the held-out sets, then write the model: `path` is only replaced (atomically)
+    by a finished run; a cancelled or failed run leaves any existing file untouched."""
+    result = train(patchset, config, on_event=on_event, is_cancelled=is_cancelled)
+    held_metrics = evaluate_held_out(result, held_out or {})
+    if is_cancelled is not None and is_cancelled():
+        raise CancelledError("Training cancelled; no model was written.")
+    export_trained_model(result, patchset.summary(), config, path, command, held_metrics, **card_fields)
+    return result, held_metrics
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (via InputError), no usage dump
+        raise InputError(f"{message}; see `train --help`.")
+
+
+def _parser() -> argparse.ArgumentParser:
+    defaults = TrainingConfig()
+    parser = _Parser(prog="python -m LymphNodeClassifierLib train", description="Train a lymph node classifier on a dataset and export it as TorchScript with its model card.")
+    parser.add_argument("--dataset", required=True, help="dataset folder (with dataset.json)")
+    parser.add_argument("--out", required=True, help="model file to write (.pt); replaced only when training finishes")
+    parser.add_argument("--architecture", choices=list(ARCHITECTURE_NAMES), default=defaults.architecture)
+    parser.add_argument("--views", choices=list(VIEW_MODES), default=defaults.views)
+    parser.add_argument("--mask-channel", action="store_true", help="add the node mask as an input channel")
+    parser.add_argument("--epochs", type=int, default=defaults.epochs)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--lr", type=float, default=defaults.learning_rate, help="Adam learning rate")
+    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    parser.add_argument("--patience", type=int, default=defaults.patience, help="early stopping after this many epochs without a lower validation loss")
+    parser.add_argument("--rotation", type=float, default=defaults.rotation_degrees, help="random rotation range in degrees (0-180)")
+    parser.add_argument("--translation", type=float, default=defaults.translation_px, help="random shift range in pixels")
+    parser.add_argument("--no-flips", action="store_true", help="no random flips")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's setting)")
+    parser.add_argument("--workers", type=int, default=1, help="processes for patch extraction")
+    parser.add_argument("--cache", default=None, help="folder for cached patch arrays (reused while the data are unchanged)")
+    parser.add_argument("--held-out", nargs="+", default=[], metavar="DATASET", help="datasets evaluated at the end; metrics go into the card")
+    parser.add_argument("--model-version", default="1.0.0")
+    parser.add_argument("--name", default="LymphNodeClassifier model")
+    parser.add_argument("--description", default="")
+    return parser
+
+
+def _fmt(value: Any, spec: str = ".3f") -> str:
+    return "nan" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def _print_problems(problems: list[str], what: str) -> None:
+    if problems:
+        print(f"warning: {len(problems)} node(s) of {what} skipped:", file=sys.stderr)
+        for line in problems[:10]:
+            print(f"  {line}", file=sys.stderr)
+        if len(problems) > 10:
+            print(f"  ... and {len(problems) - 10} more", file=sys.stderr)
+
+
+def run(args: argparse.Namespace, command: str) -> int:
+    from .dataset import Dataset
+
+    config = TrainingConfig(
+        architecture=args.architecture, views=args.views, mask_channel=args.mask_channel, epochs=args.epochs,
+        batch_size=args.batch_size, learning_rate=args.lr, weight_decay=args.weight_decay, patience=args.patience,
+        rotation_degrees=args.rotation, translation_px=args.translation, flips=not args.no_flips, seed=args.seed,
+        num_threads=args.threads,
+    )
+    out = Path(args.out)
+    if out.exists() and out.is_dir():
+        raise InputError(f"--out {out} is a folder; give a model file name such as {out / 'model.pt'}.")
+    held_out_sets = [Dataset.load(folder) for folder in args.held_out]  # fail early on a bad path
+    dataset = Dataset.load(args.dataset)
+    t0 = time.perf_counter()
+    patchset = build_patchset(dataset, config.patch_spec(), config.window, cache_dir=args.cache, workers=args.workers)
+    print(f"patches: {len(patchset)} nodes from {patchset.n_cases} cases ({'cache' if patchset.from_cache else f'{time.perf_counter() - t0:.1f} s'}), "
+          f"{int(patchset.y.sum())} metastatic, fingerprint {patchset.fingerprint[:12]}", flush=True)
+    _print_problems(patchset.problems, args.dataset)
+
+    def show(event: dict) -> None:
+        if event["event"] == "epoch":
+            print(f"epoch {event['epoch']:3d}/{event['epochs']}  train_loss {_fmt(event['train_loss'], '.4f')}  "
+                  f"val_loss {_fmt(event['val_loss'], '.4f')}  val_auc {_fmt(event['val_auc'])}  lr {event['lr']:.2e}  "
+                  f"{event['seconds']:.1f} s", flush=True)
+
+    held_sets: dict[str, PatchSet] = {}
+    for folder, held_dataset in zip(args.held_out, held_out_sets):
+        held_patchset = build_patchset(held_dataset, config.patch_spec(), config.window, cache_dir=args.cache, workers=args.workers)
+        _print_problems(held_patchset.problems, folder)
+        key = held_dataset.name or Path(folder).name
+        held_sets[key if key not in held_sets else f"{key} ({folder})"] = held_patchset
+
+    result, held_metrics = train_and_export(
+        patchset, config, out, command, held_sets, on_event=show,
+        model_version=args.model_version, name=args.name, description=args.description,
+    )
+    test = result.metrics["test"]
+    print(f"best epoch {result.best_epoch} of {result.epochs_run}; threshold {result.decision_threshold:.3f}; "
+          f"val AUC {_fmt(result.metrics['validation']['auc'])}; test AUC {_fmt(test['auc'] if test else None)}; "
+          f"training {result.seconds:.1f} s", flush=True)
+    for key, metrics in held_metrics.items():
+        print(f"held-out {key}: {metrics['n']} nodes, AUC {_fmt(metrics['auc'])} "
+              f"(short-axis size rule {_fmt(metrics['size_rule_auc'])}), sensitivity {_fmt(metrics['sensitivity'])}, "
+              f"specificity {_fmt(metrics['specificity'])}", flush=True)
+    print(f"model written to {out}", flush=True)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`train --dataset DIR --out MODEL.pt [...]`; returns the exit code (2 for bad input)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = "python -m LymphNodeClassifierLib train " + shlex.join(argv)
+    try:
+        args = _parser().parse_args(argv)
+        return run(args, command)
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except CancelledError as error:
+        print(f"cancelled: {error}", file=sys.stderr)
+        return 130
