@@ -349,3 +349,47 @@ def test_cam_to_volume_inputs():
     vol = G.cam_to_volume(gaussian_cam()[None], [outside], ct)  # nothing inside the CT: all zero
     assert_on_ct_grid(vol, ct)
     assert sitk.GetArrayViewFromImage(vol).max() == 0.0
+
+
+# ---------------------------------------------------------------------------- with the real patches.py
+
+
+def sphere_case(tilted: bool, radius_mm: float = 5.0):
+    """A tilted anisotropic CT with one spherical node and its label map on the same grid."""
+    ct = make_ct(tilted)
+    centre_index = np.array([33.4, 28.7, 16.6])
+    centre = np.array(ct.TransformContinuousIndexToPhysicalPoint(centre_index.tolist()))
+    kk, jj, ii = np.meshgrid(*(np.arange(n) for n in ct.GetSize()[::-1]), indexing="ij")
+    ijk = np.stack([ii, jj, kk], -1).reshape(-1, 3).astype(float)
+    direction = np.array(ct.GetDirection()).reshape(3, 3)
+    points = ijk @ (direction @ np.diag(ct.GetSpacing())).T + np.array(ct.GetOrigin())
+    inside = (np.linalg.norm(points - centre, axis=1) <= radius_mm).reshape(kk.shape)
+    hu = np.where(inside, 60, -100).astype(np.int16)
+    ct_image = sitk.GetImageFromArray(hu)
+    ct_image.CopyInformation(ct)
+    labels = sitk.GetImageFromArray(inside.astype(np.uint8))
+    labels.CopyInformation(ct)
+    return ct_image, labels
+
+
+@pytest.mark.parametrize("views", ["triplanar", "axial"])
+def test_cam_to_volume_with_real_node_patches(views):
+    patches = pytest.importorskip("LymphNodeClassifierLib.patches")
+    nodes_module = pytest.importorskip("LymphNodeClassifierLib.nodes")
+    ct, labels = sphere_case(tilted=True)
+    nodes, components = nodes_module.extract_nodes(labels)
+    assert len(nodes) == 1
+    spec = patches.PatchSpec(spacing_mm=(0.79, 0.79, 0.79), size=SIZE, views=views)
+    [patch] = patches.extract_patches(ct, components, nodes, spec, (-160.0, 240.0))
+    vol = G.cam_to_volume(gaussian_cam()[None], [patch], ct)
+    assert_on_ct_grid(vol, ct)
+    values, points = volume_points(vol)
+    centroid = np.array(nodes[0].centroid_lps)
+    hot = values >= values.max() - 1e-6
+    if views == "triplanar":
+        peak_index = np.array(ct.TransformPhysicalPointToContinuousIndex(points[np.argmax(values)]))
+        centroid_index = np.array(ct.TransformPhysicalPointToContinuousIndex(centroid))
+        assert np.all(np.abs(peak_index - centroid_index) <= 1.0 + 1e-9)
+    else:  # a column through the centroid along S-I, within the node's extent
+        assert np.all(np.linalg.norm(points[hot, :2] - centroid[:2], axis=1) <= 1.5)
+        assert np.all(np.abs(points[values > 0, 2] - centroid[2]) <= 5.0 + 2.0 * max(ct.GetSpacing()))

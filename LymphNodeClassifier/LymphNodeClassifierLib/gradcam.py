@@ -114,16 +114,21 @@ def _vector(obj: Any, name: str) -> np.ndarray:
 def _planes_of(patch: Any) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
     """[(view, origin, row_step, col_step)] of a NodePatch in channel order."""
     planes = _field(patch, "planes")
+    names: list = []
     if isinstance(planes, Mapping):
         names = [v for v in VIEW_ORDER if v in planes]
         items = [(v, planes[v]) for v in names]
     elif isinstance(planes, Sequence):
-        names = list(VIEW_ORDER) if len(planes) == 3 else ["axial"] if len(planes) == 1 else []
+        named = [getattr(p, "name", None) for p in planes]
+        if all(isinstance(n, str) for n in named) and named:
+            names = named  # patches.PlaneGeometry carries its view name
+        else:
+            names = list(VIEW_ORDER) if len(planes) == 3 else ["axial"] if len(planes) == 1 else []
         items = list(zip(names, planes))
     else:
         names = []
-    if names not in (list(VIEW_ORDER), ["axial"]):
-        raise ValueError("a NodePatch must have planes for [axial, coronal, sagittal] or [axial]")
+    if list(names) not in (list(VIEW_ORDER), ["axial"]):
+        raise ValueError(f"a NodePatch must have planes for [axial, coronal, sagittal] or [axial], got {list(names)}")
     return [(v, _vector(p, "origin_lps"), _vector(p, "row_step_lps"), _vector(p, "col_step_lps")) for v, p in items]
 
 
