@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 import torch
+from scipy.ndimage import map_coordinates
 from torch import nn
 
 from .errors import InputError
@@ -135,17 +136,8 @@ def _planes_of(patch: Any) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray
 def _bilinear(cam: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """Sample a 2D map at continuous pixel coordinates (pixel centres at integers, edges clamped)."""
     h, w = cam.shape
-    r = np.clip(rows, 0.0, h - 1.0)
-    c = np.clip(cols, 0.0, w - 1.0)
-    r0 = np.minimum(np.floor(r).astype(np.int64), h - 2) if h > 1 else np.zeros(r.shape, np.int64)
-    c0 = np.minimum(np.floor(c).astype(np.int64), w - 2) if w > 1 else np.zeros(c.shape, np.int64)
-    fr = r - r0
-    fc = c - c0
-    r1 = np.minimum(r0 + 1, h - 1)
-    c1 = np.minimum(c0 + 1, w - 1)
-    top = cam[r0, c0] * (1.0 - fc) + cam[r0, c1] * fc
-    bottom = cam[r1, c0] * (1.0 - fc) + cam[r1, c1] * fc
-    return top * (1.0 - fr) + bottom * fr
+    coordinates = np.stack([np.clip(rows, 0.0, h - 1.0), np.clip(cols, 0.0, w - 1.0)])
+    return map_coordinates(np.asarray(cam, dtype=np.float64), coordinates, order=1, mode="nearest", prefilter=False)
 
 
 class _CtGrid:
@@ -197,19 +189,24 @@ def _node_cam_region(cam: np.ndarray, patch: Any, grid: _CtGrid) -> tuple[np.nda
     shape = kk.shape
     points = grid.to_physical(np.stack([ii.ravel(), jj.ravel(), kk.ravel()], axis=1).astype(np.float64))
     inside = np.ones(points.shape[0], dtype=bool)
-    value = np.ones(points.shape[0], dtype=np.float64)
+    coordinates = []
     for origin, solve in solvers:
         rc = (points - origin) @ solve.T
         inside &= (rc[:, 0] >= lo_r) & (rc[:, 0] <= hi_r) & (rc[:, 1] >= lo_c) & (rc[:, 1] <= hi_c)
-        value *= _bilinear(cam, rc[:, 0], rc[:, 1])
+        coordinates.append(rc)
     if extrusion is not None:
         origin, normal, z_lo, z_hi = extrusion
         z = (points - origin) @ normal
         inside &= (z >= z_lo) & (z <= z_hi)
-    else:
-        value = np.cbrt(value)  # geometric mean of the three views
-    value = np.where(inside, value, 0.0)
-    return lower, value.reshape(shape).astype(np.float32)
+    keep = np.flatnonzero(inside)  # sample the CAM only inside the patch's cube / extrusion
+    sampled = np.ones(keep.size, dtype=np.float64)
+    for rc in coordinates:
+        sampled *= _bilinear(cam, rc[keep, 0], rc[keep, 1])
+    if extrusion is None:
+        sampled = np.cbrt(sampled)  # geometric mean of the three views
+    value = np.zeros(points.shape[0], dtype=np.float32)
+    value[keep] = sampled
+    return lower, value.reshape(shape)
 
 
 def _node_extent_along(patch: Any, grid: _CtGrid, origin: np.ndarray, normal: np.ndarray, row: np.ndarray, col: np.ndarray, size: int) -> tuple[float, float]:
