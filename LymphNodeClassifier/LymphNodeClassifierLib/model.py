@@ -285,7 +285,7 @@ def _check_card(card: dict) -> None:
         raise _CardError(f"preprocessing.window_high ({high}) must be greater than window_low ({low})")
     _require(pre, "window_preset", w, str_, "a string")
     _require(pre, "spacing_mm", w, lambda v: isinstance(v, list) and len(v) == 3 and all(_is_number(s) and s > 0 for s in v), "a list of 3 positive numbers")
-    size = _require(pre, "patch_size", w, lambda v: _is_int(v) and v >= 8, "an integer >= 8")
+    _require(pre, "patch_size", w, lambda v: _is_int(v) and v >= 8, "an integer >= 8")
     _require(pre, "field_of_view_mm", w, lambda v: _is_number(v) and v > 0, "a positive number")
     views = _require(pre, "views", w, lambda v: v in VIEW_CHANNELS, "'triplanar' or 'axial'")
     mask = _require(pre, "mask_channel", w, lambda v: isinstance(v, bool), "true or false")
@@ -316,7 +316,6 @@ def _check_card(card: dict) -> None:
     metrics = _require(card, "metrics", "", dict_, "an object")
     for key in ("validation", "test", "held_out"):
         _require(metrics, key, "metrics.", lambda v: v is None or isinstance(v, dict), "an object or null")
-    del size  # checked above; consistency with the network is checked at export
 
 
 def validate_card(card: Any, source: str | os.PathLike | None = None) -> dict:
