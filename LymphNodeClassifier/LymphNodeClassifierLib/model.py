@@ -188,7 +188,7 @@ def _normalise_architecture(name: str) -> str:
     if not isinstance(name, str):
         raise InputError(f"The architecture must be a name, got {name!r}; choose one of {', '.join(ARCHITECTURES)}.")
     key = name.strip().lower().replace("-", "_")
-    aliases = {"customcnn": "custom_cnn", "cnn": "custom_cnn", "smallresnet": "small_resnet", "resnet": "small_resnet"}
+    aliases = {"custom": "custom_cnn", "customcnn": "custom_cnn", "cnn": "custom_cnn", "smallresnet": "small_resnet", "resnet": "small_resnet"}
     key = aliases.get(key, key)
     if key not in ARCHITECTURES:
         raise InputError(f"Unknown architecture '{name}'; choose one of {', '.join(ARCHITECTURES)}.")
