@@ -19,6 +19,7 @@ COMMANDS = {
     "phantoms": ("phantoms", "main", "generate a CT phantom cohort in the dataset format"),
     "explore": ("explore", "main", "summarise a dataset and list cases to review"),
     "train": ("training", "main", "train a model on a dataset and export it as TorchScript"),
+    "curate": ("curation", "main", "rebuild dataset.json from the curation journal, list cases to review, show edit history"),
 }
 
 
