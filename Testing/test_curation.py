@@ -473,6 +473,7 @@ while True:
 KILLS = 20
 
 
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="SIGKILL is POSIX only")
 def test_sigkill_at_random_moments_loses_nothing(folder):
     env = dict(os.environ, PYTHONPATH=str(MODULE_DIR) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     rng = random.Random(2024)
