@@ -8,12 +8,26 @@ View orientation (radiological display, like Slicer's slice views):
 - axial: rows anterior -> posterior (+y), columns patient right -> left (+x);
 - coronal: rows superior -> inferior (-z), columns patient right -> left (+x);
 - sagittal: rows superior -> inferior (-z), columns anterior -> posterior (+y).
+
+Field of view (`PatchSpec.fov_rule`, recorded in the model card as `preprocessing.fov_rule` and
+`preprocessing.fov_margin`; cards without them mean "fixed"):
+- "fixed": every node is sampled at `spacing_mm`; a node larger than `size x spacing` is cut off
+  by the patch border.
+- "grow_to_fit": for each node, its reach along each patient axis is the largest distance from
+  the centroid to a corner of its voxel bounding box (voxel faces included) projected on that
+  axis. If `reach * (1 + fov_margin)` exceeds the half field of view `size / 2 * spacing` on any
+  axis, all three spacings of THAT node are multiplied by the same factor
+  `max over axes of reach * (1 + fov_margin) / (size / 2 * spacing)`, so the whole node fits with
+  the margin in the same number of pixels (aspect kept). Smaller nodes are sampled exactly as with
+  "fixed". `NodePatch.spacing_mm`, `fov_scale` and `fov_grown` record what was used.
+Outside the CT (crops that end at the node, e.g. a mask touching the first or last slice) the
+patch is padded with `air_hu`, which windows to 0, and stays centred on the centroid.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import SimpleITK as sitk
@@ -24,6 +38,8 @@ from .nodes import NodeInfo
 from .windowing import apply_window
 
 VIEW_MODES = ("triplanar", "axial")
+FOV_RULES = ("fixed", "grow_to_fit")
+DEFAULT_FOV_MARGIN = 0.2  # grow_to_fit: 20 % room beyond the node's reach
 TRIPLANAR_VIEWS = ("axial", "coronal", "sagittal")
 
 _X, _Y, _Z = np.eye(3)
@@ -38,13 +54,16 @@ _VIEW_NORMALS = {name: np.cross(col, row) for name, (col, row) in _VIEW_AXES.ite
 
 @dataclass(frozen=True)
 class PatchSpec:
-    """How patches are sampled: pixel spacing (x, y, z mm), size in pixels, views, mask channel."""
+    """How patches are sampled: pixel spacing (x, y, z mm), size in pixels, views, mask channel,
+    air value outside the CT and the field-of-view rule for large nodes (see the module docstring)."""
 
     spacing_mm: tuple[float, float, float] = (0.79, 0.79, 0.79)
     size: int = 64
     views: str = "triplanar"
     mask_channel: bool = False
     air_hu: float = -1024.0
+    fov_rule: str = "fixed"
+    fov_margin: float = DEFAULT_FOV_MARGIN
 
     def __post_init__(self) -> None:
         spacing = self.spacing_mm
@@ -62,6 +81,15 @@ class PatchSpec:
             raise InputError(f"Unknown patch views '{self.views}'; use one of: {', '.join(VIEW_MODES)}.")
         if not math.isfinite(float(self.air_hu)):
             raise InputError(f"The air value {self.air_hu!r} must be a finite HU value; e.g. -1024.")
+        if self.fov_rule not in FOV_RULES:
+            raise InputError(f"Unknown field-of-view rule {self.fov_rule!r}; use one of: {', '.join(FOV_RULES)}.")
+        try:
+            margin = float(self.fov_margin)
+        except (TypeError, ValueError):
+            margin = math.nan
+        if isinstance(self.fov_margin, bool) or not (math.isfinite(margin) and 0.0 <= margin <= 10.0):
+            raise InputError(f"The field-of-view margin {self.fov_margin!r} must be a fraction from 0 to 10; e.g. 0.2 for 20 %.")
+        object.__setattr__(self, "fov_margin", margin)
         object.__setattr__(self, "spacing_mm", spacing)
         object.__setattr__(self, "size", int(self.size))
         object.__setattr__(self, "mask_channel", bool(self.mask_channel))
@@ -104,6 +132,9 @@ class NodePatch:
     centre_lps: tuple[float, float, float]
     largest_axial_z_lps: float  # LPS z of the axial plane with the largest node cross-section
     largest_axial_area_mm2: float  # that cross-section's area inside the patch field of view
+    spacing_mm: tuple[float, float, float] | None = None  # pixel spacing used for this node (x, y, z)
+    fov_scale: float = 1.0  # spacing_mm / the spec's spacing (> 1 when grow_to_fit enlarged the view)
+    fov_grown: bool = False  # True when the field of view was enlarged to hold the whole node
 
 
 class _PlaneSampler:
@@ -211,6 +242,23 @@ def _axial_cross_sections(
     return masks, np.arange(first, last + 1)
 
 
+def fov_scale(node: NodeInfo, bbox_image: sitk.Image, spec: PatchSpec) -> float:
+    """Factor (>= 1) applied to `spec.spacing_mm` for `node` by the spec's field-of-view rule.
+
+    1.0 for "fixed" and for nodes that fit; see the module docstring for "grow_to_fit".
+    `bbox_image` is the image whose indices the node's `bbox_index` use.
+    """
+    if spec.fov_rule == "fixed":
+        return 1.0
+    return _grow_factor(np.asarray(node.centroid_lps, dtype=float), _node_corners_lps(node, bbox_image), spec)
+
+
+def _grow_factor(centre_lps: np.ndarray, corners_lps: np.ndarray, spec: PatchSpec) -> float:
+    reach = np.abs(corners_lps - centre_lps).max(axis=0)  # mm along x, y, z from the centroid
+    half_fov = spec.size / 2.0 * np.asarray(spec.spacing_mm)
+    return max(1.0, float((reach * (1.0 + spec.fov_margin) / half_fov).max()))
+
+
 def _check_window(window: tuple[float, float]) -> tuple[float, float]:
     try:
         low, high = (float(v) for v in window)
@@ -226,11 +274,14 @@ def _extract(
 ) -> list[NodePatch]:
     """Patches of all nodes; `bbox_image` is the image whose indices the nodes' `bbox_index` use."""
     low, high = _check_window(window)
-    spacing_x, spacing_y, spacing_z = spec.spacing_mm
+    base_spec = spec
     patches = []
     for node in nodes:
         centre = np.asarray(node.centroid_lps, dtype=float)
         corners = _node_corners_lps(node, bbox_image)
+        scale = 1.0 if base_spec.fov_rule == "fixed" else _grow_factor(centre, corners, base_spec)
+        spec = base_spec if scale == 1.0 else replace(base_spec, spacing_mm=tuple(s * scale for s in base_spec.spacing_mm))
+        spacing_x, spacing_y, spacing_z = spec.spacing_mm
         axial_masks, steps = _axial_cross_sections(sampler, node, centre, corners, spec)
         areas = axial_masks.sum(axis=(1, 2))
         largest = int(np.lexsort((np.abs(steps), -areas))[0])  # most pixels, then closest to the centroid
@@ -261,6 +312,9 @@ def _extract(
                 centre_lps=_point(centre),
                 largest_axial_z_lps=largest_z,
                 largest_axial_area_mm2=float(areas[largest] * spacing_x * spacing_y),
+                spacing_mm=spec.spacing_mm,
+                fov_scale=scale,
+                fov_grown=scale > 1.0,
             )
         )
     return patches

@@ -70,6 +70,7 @@ class PatchSet:
     dataset_name: str = ""
     n_cases: int = 0  # non-excluded cases that were read
     from_cache: bool = False
+    fov_grown: np.ndarray | None = None  # bool (N,): the node's view was enlarged (fov_rule grow_to_fit)
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
@@ -85,11 +86,13 @@ class PatchSet:
         return PatchSet(
             **arrays, spec=self.spec, window=self.window, fingerprint=self.fingerprint,
             dataset_name=self.dataset_name, n_cases=len(set(arrays["case_ids"].tolist())),
+            fov_grown=None if self.fov_grown is None else self.fov_grown[indices],
         )
 
     def summary(self) -> dict:
         """JSON-ready description of the training data for the model card."""
         positives = int(self.y.sum())
+        grown = {} if self.spec.fov_rule == "fixed" or self.fov_grown is None else {"fov_grown": int(self.fov_grown.sum())}
         return {
             "name": self.dataset_name,
             "cases": int(self.n_cases),
@@ -100,6 +103,7 @@ class PatchSet:
             "metastatic_fraction": round(positives / len(self), 4) if len(self) else None,
             "fingerprint": self.fingerprint,
             "problems": len(self.problems),
+            **grown,
         }
 
 
@@ -108,7 +112,10 @@ class PatchSet:
 
 
 def _spec_dict(spec: PatchSpec) -> dict:
-    return {"spacing_mm": list(spec.spacing_mm), "size": spec.size, "views": spec.views, "mask_channel": spec.mask_channel, "air_hu": spec.air_hu}
+    out = {"spacing_mm": list(spec.spacing_mm), "size": spec.size, "views": spec.views, "mask_channel": spec.mask_channel, "air_hu": spec.air_hu}
+    if spec.fov_rule != "fixed":  # fixed specs keep their old fingerprints and caches
+        out.update(fov_rule=spec.fov_rule, fov_margin=spec.fov_margin)
+    return out
 
 
 def _file_stamp(path: Path, case: CaseRecord, what: str) -> list:
@@ -152,7 +159,7 @@ def _read_image(path: Path, case: CaseRecord, what: str) -> sitk.Image:
 
 
 def _case_patches(ct_path: Path, labels_path: Path, case: CaseRecord, spec: PatchSpec, window: tuple[float, float]):
-    """(label values, patches (n, C, H, W), short axes, long axes) of one case, all label values."""
+    """(label values, patches (n, C, H, W), short axes, long axes, fov grown) of one case, all label values."""
     ct = _read_image(ct_path, case, "CT")
     labels = _read_image(labels_path, case, "label")
     try:
@@ -165,7 +172,8 @@ def _case_patches(ct_path: Path, labels_path: Path, case: CaseRecord, spec: Patc
     images = np.stack([p.image for p in patches]).astype(np.float32) if patches else np.zeros((0, spec.channels, spec.size, spec.size), np.float32)
     short = np.array([p.node.short_axis_mm for p in patches], dtype=np.float64)
     long = np.array([p.node.long_axis_mm for p in patches], dtype=np.float64)
-    return values, images, short, long
+    grown = np.array([p.fov_grown for p in patches], dtype=bool)
+    return values, images, short, long, grown
 
 
 def _worker_init() -> None:
@@ -233,7 +241,8 @@ def build_patchset(
 
     problems: list[str] = []
     rows_x, rows = [], []
-    for case, (values, images, short, long) in zip(cases, results):
+    grown_rows: list[bool] = []
+    for case, (values, images, short, long, grown) in zip(cases, results):
         records = {n.label_value: n for n in dataset.nodes_of(case.case_id)}
         found = set(values.tolist())
         for index, value in enumerate(values.tolist()):
@@ -249,6 +258,7 @@ def build_patchset(
             rows_x.append(images[index])
             truth = -1 if record.true_metastatic is None else int(record.true_metastatic)
             rows.append((case.patient_id, case.case_id, value, int(record.metastatic), float(short[index]), float(long[index]), truth))
+            grown_rows.append(bool(grown[index]))
         for value, record in records.items():
             if value not in found and not record.excluded:
                 problems.append(f"Case '{case.case_id}': node {value} has no voxels in the label map; fix the label map or exclude the node.")
@@ -271,6 +281,7 @@ def build_patchset(
         problems=problems,
         dataset_name=dataset.name,
         n_cases=len(cases),
+        fov_grown=np.asarray(grown_rows, dtype=bool),
     )
     if cache_file is not None:
         _save_cache(cache_file, patchset)
@@ -292,7 +303,10 @@ def _save_cache(path: Path, patchset: PatchSet) -> None:
         "n_cases": patchset.n_cases,
     }
     buffer = io.BytesIO()
-    np.savez(buffer, meta=np.array(json.dumps(meta)), **{name: getattr(patchset, name) for name in _ARRAY_FIELDS})
+    arrays = {name: getattr(patchset, name) for name in _ARRAY_FIELDS}
+    if patchset.fov_grown is not None:
+        arrays["fov_grown"] = patchset.fov_grown
+    np.savez(buffer, meta=np.array(json.dumps(meta)), **arrays)
     try:
         with atomic_path(path) as tmp:
             tmp.write_bytes(buffer.getvalue())
@@ -306,6 +320,7 @@ def _load_cache(path: Path, spec: PatchSpec, window: tuple[float, float], finger
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(str(data["meta"]))
             arrays = {name: data[name] for name in _ARRAY_FIELDS}
+            fov_grown = data["fov_grown"] if "fov_grown" in data.files else None
     except (OSError, ValueError, KeyError, json.JSONDecodeError):
         return None
     if meta.get("fingerprint") != fingerprint or meta.get("cache_version") != CACHE_VERSION or meta.get("spec") != _spec_dict(spec):
@@ -313,4 +328,5 @@ def _load_cache(path: Path, spec: PatchSpec, window: tuple[float, float], finger
     return PatchSet(
         **arrays, spec=spec, window=window, fingerprint=fingerprint, problems=list(meta.get("problems", [])),
         dataset_name=meta.get("dataset_name", ""), n_cases=int(meta.get("n_cases", 0)), from_cache=True,
+        fov_grown=fov_grown,
     )

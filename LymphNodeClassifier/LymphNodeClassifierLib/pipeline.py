@@ -21,7 +21,7 @@ from .gradcam import cam_to_volume, gradcam
 from .inference import predict
 from .model import LoadedModel
 from .nodes import NodeInfo, extract_nodes
-from .patches import NodePatch, PatchSpec, extract_patches
+from .patches import DEFAULT_FOV_MARGIN, NodePatch, PatchSpec, extract_patches
 
 ProgressCallback = Callable[[float, str], None]
 
@@ -55,6 +55,7 @@ class StageTimer:
 
 
 def patch_spec_from_card(card: dict) -> PatchSpec:
+    """The card's patch geometry; a card without `fov_rule` (older models) means "fixed"."""
     preprocessing = card["preprocessing"]
     return PatchSpec(
         spacing_mm=tuple(float(s) for s in preprocessing["spacing_mm"]),
@@ -62,6 +63,8 @@ def patch_spec_from_card(card: dict) -> PatchSpec:
         views=preprocessing["views"],
         mask_channel=bool(preprocessing["mask_channel"]),
         air_hu=float(preprocessing["air_hu"]),
+        fov_rule=preprocessing.get("fov_rule", "fixed"),
+        fov_margin=preprocessing.get("fov_margin", DEFAULT_FOV_MARGIN),
     )
 
 
@@ -101,6 +104,13 @@ def classify_images(
     with timer.stage("patches"):
         patches = extract_patches(ct, component_image, nodes, patch_spec_from_card(model.card), window_from_card(model.card))
         batch = np.stack([patch.image for patch in patches]).astype(np.float32)
+    grown = [patch.node.node_id for patch in patches if patch.fov_grown]
+    if grown:
+        messages.append(
+            f"{len(grown)} node(s) larger than the model's field of view (node {', '.join(map(str, grown[:10]))}"
+            f"{', ...' if len(grown) > 10 else ''}) were sampled "
+            "at a coarser spacing so each fits whole in its patch (fov_rule grow_to_fit, as in training)."
+        )
 
     checkpoint(0.4, "Running the model")
     with timer.stage("model"):

@@ -55,7 +55,7 @@ from .errors import CancelledError, InputError
 from .inference import deterministic
 from .metrics import binary_metrics, bootstrap_ci, json_safe
 from .model import build_model, export_torchscript, new_card
-from .patches import VIEW_MODES, PatchSpec
+from .patches import FOV_RULES, VIEW_MODES, PatchSpec
 from .patchset import PatchSet, build_patchset
 from .windowing import WINDOW_PRESETS
 
@@ -109,6 +109,7 @@ class TrainingConfig:
     seed: int = 0
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
     num_threads: int | None = None  # torch threads for the run; None = leave torch's setting
+    fov_rule: str = "fixed"  # "fixed" or "grow_to_fit" (patches.py): nodes larger than the view
 
     def __post_init__(self) -> None:
         arch = str(self.architecture).strip().lower()
@@ -161,7 +162,10 @@ class TrainingConfig:
         return "custom"
 
     def patch_spec(self) -> PatchSpec:
-        return PatchSpec(spacing_mm=self.spacing_mm, size=self.patch_size, views=self.views, mask_channel=self.mask_channel, air_hu=self.air_hu)
+        return PatchSpec(
+            spacing_mm=self.spacing_mm, size=self.patch_size, views=self.views, mask_channel=self.mask_channel,
+            air_hu=self.air_hu, fov_rule=self.fov_rule,
+        )
 
     def preprocessing(self) -> dict:
         """The card's `preprocessing` section (what inference must reproduce)."""
@@ -177,6 +181,8 @@ class TrainingConfig:
             "mask_channel": spec.mask_channel,
             "channels": list(spec.view_names) + (["mask"] if spec.mask_channel else []),
             "air_hu": spec.air_hu,
+            "fov_rule": spec.fov_rule,
+            "fov_margin": spec.fov_margin,
         }
 
     def to_dict(self) -> dict:
@@ -616,6 +622,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--architecture", choices=list(ARCHITECTURE_NAMES), default=defaults.architecture)
     parser.add_argument("--views", choices=list(VIEW_MODES), default=defaults.views)
     parser.add_argument("--mask-channel", action="store_true", help="add the node mask as an input channel")
+    parser.add_argument("--fov-rule", choices=list(FOV_RULES), default=defaults.fov_rule,
+                        help="nodes larger than the patch: 'fixed' cuts them off, 'grow_to_fit' samples them coarser so they fit whole")
     parser.add_argument("--epochs", type=int, default=defaults.epochs)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--lr", type=float, default=defaults.learning_rate, help="Adam learning rate")
@@ -655,7 +663,7 @@ def run(args: argparse.Namespace, command: str) -> int:
         architecture=args.architecture, views=args.views, mask_channel=args.mask_channel, epochs=args.epochs,
         batch_size=args.batch_size, learning_rate=args.lr, weight_decay=args.weight_decay, patience=args.patience,
         rotation_degrees=args.rotation, translation_px=args.translation, flips=not args.no_flips, seed=args.seed,
-        num_threads=args.threads,
+        num_threads=args.threads, fov_rule=args.fov_rule,
     )
     out = Path(args.out)
     if out.exists() and out.is_dir():
