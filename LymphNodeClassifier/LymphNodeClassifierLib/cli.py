@@ -20,6 +20,7 @@ COMMANDS = {
     "explore": ("explore", "main", "summarise a dataset and list cases to review"),
     "train": ("training", "main", "train a model on a dataset and export it as TorchScript"),
     "curate": ("curation", "main", "rebuild dataset.json from the curation journal, list cases to review, show edit history"),
+    "import": ("importer", "main", "import a CSV of image / mask / label rows as a dataset"),
     "evaluate": ("evaluate", "main", "evaluate a model on a dataset: metrics.json, predictions.csv, roc.png"),
 }
 
