@@ -1,0 +1,491 @@
+"""Patient-grouped k-fold cross-validation: one out-of-fold probability for every node.
+
+`crossval --dataset D --out DIR [--folds 5] [--seed S] [training options] [--export-model M.pt]`
+
+- Folds: scikit-learn's `StratifiedGroupKFold` on the patient ids (shuffled, seeded): every
+  patient's nodes lie in exactly one fold's test part, and the class balance of the folds is
+  kept roughly equal (`assign_folds`).
+- Per fold k: the other folds are split once more by patient (`training._one_fold`, about
+  `inner_val_fraction` of them) into a training part and an inner validation part, which only
+  chooses the epoch (early stopping) and the decision threshold (Youden's J); `training.train`
+  runs on that split and the fold's model predicts fold k, which it has never seen: the
+  out-of-fold (OOF) probability of each of its nodes, and the prediction at that fold's threshold.
+- Size rules on the same folds and nodes: the short and the long axis of the mask
+  (`nodes.extract_nodes`, the numbers `PatchSet` carries) as scores (their AUC needs no fitting)
+  and, for the threshold metrics, a cut-off in mm chosen by Youden's J on the fold's training
+  part (training + inner validation) and applied to fold k.
+- Metrics (`cv_metrics`): AUC of the pooled OOF probabilities; accuracy, sensitivity,
+  specificity, PPV, NPV of the pooled OOF predictions (each made at its own fold's threshold);
+  percentile 95 % CIs by patient-level (cluster) bootstrap (`metrics.bootstrap_ci`, the same
+  resamples for every score), the paired bootstrap CI of the AUC difference model - rule, and
+  the per-fold AUCs.
+
+Outputs (each written atomically; metrics.json last): `DIR/predictions.csv` (case_id,
+patient_id, label_value, fold, probability, threshold, prediction, label, short_axis_mm,
+long_axis_mm; numbers at full precision, so every metric can be recomputed from it exactly),
+`DIR/roc.png` (pooled OOF ROC curves of the model and both size rules, per-fold AUCs) and
+`DIR/metrics.json`.
+
+`--export-model M.pt` then trains the same configuration on ALL nodes (inner validation split for
+early stopping and the threshold only) and writes it with its card; the card's
+`metrics.cross_validation` holds the cross-validated metrics (the whole-set model has no test
+set of its own) and `training.command` the exact command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+import os
+import shlex
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.model_selection import StratifiedGroupKFold
+
+from .errors import InputError
+from .fileio import atomic_path, atomic_write_json, atomic_write_text
+from .metrics import METRIC_NAMES, binary_metrics, bootstrap_ci, json_safe, rank_auc
+from .patchset import PatchSet
+from .training import ARCHITECTURE_NAMES, TrainingConfig, _one_fold, train, youden_threshold
+
+PREDICTION_COLUMNS = (
+    "case_id", "patient_id", "label_value", "fold", "probability", "threshold", "prediction", "label",
+    "short_axis_mm", "long_axis_mm",
+)
+OUTPUT_FILES = ("metrics.json", "predictions.csv", "roc.png")
+SIZE_SCORES = ("short_axis_mm", "long_axis_mm")
+
+
+# --------------------------------------------------------------------------------------------
+# folds
+
+
+def assign_folds(patient_ids: Sequence, y: Sequence[int], folds: int = 5, seed: int = 0) -> np.ndarray:
+    """Fold index (0..folds-1) of every node; all nodes of a patient share one fold."""
+    groups = np.asarray(patient_ids).astype(str)
+    labels = np.asarray(y).astype(np.int64)
+    if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or folds < 2:
+        raise InputError(f"The number of folds must be a whole number of at least 2, got {folds!r}; use e.g. 5.")
+    n_patients = len(np.unique(groups))
+    if n_patients < folds:
+        raise InputError(f"There are only {n_patients} patients for {folds} folds; use fewer folds or add patients.")
+    if labels.size == 0 or labels.sum() in (0, labels.size):
+        raise InputError("Cross-validation needs labelled nodes of both classes; label nodes of both classes first.")
+    splitter = StratifiedGroupKFold(n_splits=int(folds), shuffle=True, random_state=int(seed))
+    fold_of = np.full(labels.size, -1, dtype=np.int64)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*least populated class.*")
+        for k, (_, test) in enumerate(splitter.split(np.zeros(labels.size), labels, groups)):
+            fold_of[test] = k
+    return fold_of
+
+
+# --------------------------------------------------------------------------------------------
+# metrics
+
+
+def _auc(y: np.ndarray, score: np.ndarray) -> float:
+    return float(roc_auc_score(y, score)) if y.size and 0 < int(y.sum()) < y.size else math.nan
+
+
+def size_rule_predictions(y: np.ndarray, score: np.ndarray, fold_of: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(prediction, cut-off per node): per fold, the Youden cut-off (mm) of `score` on the other folds."""
+    prediction = np.zeros(y.size, dtype=np.int64)
+    cutoff = np.full(y.size, np.nan)
+    for k in np.unique(fold_of):
+        test, rest = fold_of == k, fold_of != k
+        yr, sr = y[rest], score[rest]
+        if yr.size and 0 < yr.sum() < yr.size:
+            fpr, tpr, thresholds = roc_curve(yr, sr)
+            best = 1 + int(np.argmax((tpr - fpr)[1:]))
+            value = float(thresholds[best])
+        else:
+            value = float(np.median(sr)) if sr.size else 0.0
+        cutoff[test] = value
+        prediction[test] = (score[test] >= value).astype(np.int64)
+    return prediction, cutoff
+
+
+def _cluster_members(groups: np.ndarray) -> list[np.ndarray]:
+    _, inverse = np.unique(groups, return_inverse=True)
+    return [np.flatnonzero(inverse == g) for g in range(int(inverse.max()) + 1)]
+
+
+def paired_auc_difference(y: np.ndarray, a: np.ndarray, b: np.ndarray, groups: np.ndarray, n_boot: int = 1000, seed: int = 0,
+                          confidence: float = 0.95) -> dict:
+    """AUC(a) - AUC(b) on the same nodes with its patient-level paired bootstrap CI and the share
+    of resamples in which a does not beat b (a one-sided bootstrap p-value)."""
+    point = _auc(y, a) - _auc(y, b)
+    members = _cluster_members(groups)
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(int(n_boot)):
+        idx = np.concatenate([members[g] for g in rng.integers(0, len(members), size=len(members))])
+        yb = y[idx]
+        if 0 < yb.sum() < yb.size:
+            diffs.append(rank_auc(yb, a[idx]) - rank_auc(yb, b[idx]))
+    diffs = np.asarray(diffs)
+    alpha = (1.0 - confidence) / 2.0
+    ci = [float(v) for v in np.quantile(diffs, [alpha, 1.0 - alpha])] if diffs.size else None
+    return {"difference": point, "ci95": ci, "p_not_better": float(np.mean(diffs <= 0)) if diffs.size else None, "resamples": int(diffs.size)}
+
+
+def _block(y: np.ndarray, score: np.ndarray, prediction: np.ndarray, groups: np.ndarray, n_boot: int, seed: int) -> dict:
+    """AUC of `score`, threshold metrics of the 0/1 `prediction`, patient-level bootstrap CIs."""
+    out = binary_metrics(y, prediction.astype(np.float64), 0.5)  # undefined["auc"] depends on y only
+    out.pop("threshold")
+    out["auc"] = _auc(y, score)
+    if n_boot:
+        scaled = (score - score.min()) / ((score.max() - score.min()) or 1.0)  # ranks (AUC) unchanged, in [0, 1]
+        auc_ci = bootstrap_ci(y, scaled, 0.5, n_boot=n_boot, seed=seed, groups=groups)["auc"]
+        rate_ci = bootstrap_ci(y, prediction.astype(np.float64), 0.5, n_boot=n_boot, seed=seed, groups=groups)
+        rate_ci["auc"] = auc_ci
+        out["ci95"] = {name: (list(pair) if all(math.isfinite(v) for v in pair) else None) for name, pair in rate_ci.items()}
+    else:
+        out["ci95"] = None
+    return out
+
+
+def cv_metrics(
+    y: np.ndarray, probability: np.ndarray, prediction: np.ndarray, fold_of: np.ndarray, patient_ids: np.ndarray,
+    short_axis_mm: np.ndarray, long_axis_mm: np.ndarray, n_boot: int = 1000, seed: int = 0,
+) -> dict:
+    """The metrics.json content (JSON-safe) of out-of-fold predictions (see the module docstring)."""
+    y = np.asarray(y, dtype=np.int64)
+    probability = np.asarray(probability, dtype=np.float64)
+    groups = np.asarray(patient_ids).astype(str)
+    folds = sorted(int(k) for k in np.unique(fold_of))
+    out = _block(y, probability, np.asarray(prediction), groups, n_boot, seed)
+    out["prediction_rule"] = "probability >= the fold's threshold (Youden's J on the fold's inner validation part)"
+    rules = {}
+    for name, score in (("short_axis_mm", short_axis_mm), ("long_axis_mm", long_axis_mm)):
+        score = np.asarray(score, dtype=np.float64)
+        rule_prediction, cutoff = size_rule_predictions(y, score, fold_of)
+        block = _block(y, score, rule_prediction, groups, n_boot, seed)
+        block["score"] = name
+        block["rule"] = f"malignant/metastatic when {name} >= the fold's cut-off (Youden's J on the other folds)"
+        block["cutoff_mm_per_fold"] = [float(cutoff[fold_of == k][0]) for k in folds]
+        block["per_fold_auc"] = [_auc(y[fold_of == k], score[fold_of == k]) for k in folds]
+        if n_boot:
+            block["model_minus_rule_auc"] = paired_auc_difference(y, probability, score, groups, n_boot, seed)
+        rules[name] = block
+    out["size_rules"] = rules
+    best = max(SIZE_SCORES, key=lambda name: -1.0 if rules[name]["auc"] is None or not math.isfinite(rules[name]["auc"]) else rules[name]["auc"])
+    out["best_size_rule"] = best
+    out["per_fold_auc"] = [_auc(y[fold_of == k], probability[fold_of == k]) for k in folds]
+    out["per_fold_nodes"] = [int(np.count_nonzero(fold_of == k)) for k in folds]
+    out["folds"] = len(folds)
+    out["patients"] = int(len(set(groups.tolist())))
+    out["bootstrap"] = {"resamples": int(n_boot), "seed": int(seed), "confidence": 0.95, "resampling": "patient (cluster bootstrap)", "method": "percentile"}
+    return json_safe(out)
+
+
+# --------------------------------------------------------------------------------------------
+# cross-validation
+
+
+@dataclass
+class CrossValResult:
+    """Out-of-fold probabilities (row i = node i of `patchset`) and what was measured."""
+
+    patchset: PatchSet
+    config: TrainingConfig
+    fold: np.ndarray  # int64 (N,)
+    probability: np.ndarray  # float64 (N,), from the model of the node's fold
+    threshold: np.ndarray  # float64 (N,), the node's fold's decision threshold
+    metrics: dict
+    folds: list[dict] = field(default_factory=list)  # per fold: sizes, best epoch, threshold, AUC, seconds
+    seconds: float = 0.0
+
+    @property
+    def prediction(self) -> np.ndarray:
+        return (self.probability >= self.threshold).astype(np.int64)
+
+    def predictions(self) -> list[dict]:
+        ps = self.patchset
+        return [
+            {
+                "case_id": str(ps.case_ids[i]), "patient_id": str(ps.patient_ids[i]), "label_value": int(ps.label_values[i]),
+                "fold": int(self.fold[i]), "probability": float(self.probability[i]), "threshold": float(self.threshold[i]),
+                "prediction": int(self.prediction[i]), "label": int(ps.y[i]),
+                "short_axis_mm": float(ps.short_axis_mm[i]), "long_axis_mm": float(ps.long_axis_mm[i]),
+            }
+            for i in range(len(ps))
+        ]
+
+
+def cross_validate(
+    patchset: PatchSet,
+    config: TrainingConfig,
+    folds: int = 5,
+    seed: int | None = None,
+    inner_val_fraction: float = 0.2,
+    n_boot: int = 1000,
+    on_event: Callable[[dict], None] | None = None,
+    is_cancelled: Callable[[], bool] | None = None,
+) -> CrossValResult:
+    """k-fold patient-grouped cross-validation of `config` on `patchset` (module docstring).
+
+    `seed` (default: the config's) seeds the folds; fold k's training uses seed + k. Events of
+    each fold's `train` come to `on_event` with a `"fold"` key added.
+    """
+    started = time.perf_counter()
+    seed = config.seed if seed is None else int(seed)
+    if not 0.0 < float(inner_val_fraction) < 1.0:
+        raise InputError(f"The inner validation fraction must lie between 0 and 1, got {inner_val_fraction!r}; use e.g. 0.2.")
+    y = np.asarray(patchset.y, dtype=np.int64)
+    groups = np.asarray(patchset.patient_ids).astype(str)
+    fold_of = assign_folds(groups, y, folds, seed)
+    probability = np.full(y.size, np.nan)
+    threshold = np.full(y.size, np.nan)
+    fold_info = []
+    for k in range(int(folds)):
+        test = np.flatnonzero(fold_of == k)
+        rest = np.flatnonzero(fold_of != k)
+        validation = _one_fold(rest, y, groups, float(inner_val_fraction), seed + 1000 + k)
+        train_idx = np.setdiff1d(rest, validation)
+        assert not set(groups[test]) & set(groups[rest]), "a patient in two folds"
+        fold_config = replace(config, seed=config.seed + k)
+        forward = None if on_event is None else (lambda event, k=k: on_event({**event, "fold": k}))
+        result = train(patchset, fold_config, on_event=forward, is_cancelled=is_cancelled, splits=(train_idx, validation, test))
+        probability[test] = result.probabilities["test"]
+        threshold[test] = result.decision_threshold
+        fold_info.append(json_safe({
+            "fold": k, "train_nodes": int(train_idx.size), "validation_nodes": int(validation.size), "test_nodes": int(test.size),
+            "test_patients": int(len(set(groups[test].tolist()))), "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+            "threshold": result.decision_threshold, "validation_auc": result.metrics["validation"]["auc"],
+            "test_auc": _auc(y[test], probability[test]), "seconds": round(result.seconds, 1),
+        }))
+    prediction = (probability >= threshold).astype(np.int64)
+    metrics = cv_metrics(y, probability, prediction, fold_of, groups, patchset.short_axis_mm, patchset.long_axis_mm, n_boot=n_boot, seed=seed)
+    metrics["fold_details"] = fold_info
+    metrics["inner_val_fraction"] = float(inner_val_fraction)
+    metrics["config"] = config.to_dict()
+    metrics["dataset"] = patchset.summary()
+    return CrossValResult(patchset=patchset, config=config, fold=fold_of, probability=probability, threshold=threshold,
+                          metrics=metrics, folds=fold_info, seconds=time.perf_counter() - started)
+
+
+# --------------------------------------------------------------------------------------------
+# outputs
+
+
+def predictions_csv(result: CrossValResult) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(PREDICTION_COLUMNS), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(result.predictions())  # floats as repr: they read back exactly
+    return buffer.getvalue()
+
+
+def _label(name: str, block: dict) -> str:
+    ci = (block.get("ci95") or {}).get("auc")
+    auc = "n/a" if block["auc"] is None else f"{block['auc']:.3f}"
+    return f"{name}: AUC {auc}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+
+def plot_roc(result: CrossValResult, path: str | os.PathLike, title: str = "") -> None:
+    """roc.png: pooled out-of-fold ROC curves (model, short- and long-axis rules) and per-fold AUCs."""
+    from matplotlib.figure import Figure
+
+    m = result.metrics
+    y = np.asarray(result.patchset.y)
+    figure = Figure(figsize=(12, 5.4), dpi=100, layout="constrained")
+    roc_axis, fold_axis = figure.subplots(1, 2, gridspec_kw={"width_ratios": [1.3, 1]})
+    curves = (
+        ("CNN (out-of-fold)", result.probability, m, "#d62728"),
+        ("short axis", result.patchset.short_axis_mm, m["size_rules"]["short_axis_mm"], "#1f77b4"),
+        ("long axis", result.patchset.long_axis_mm, m["size_rules"]["long_axis_mm"], "#2ca02c"),
+    )
+    if m["auc"] is not None:
+        for name, score, block, colour in curves:
+            fpr, tpr, _ = roc_curve(y, score)
+            roc_axis.plot(fpr, tpr, color=colour, lw=2, label=_label(name, block))
+            if block["sensitivity"] is not None and block["specificity"] is not None:
+                roc_axis.plot(1 - block["specificity"], block["sensitivity"], "o", color=colour, ms=7)
+    roc_axis.plot([0, 1], [0, 1], color="grey", lw=1, ls="--")
+    roc_axis.legend(loc="lower right", fontsize=9)
+    roc_axis.set_xlim(0, 1)
+    roc_axis.set_ylim(0, 1.01)
+    roc_axis.set_aspect("equal")
+    roc_axis.set_xlabel("1 - specificity")
+    roc_axis.set_ylabel("sensitivity")
+    roc_axis.set_title(f"{m['folds']}-fold OOF ROC, {m['n']} nodes ({m['n_positive']} positive), {m['patients']} patients\n"
+                       "dots: operating points at the per-fold thresholds", fontsize=10)
+    folds = np.arange(m["folds"])
+    for offset, (name, _, block, colour) in zip((-0.25, 0.0, 0.25), curves):
+        values = [np.nan if v is None else v for v in block["per_fold_auc"]]
+        fold_axis.bar(folds + offset, values, width=0.25, color=colour, label=name)
+    fold_axis.set_xticks(folds, [f"fold {k}" for k in folds])
+    low = min([v for _, _, b, _ in curves for v in b["per_fold_auc"] if v is not None] + [1.0])
+    fold_axis.set_ylim(max(0.0, low - 0.1), 1.0)
+    fold_axis.set_ylabel("AUC on the held-out fold")
+    fold_axis.legend(fontsize=9, loc="lower right")
+    fold_axis.set_title("per-fold AUC", fontsize=10)
+    if title:
+        figure.suptitle(title)
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, format="png")
+
+
+def write_crossval(result: CrossValResult, out_dir: str | os.PathLike, title: str = "") -> dict[str, Path]:
+    """predictions.csv, roc.png, then metrics.json (each atomically) into `out_dir`."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"--out {out_dir} is a file; give a folder for the cross-validation outputs.")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"Cannot create the output folder {out_dir} ({error.strerror}); choose a writable folder.") from None
+    paths = {name: out_dir / name for name in OUTPUT_FILES}
+    atomic_write_text(paths["predictions.csv"], predictions_csv(result))
+    plot_roc(result, paths["roc.png"], title)
+    atomic_write_json(paths["metrics.json"], {**result.metrics, "seconds": round(result.seconds, 1)})
+    return paths
+
+
+def card_summary(metrics: dict) -> dict:
+    """The compact cross-validation block for a model card (metrics.cross_validation)."""
+    keys = ("n", "n_positive", "n_negative", "patients", "folds", *METRIC_NAMES, "tn", "fp", "fn", "tp", "ci95",
+            "per_fold_auc", "per_fold_nodes", "prediction_rule", "bootstrap", "inner_val_fraction", "best_size_rule")
+    out = {key: metrics[key] for key in keys if key in metrics}
+    out["method"] = f"{metrics['folds']}-fold StratifiedGroupKFold by patient; out-of-fold predictions pooled"
+    out["size_rules"] = {
+        name: {key: block.get(key) for key in ("auc", "accuracy", "sensitivity", "specificity", "ci95", "per_fold_auc", "model_minus_rule_auc")}
+        for name, block in metrics["size_rules"].items()
+    }
+    return json_safe(out)
+
+
+def train_final_model(patchset: PatchSet, config: TrainingConfig, inner_val_fraction: float = 0.2, on_event=None):
+    """`training.train` on every node of `patchset`: a patient-level inner validation part (early
+    stopping and threshold only), no test part."""
+    y = np.asarray(patchset.y, dtype=np.int64)
+    groups = np.asarray(patchset.patient_ids).astype(str)
+    everything = np.arange(y.size)
+    validation = _one_fold(everything, y, groups, float(inner_val_fraction), config.seed + 1)
+    train_idx = np.setdiff1d(everything, validation)
+    return train(patchset, config, on_event=on_event, splits=(train_idx, validation, np.zeros(0, dtype=np.int64)))
+
+
+def export_final_model(result, patchset: PatchSet, config: TrainingConfig, path: str | os.PathLike, command: str,
+                       cv_metrics_block: dict, name: str, description: str, label_definition: str | None = None,
+                       model_version: str = "1.0.0") -> Path:
+    """Write the whole-set model with its card: cross-validated metrics under metrics.cross_validation."""
+    from .model import export_torchscript, validate_card
+    from .training import build_card
+
+    card = build_card(result, patchset.summary(), config, command, None, model_version=model_version, name=name, description=description)
+    card["metrics"]["cross_validation"] = card_summary(cv_metrics_block)
+    card["training"]["split"]["method"] = "whole set; StratifiedGroupKFold by patient only for the inner validation part (early stopping, threshold)"
+    if label_definition:
+        card["label_definition"] = label_definition
+    return export_torchscript(result.model, validate_card(card), path)
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:
+        raise InputError(f"{message}; see `crossval --help`.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainingConfig()
+    p = _Parser(prog="python -m LymphNodeClassifierLib crossval", description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", required=True, help="labelled dataset folder (with dataset.json)")
+    p.add_argument("--out", required=True, help="folder for metrics.json, predictions.csv and roc.png")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--seed", type=int, default=d.seed, help="seeds the folds; fold k trains with seed + k")
+    p.add_argument("--inner-val", type=float, default=0.2, help="share of each fold's training patients used for early stopping (default 0.2)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs (0: none)")
+    p.add_argument("--architecture", choices=list(ARCHITECTURE_NAMES), default=d.architecture)
+    p.add_argument("--views", choices=["triplanar", "axial"], default=d.views)
+    p.add_argument("--mask-channel", action="store_true")
+    p.add_argument("--fov-rule", choices=["fixed", "grow_to_fit"], default=d.fov_rule)
+    p.add_argument("--window", type=float, nargs=2, metavar=("LOW", "HIGH"), default=list(d.window), help="HU window (default: abdomen -135 215)")
+    p.add_argument("--patch-size", type=int, default=d.patch_size)
+    p.add_argument("--spacing", type=float, default=d.spacing_mm[0], help="patch pixel spacing in mm (isotropic)")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.learning_rate)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--patience", type=int, default=d.patience)
+    p.add_argument("--lr-patience", type=int, default=d.lr_patience)
+    p.add_argument("--rotation", type=float, default=d.rotation_degrees)
+    p.add_argument("--translation", type=float, default=d.translation_px)
+    p.add_argument("--no-flips", action="store_true")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--cache", default=None, help="folder for cached patch arrays")
+    p.add_argument("--export-model", default=None, metavar="MODEL.pt", help="then train on the whole set and write this model with the CV metrics in its card")
+    p.add_argument("--name", default="LymphNodeClassifier model")
+    p.add_argument("--description", default="")
+    p.add_argument("--label-definition", default=None)
+    p.add_argument("--model-version", default="1.0.0")
+    p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainingConfig:
+    return TrainingConfig(
+        architecture=args.architecture, views=args.views, mask_channel=args.mask_channel, fov_rule=args.fov_rule,
+        window=tuple(args.window), patch_size=args.patch_size, spacing_mm=(args.spacing,) * 3, epochs=args.epochs,
+        batch_size=args.batch_size, learning_rate=args.lr, weight_decay=args.weight_decay, patience=args.patience,
+        lr_patience=args.lr_patience, rotation_degrees=args.rotation, translation_px=args.translation,
+        flips=not args.no_flips, seed=args.seed, num_threads=args.threads,
+    )
+
+
+def _f(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .dataset import Dataset
+    from .patchset import build_patchset
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = "python -m LymphNodeClassifierLib crossval " + shlex.join(argv)
+    args = build_parser().parse_args(argv)
+    config = config_from_args(args)
+    if args.export_model and Path(args.export_model).is_dir():
+        raise InputError(f"--export-model {args.export_model} is a folder; give a model file name.")
+    dataset = Dataset.load(args.dataset)
+    patchset = build_patchset(dataset, config.patch_spec(), config.window, cache_dir=args.cache)
+    print(f"patches: {len(patchset)} nodes of {len(set(patchset.patient_ids.tolist()))} patients, {int(patchset.y.sum())} positive", flush=True)
+
+    def show(event: dict) -> None:
+        if event["event"] == "epoch" and not args.quiet:
+            print(f"fold {event.get('fold', '-')} epoch {event['epoch']:3d}  train_loss {_f(event['train_loss'])}  val_loss {_f(event['val_loss'])}  "
+                  f"val_auc {_f(event['val_auc'])}  {event['seconds']:.1f} s", flush=True)
+        elif event["event"] == "done":
+            print(f"fold {event.get('fold', 'all')}: best epoch {event['best_epoch']} of {event['epochs_run']}, "
+                  f"test AUC {_f(event.get('test_auc'))}", flush=True)
+
+    result = cross_validate(patchset, config, args.folds, args.seed, args.inner_val, args.bootstrap, on_event=show)
+    result.metrics["command"] = command
+    write_crossval(result, args.out, title=f"{dataset.name}: {config.model_name}, {config.views}, window {config.window[0]:g}..{config.window[1]:g} HU")
+    m = result.metrics
+    for name in ("model", *SIZE_SCORES):
+        block = m if name == "model" else m["size_rules"][name]
+        ci = (block.get("ci95") or {}).get("auc")
+        print(f"{name:<14} OOF AUC {_f(block['auc'])}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+              + f"  acc {_f(block['accuracy'])}  sens {_f(block['sensitivity'])}  spec {_f(block['specificity'])}")
+    print(f"per-fold AUC: {', '.join(_f(v) for v in m['per_fold_auc'])}; {result.seconds:.0f} s; wrote {args.out}", flush=True)
+    if args.export_model:
+        final = train_final_model(patchset, config, args.inner_val, on_event=lambda e: show({**e, "fold": "all"}))
+        export_final_model(final, patchset, config, args.export_model, command, m, args.name, args.description,
+                           args.label_definition, args.model_version)
+        print(f"whole-set model (best epoch {final.best_epoch}, threshold {final.decision_threshold:.3f}) written to {args.export_model}", flush=True)
+    return 0
