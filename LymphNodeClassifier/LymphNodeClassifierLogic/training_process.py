@@ -1,0 +1,596 @@
+"""Training in a background process, its live curves and its results, as MRML nodes (no Qt).
+
+- `TrainingProcess(dataset, out_folder, options, python=sys.executable)`: runs
+  `python -m LymphNodeClassifierLib.train_worker` (see that module for the events) with the
+  module folder on PYTHONPATH. `start()`; `poll()` returns the events that arrived since the last
+  call without blocking (a reader thread turns stdout lines into dicts; call `poll` from a QTimer);
+  `cancel()` sends SIGTERM (CTRL_BREAK on Windows), waits, and kills the process after a timeout
+  (`cancel(wait=False)` returns at once and `poll` kills it when the timeout has passed);
+  `is_running`, `returncode`. When the process ends without a final event (killed, crashed), `poll`
+  adds one: `cancelled` after a cancel, else `error` with the last line of its stderr.
+- `TrainingCurves(scene)`: a vtkMRMLTableNode (epoch, train_loss, val_loss, val_auc), three
+  vtkMRMLPlotSeriesNodes and a vtkMRMLPlotChartNode for the live loss / AUC curves in a plot view.
+- `results_table(done_event)`: a vtkMRMLTableNode comparing the new model, the active model and
+  the short-axis size rule on the same test nodes (ACC, AUC, sensitivity, specificity, PPV, NPV
+  with their 95 % CIs).
+- `TrainingRun`: the three together, so the Widget only calls `start`, `step` (from its timer),
+  `cancel` and reads `progress`, `status`, `outcome`, `message`, `model_path`, `results_node`.
+- `scenario_training_process()`: a tiny complete run (phantom cohort, two epochs) for "Reload and
+  Test" and the headless tests.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import queue
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Mapping
+
+import slicer
+import vtk
+
+from LymphNodeClassifierLib.train_worker import TERMINAL_EVENTS, options_to_argv
+
+MODULE_DIR = Path(__file__).resolve().parents[1]
+WORKER_MODULE = "LymphNodeClassifierLib.train_worker"
+CURVE_COLUMNS = ("epoch", "train_loss", "val_loss", "val_auc")
+RESULT_METRICS = (("ACC", "accuracy"), ("AUC", "auc"), ("Sensitivity", "sensitivity"), ("Specificity", "specificity"),
+                  ("PPV", "ppv"), ("NPV", "npv"))
+RESULT_COLUMNS = ("metric", "new model", "active model", "size rule")
+# The tiny run of the self-test: 32 px patches at 1.58 mm (same field of view as 64 px at 0.79 mm),
+# and fractions that a cohort of five patients can be split into.
+TINY_OPTIONS = {
+    "epochs": 2, "batch_size": 16, "patch_size": 32, "spacing_mm": (1.58, 1.58, 1.58),
+    "split_fractions": (0.5, 0.25, 0.25), "patience": 5, "bootstrap": 100, "num_threads": 1,
+}
+TINY_COHORT = {"cases": 8, "seed": 3}
+
+
+def new_job_id() -> str:
+    return f"train-{datetime.now().strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
+def default_scene():
+    scene = getattr(slicer, "mrmlScene", None)
+    if scene is None:
+        raise ValueError("no MRML scene: pass one (slicer.vtkMRMLScene() outside the Slicer application)")
+    return scene
+
+
+# --------------------------------------------------------------------------------------------
+# the process
+
+
+class TrainingProcess:
+    """One training job in a child process; events are read from its stdout without blocking."""
+
+    def __init__(self, dataset: str | os.PathLike, out_folder: str | os.PathLike, options: Mapping[str, Any] | None = None,
+                 python: str | None = sys.executable, job_id: str | None = None) -> None:
+        self.dataset = Path(dataset)
+        self.out_folder = Path(out_folder)
+        self.options = dict(options or {})
+        self.python = python or sys.executable
+        self.job_id = job_id or new_job_id()
+        self.events: list[dict] = []
+        self.final_event: dict | None = None
+        self._process: subprocess.Popen | None = None
+        self._queue: queue.Queue = queue.Queue()
+        self._reader: threading.Thread | None = None
+        self._stderr = None
+        self._cancel_requested = False
+        self._kill_deadline: float | None = None
+        self._finished = False
+
+    def command(self) -> list[str]:
+        return [self.python, "-m", WORKER_MODULE, "--dataset", str(self.dataset), "--out-folder", str(self.out_folder),
+                "--job-id", self.job_id, *options_to_argv(self.options)]
+
+    def start(self) -> None:
+        if self._process is not None:
+            raise RuntimeError("this training process was already started; create a new TrainingProcess")
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(MODULE_DIR)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        env["PYTHONIOENCODING"] = "utf-8"
+        self._stderr = tempfile.TemporaryFile()
+        kwargs: dict[str, Any] = {}
+        if os.name == "nt":
+            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # so CTRL_BREAK reaches only the worker
+        else:
+            kwargs["start_new_session"] = True  # its own process group: a kill takes any helper processes too
+        self._process = subprocess.Popen(
+            self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._stderr, env=env,
+            cwd=str(MODULE_DIR), **kwargs,
+        )
+        self._reader = threading.Thread(target=self._read_stdout, name=f"{self.job_id} events", daemon=True)
+        self._reader.start()
+
+    def _read_stdout(self) -> None:
+        stream = self._process.stdout
+        try:
+            for raw in iter(stream.readline, b""):
+                line = raw.decode("utf-8", "replace").strip()
+                if not line:
+                    continue
+                try:
+                    event = json.loads(line)
+                except json.JSONDecodeError:
+                    event = None
+                if not isinstance(event, dict) or "event" not in event:
+                    event = {"event": "log", "message": line}
+                self._queue.put(event)
+        finally:
+            stream.close()
+
+    @property
+    def started(self) -> bool:
+        return self._process is not None
+
+    @property
+    def is_running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self._process is None else self._process.poll()
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self._cancel_requested
+
+    def poll(self) -> list[dict]:
+        """The events that arrived since the last call (never blocks for long)."""
+        if self._process is None or self._finished:
+            return []
+        events = self._drain()
+        returncode = self._process.poll()
+        if returncode is None and self._kill_deadline is not None and time.monotonic() >= self._kill_deadline:
+            self._kill()
+            returncode = self._process.poll()
+        if returncode is not None:
+            self._reader.join(timeout=2.0)  # stdout closes with the process (unless a stray helper holds it)
+            events += self._drain()
+            self._finished = True
+            if self.final_event is None and not any(e.get("event") in TERMINAL_EVENTS for e in events):
+                events.append(self._exit_event(returncode))
+        for event in events:
+            self.events.append(event)
+            if event.get("event") in TERMINAL_EVENTS and self.final_event is None:
+                self.final_event = event
+        if self._finished:
+            self._remove_leftovers()
+            if self._stderr is not None:
+                self._stderr_tail_cache = self.stderr_tail()
+                self._stderr.close()
+                self._stderr = None
+        return events
+
+    def _drain(self) -> list[dict]:
+        out = []
+        while True:
+            try:
+                out.append(self._queue.get_nowait())
+            except queue.Empty:
+                return out
+
+    def _exit_event(self, returncode: int) -> dict:
+        if self._cancel_requested:
+            return {"event": "cancelled", "message": "Training was stopped; no model was written.", "synthesized": True}
+        tail = [line for line in self.stderr_tail().splitlines() if line.strip()]
+        detail = tail[-1].strip() if tail else f"exit code {returncode}"
+        return {"event": "error", "message": f"The training process ended unexpectedly ({detail}).", "synthesized": True}
+
+    def stderr_tail(self, max_bytes: int = 4000) -> str:
+        """The end of what the process wrote to stderr (warnings, tracebacks)."""
+        if self._stderr is None:
+            return getattr(self, "_stderr_tail_cache", "")
+        try:
+            self._stderr.flush()
+            size = self._stderr.seek(0, os.SEEK_END)
+            self._stderr.seek(max(0, size - max_bytes))
+            return self._stderr.read().decode("utf-8", "replace")
+        except (OSError, ValueError):
+            return ""
+
+    def cancel(self, wait: bool = True, timeout: float = 10.0) -> None:
+        """Ask the worker to stop (SIGTERM); kill it if it is still running after `timeout` seconds.
+
+        With `wait=False` this returns at once and `poll()` kills the process once the timeout passed.
+        """
+        if not self.is_running:
+            return
+        self._cancel_requested = True
+        try:
+            if os.name == "nt":
+                self._process.send_signal(signal.CTRL_BREAK_EVENT)
+            else:
+                self._process.send_signal(signal.SIGTERM)
+        except OSError:  # it ended meanwhile
+            pass
+        self._kill_deadline = time.monotonic() + max(0.0, float(timeout))
+        if wait:
+            try:
+                self._process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self._kill()
+
+    def _kill(self) -> None:
+        try:
+            if os.name == "posix":
+                os.killpg(self._process.pid, signal.SIGKILL)  # the group the worker leads (start_new_session)
+            else:
+                self._process.kill()
+        except OSError:
+            pass
+        try:
+            self._process.wait(timeout=10.0)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def _remove_leftovers(self) -> None:
+        """A killed worker may leave its hidden temporary files; nothing visible is touched."""
+        if self.final_event is not None and self.final_event.get("event") == "done":
+            return
+        try:
+            names = os.listdir(self.out_folder)
+        except OSError:
+            return
+        for name in names:
+            if name.startswith(".") and self.job_id in name and (".partial" in name or name.endswith(".installing")):
+                try:
+                    (self.out_folder / name).unlink()
+                except OSError:
+                    pass
+
+    def wait(self, timeout: float | None = None, interval: float = 0.1, on_events=None) -> list[dict]:
+        """Poll until the process has ended (or `timeout` seconds passed); returns every event so far."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._finished:
+            events = self.poll()
+            if on_events is not None and events:
+                on_events(events)
+            if self._finished or (deadline is not None and time.monotonic() >= deadline):
+                break
+            time.sleep(interval)
+        return list(self.events)
+
+    @property
+    def finished(self) -> bool:
+        """True once the process ended and its final event was returned by `poll`."""
+        return self._finished
+
+
+# --------------------------------------------------------------------------------------------
+# curves
+
+
+class TrainingCurves:
+    """Loss and validation-AUC curves: a table node, plot series nodes and a chart node."""
+
+    SERIES = (  # (name, y column, colour, line style)
+        ("train loss", "train_loss", (0.12, 0.47, 0.71), "solid"),
+        ("val loss", "val_loss", (0.84, 0.15, 0.16), "solid"),
+        ("val AUC", "val_auc", (0.17, 0.63, 0.17), "dash"),
+    )
+
+    def __init__(self, scene=None, name: str = "Training curves") -> None:
+        self.scene = scene or default_scene()
+        self.name = name
+        self.table_node = self.scene.AddNewNodeByClass("vtkMRMLTableNode", f"{name} table")
+        self.series_nodes = []
+        self.chart_node = self.scene.AddNewNodeByClass("vtkMRMLPlotChartNode", f"{name} chart")
+        self._new_table()
+        for label, column, colour, style in self.SERIES:
+            series = self.scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", f"{name} {label}")
+            series.SetAndObserveTableNodeID(self.table_node.GetID())
+            series.SetXColumnName("epoch")
+            series.SetYColumnName(column)
+            series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)  # x from the epoch column
+            series.SetMarkerStyle(slicer.vtkMRMLPlotSeriesNode.MarkerStyleCircle)
+            series.SetMarkerSize(5)
+            series.SetLineStyle(series.GetLineStyleFromString(style))
+            series.SetColor(*colour)
+            series.SetName(label)
+            self.chart_node.AddAndObservePlotSeriesNodeID(series.GetID())
+            self.series_nodes.append(series)
+        self.chart_node.SetTitle("Training")
+        self.chart_node.SetXAxisTitle("epoch")
+        self.chart_node.SetYAxisTitle("loss / AUC")
+        self.chart_node.SetLegendVisibility(True)
+
+    def _new_table(self) -> None:
+        table = vtk.vtkTable()
+        for name in CURVE_COLUMNS:
+            array = vtk.vtkIntArray() if name == "epoch" else vtk.vtkDoubleArray()
+            array.SetName(name)
+            table.AddColumn(array)
+        self.table_node.SetAndObserveTable(table)
+        self.table_node.SetLocked(True)
+
+    def reset(self, title: str = "Training") -> None:
+        """Empty the curves (a new run, or the next fold)."""
+        self._new_table()
+        self.chart_node.SetTitle(title)
+        self.table_node.Modified()
+
+    def add_epoch(self, epoch: int, train_loss, val_loss, val_auc) -> None:
+        table = self.table_node.GetTable()
+        values = {"epoch": int(epoch), "train_loss": _float(train_loss), "val_loss": _float(val_loss), "val_auc": _float(val_auc)}
+        for name in CURVE_COLUMNS:
+            table.GetColumnByName(name).InsertNextValue(values[name])
+        table.Modified()
+        self.table_node.Modified()
+
+    def update(self, event: Mapping[str, Any]) -> bool:
+        """Apply one worker event: `epoch` adds a row, a fold's `start` begins new curves.
+
+        Returns True when the curves changed.
+        """
+        kind = event.get("event")
+        if kind == "start" and event.get("fold"):
+            self.reset(f"Training, fold {event['fold']} of {event.get('folds', '?')}")
+            return True
+        if kind == "epoch":
+            self.add_epoch(event.get("epoch", self.rows + 1), event.get("train_loss"), event.get("val_loss"), event.get("val_auc"))
+            return True
+        return False
+
+    @property
+    def rows(self) -> int:
+        return int(self.table_node.GetTable().GetNumberOfRows())
+
+    def column(self, name: str) -> list[float]:
+        array = self.table_node.GetTable().GetColumnByName(name)
+        return [array.GetValue(i) for i in range(array.GetNumberOfTuples())]
+
+    def nodes(self) -> list:
+        return [self.table_node, self.chart_node, *self.series_nodes]
+
+    def remove(self) -> None:
+        for node in self.nodes():
+            if node.GetScene() is not None:
+                self.scene.RemoveNode(node)
+
+
+def _float(value) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return math.nan
+    return number if math.isfinite(number) else math.nan
+
+
+# --------------------------------------------------------------------------------------------
+# results
+
+
+def format_metric(block: Mapping[str, Any] | None, key: str) -> str:
+    """'0.853 [0.712, 0.951]' (value and 95 % CI), 'n/a' when undefined."""
+    if not block:
+        return "n/a"
+    value = block.get(key)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        return "n/a"
+    ci = (block.get("ci95") or {}).get(key)
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(v, (int, float)) for v in ci):
+        return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+    return f"{value:.3f}"
+
+
+def results_rows(done_event: Mapping[str, Any]) -> list[list[str]]:
+    """The results table as rows of strings (RESULT_COLUMNS)."""
+    comparison = dict(done_event.get("comparison") or {})
+    new, active, size = comparison.get("new_model"), comparison.get("active_model"), comparison.get("size_rule")
+    test_set = comparison.get("test_set") or {}
+    if comparison.get("error"):
+        return [["test set", comparison["error"], "", ""]]
+    model_path = done_event.get("model_path")
+    if active is None:
+        active_name, active_block = "none", None
+    elif active.get("error"):
+        active_name, active_block = f"{Path(str(active.get('path', ''))).name}: {active['error']}", None
+    else:
+        active_name, active_block = active.get("name") or Path(str(active.get("path", ""))).name, active
+    rows = [
+        ["model", Path(model_path).name if model_path else "new model", active_name, (size or {}).get("rule", "short axis")],
+        ["test nodes (metastatic)", f"{test_set.get('nodes', '?')} ({test_set.get('metastatic', '?')})",
+         "" if active_block is None else f"{active_block.get('n', '?')} ({active_block.get('n_positive', '?')})",
+         f"{(size or {}).get('n', '?')} ({(size or {}).get('n_positive', '?')})"],
+    ]
+    for label, key in RESULT_METRICS:
+        rows.append([label, format_metric(new, key), format_metric(active_block, key), format_metric(size, key)])
+    return rows
+
+
+def results_table(done_event: Mapping[str, Any], scene=None, table_node=None, name: str = "Training results"):
+    """A table node comparing new model / active model / size rule on the test set (95 % CIs in brackets)."""
+    scene = scene or (table_node.GetScene() if table_node is not None else default_scene())
+    if table_node is None:
+        table_node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
+    table = vtk.vtkTable()
+    arrays = []
+    for column in RESULT_COLUMNS:
+        array = vtk.vtkStringArray()
+        array.SetName(column)
+        table.AddColumn(array)
+        arrays.append(array)
+    for row in results_rows(done_event):
+        for array, value in zip(arrays, row):
+            array.InsertNextValue(str(value))
+    table_node.SetAndObserveTable(table)
+    table_node.SetUseColumnTitleAsColumnHeader(True)
+    table_node.SetLocked(True)
+    return table_node
+
+
+def table_rows(table_node) -> list[list[str]]:
+    """Every row of a table node as strings (for tests and reports)."""
+    table = table_node.GetTable()
+    return [[table.GetValue(r, c).ToString() for c in range(table.GetNumberOfColumns())] for r in range(table.GetNumberOfRows())]
+
+
+# --------------------------------------------------------------------------------------------
+# a run: process + curves + results
+
+
+class TrainingRun:
+    """What the Training tab shows of one job; `step()` is called from the Widget's timer."""
+
+    def __init__(self, scene, dataset, out_folder, options: Mapping[str, Any] | None = None, python: str | None = None,
+                 curves: TrainingCurves | None = None, job_id: str | None = None) -> None:
+        self.scene = scene or default_scene()
+        self.process = TrainingProcess(dataset, out_folder, options, python=python or sys.executable, job_id=job_id)
+        self.curves = curves or TrainingCurves(self.scene)
+        self.results_node = None
+        self.progress = 0.0
+        self.status = ""
+        self.outcome: str | None = None  # "done", "cancelled" or "error" once finished
+        self.message = ""
+        self.model_path: str | None = None
+        self.done_event: dict | None = None
+        self.folds = 0
+
+    @property
+    def finished(self) -> bool:
+        """The final event was applied and the process has exited."""
+        return self.outcome is not None and self.process.finished
+
+    def start(self) -> None:
+        self.curves.reset()
+        self.process.start()
+        self.status = "Starting the training process..."
+
+    def cancel(self, wait: bool = False, timeout: float = 10.0) -> None:
+        if self.process.is_running:
+            self.status = "Cancelling..."
+            self.process.cancel(wait=wait, timeout=timeout)
+
+    def step(self) -> list[dict]:
+        events = self.process.poll()
+        for event in events:
+            self.apply(event)
+        return events
+
+    def wait(self, timeout: float | None = None, interval: float = 0.1) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.finished and (deadline is None or time.monotonic() < deadline):
+            self.step()
+            if not self.finished:
+                _process_events()
+                time.sleep(interval)
+
+    def _set_progress(self, fraction: float) -> None:
+        self.progress = max(self.progress, min(1.0, max(0.0, float(fraction))))
+
+    def apply(self, event: Mapping[str, Any]) -> None:
+        kind = event.get("event")
+        self.curves.update(event)
+        if kind == "started":
+            self.status = "Loading PyTorch..."
+        elif kind == "config":
+            self.folds = int(event.get("folds") or 0)
+        elif kind == "patches":
+            total = max(1, int(event.get("total") or 1))
+            self._set_progress(0.1 * int(event.get("done") or 0) / total)
+            self.status = f"Extracting patches: case {event.get('done')} of {total}"
+        elif kind == "data":
+            self.status = (f"{event.get('nodes')} nodes ({event.get('metastatic')} metastatic) of "
+                           f"{event.get('patients')} patients; training...")
+        elif kind == "epoch":
+            epochs = max(1, int(event.get("epochs") or 1))
+            folds = max(1, self.folds)
+            fold = int(event.get("fold") or 1)
+            self._set_progress(0.1 + 0.85 * ((fold - 1) + int(event.get("epoch") or 0) / epochs) / folds)
+            prefix = f"Fold {fold}/{folds}, epoch" if self.folds else "Epoch"
+            self.status = (f"{prefix} {event.get('epoch')}/{epochs}: train loss {_fmt(event.get('train_loss'))}, "
+                           f"val loss {_fmt(event.get('val_loss'))}, val AUC {_fmt(event.get('val_auc'))}")
+        elif kind == "trained":
+            self.status = f"Best epoch {event.get('best_epoch')} of {event.get('epochs_run')}; evaluating..."
+        elif kind == "comparing":
+            self._set_progress(0.95)
+            self.status = "Comparing with the active model and the size rule on the test set..."
+        elif kind == "done":
+            self._set_progress(1.0)
+            self.outcome, self.done_event = "done", dict(event)
+            self.model_path = event.get("model_path")
+            self.results_node = results_table(event, self.scene, self.results_node)
+            self.message = f"Model written to {self.model_path}."
+            self.status = "Finished. " + self.message
+        elif kind == "cancelled":
+            self.outcome = "cancelled"
+            self.message = str(event.get("message") or "Training cancelled; no model was written.")
+            self.status = self.message
+        elif kind == "error":
+            self.outcome = "error"
+            self.message = str(event.get("message") or "Training failed.")
+            self.status = "Failed: " + self.message
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{float(value):.3f}"
+
+
+def _process_events() -> None:
+    """Keep Slicer's GUI responsive while a scenario waits (no-op headless)."""
+    app = getattr(slicer, "app", None)
+    if app is not None and hasattr(app, "processEvents"):
+        app.processEvents()
+
+
+# --------------------------------------------------------------------------------------------
+# scenario for "Reload and Test" and the tests
+
+
+def make_tiny_cohort(folder: str | os.PathLike, cases: int = TINY_COHORT["cases"], seed: int = TINY_COHORT["seed"]) -> Path:
+    """A phantom cohort small enough to train on in seconds (8 cases of 5 patients, ~56 nodes)."""
+    from LymphNodeClassifierLib.phantoms import generate_cohort
+
+    generate_cohort(folder, cases=cases, seed=seed)
+    return Path(folder)
+
+
+def scenario_training_process(scene=None, work_dir: str | os.PathLike | None = None, python: str | None = None,
+                              timeout: float = 300.0) -> dict:
+    """A tiny run end to end: curves fill up, a model lands in the folder, its card loads, make-active works."""
+    from LymphNodeClassifierLib import model_registry
+
+    scene = scene or (getattr(slicer, "mrmlScene", None) or slicer.vtkMRMLScene())
+    with tempfile.TemporaryDirectory(prefix="lymphnode-training-", dir=work_dir) as tmp:
+        cohort = make_tiny_cohort(Path(tmp) / "cohort")
+        models = Path(tmp) / "models"
+        run = TrainingRun(scene, cohort, models, {**TINY_OPTIONS, "compare_model": "none"}, python=python)
+        run.start()
+        run.wait(timeout)
+        if not run.finished:
+            run.cancel(wait=True)
+            raise AssertionError(f"the tiny training run did not finish in {timeout:.0f} s")
+        assert run.outcome == "done", f"the tiny training run ended with '{run.outcome}': {run.message}"
+        epochs_run = run.done_event["training"]["epochs_run"]
+        assert run.curves.rows == epochs_run, f"{run.curves.rows} curve rows for {epochs_run} epochs"
+        model_path = Path(run.model_path)
+        assert model_path.parent == models and model_path.is_file(), f"no model at {model_path}"
+        card = model_registry.read_entry(model_path)
+        assert card.ok, card.error
+        rows = table_rows(run.results_node)
+        assert [row[0] for row in rows[2:]] == [label for label, _ in RESULT_METRICS], rows
+        assert model_registry.active_model(models) is None
+        model_registry.set_active_model(models, model_path)
+        assert model_registry.active_model(models).resolve() == model_path.resolve(), "make active did not switch the model"
+        result = {"model": model_path.name, "epochs_run": epochs_run, "results": rows}
+        for node in run.curves.nodes() + [run.results_node]:
+            scene.RemoveNode(node)
+    return result

@@ -1,0 +1,204 @@
+"""Training in a background process on a real slicer-core scene with a real worker subprocess:
+events stream into the curve table, cancel stops the worker within seconds and leaves no model,
+a finished run installs a model whose card loads and compares it with the active model and the
+size rule on the same test nodes; make-active switches active_model.json."""
+
+import json
+import os
+import stat
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip install slicer-core)")
+
+from LymphNodeClassifierLib import model_registry  # noqa: E402
+from LymphNodeClassifierLib.model import build_model, export_torchscript, load_model, new_card  # noqa: E402
+from LymphNodeClassifierLib.train_worker import options_to_argv  # noqa: E402
+from LymphNodeClassifierLogic import training_process as tp  # noqa: E402
+
+CANCEL_SECONDS = 5.0
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> Path:
+    return tp.make_tiny_cohort(tmp_path_factory.mktemp("tiny") / "cohort")
+
+
+@pytest.fixture(scope="module")
+def previous_model(tmp_path_factory) -> Path:
+    """An untrained model with the tiny run's preprocessing: the 'active model' to compare with."""
+    torch.manual_seed(1)
+    model = build_model("custom_cnn", 3, 32).eval()
+    card = new_card(
+        architecture="custom_cnn",
+        preprocessing={
+            "window_low": -135.0, "window_high": 215.0, "window_preset": "abdomen", "spacing_mm": [1.58, 1.58, 1.58],
+            "patch_size": 32, "field_of_view_mm": 32 * 1.58, "views": "triplanar", "mask_channel": False, "air_hu": -1024.0,
+        },
+        training={"command": "untrained test model", "seed": 0, "epochs": 0, "dataset": {}},
+        name="previous model",
+    )
+    return export_torchscript(model, card, tmp_path_factory.mktemp("previous") / "previous.pt")
+
+
+@pytest.fixture()
+def models(tmp_path, previous_model) -> Path:
+    folder = tmp_path / "models"
+    model_registry.install_model(folder, previous_model, make_active=True)
+    return folder
+
+
+def folder_state(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_options_become_worker_arguments():
+    argv = options_to_argv({"epochs": 3, "flips": False, "mask_channel": True, "learning_rate": 0.001,
+                            "split_fractions": (0.8, 0.1, 0.1), "num_threads": None, "compare_model": "none"})
+    assert argv == ["--epochs", "3", "--no-flips", "--mask-channel", "--learning-rate", "0.001",
+                    "--split-fractions", "0.8", "0.1", "0.1", "--compare-model", "none"]
+
+
+def test_curves_and_results_table_from_events():
+    scene = slicer.vtkMRMLScene()
+    curves = tp.TrainingCurves(scene)
+    assert curves.update({"event": "epoch", "epoch": 1, "train_loss": 0.7, "val_loss": 0.8, "val_auc": None})
+    assert not curves.update({"event": "patches", "done": 1, "total": 2})
+    curves.update({"event": "epoch", "epoch": 2, "train_loss": 0.5, "val_loss": 0.6, "val_auc": 0.75})
+    assert curves.column("epoch") == [1, 2] and curves.column("val_loss") == [0.8, 0.6]
+    assert str(curves.column("val_auc")[0]) == "nan"
+    chart = curves.chart_node
+    assert chart.GetNumberOfPlotSeriesNodes() == 3
+    for series in curves.series_nodes:
+        assert series.GetTableNode() is curves.table_node and series.GetXColumnName() == "epoch"
+    curves.update({"event": "start", "fold": 2, "folds": 5})
+    assert curves.rows == 0 and "fold 2 of 5" in chart.GetTitle()
+
+    block = {"auc": 0.8, "accuracy": 0.7, "sensitivity": 0.6, "specificity": None, "ppv": 0.5, "npv": 0.9, "n": 10, "n_positive": 4,
+             "ci95": {"auc": [0.6, 0.95], "accuracy": None}}
+    done = {"event": "done", "model_path": "/x/job.pt", "comparison": {
+        "test_set": {"nodes": 10, "metastatic": 4}, "new_model": block,
+        "active_model": {"path": "/x/old.pt", "error": "could not be read"},
+        "size_rule": {**block, "rule": "metastatic when short_axis_mm >= 10"}}}
+    node = tp.results_table(done, scene)
+    rows = tp.table_rows(node)
+    assert [node.GetTable().GetColumnName(c) for c in range(4)] == list(tp.RESULT_COLUMNS)
+    assert [r[0] for r in rows] == ["model", "test nodes (metastatic)", "ACC", "AUC", "Sensitivity", "Specificity", "PPV", "NPV"]
+    assert rows[0][1] == "job.pt" and "could not be read" in rows[0][2]
+    assert rows[3][1] == "0.800 [0.600, 0.950]" and rows[2][1] == "0.700" and rows[5][1] == "n/a" and rows[3][2] == "n/a"
+    again = tp.results_table({"event": "done", "comparison": {"error": "no test set"}}, table_node=node)
+    assert again is node and tp.table_rows(node) == [["test set", "no test set", "", ""]]
+
+
+def test_streamed_epochs_fill_the_curves_and_cancel_leaves_no_model(cohort, models):
+    scene = slicer.vtkMRMLScene()
+    before = folder_state(models)
+    active_before = model_registry.active_model(models)
+    options = {**tp.TINY_OPTIONS, "epochs": 500, "patience": 500}
+    run = tp.TrainingRun(scene, cohort, models, options)
+    run.start()
+    deadline = time.monotonic() + 90
+    while run.curves.rows < 2 and not run.finished and time.monotonic() < deadline:
+        run.step()
+        time.sleep(0.05)
+    assert not run.finished, f"the run ended early: {run.outcome} {run.message} {run.process.stderr_tail()}"
+    assert run.curves.rows >= 2 and run.process.is_running
+    kinds = [e["event"] for e in run.process.events]
+    assert kinds[:2] == ["started", "config"] and "patches" in kinds and "data" in kinds and "start" in kinds
+    assert 0.1 <= run.progress < 0.2 and run.status.startswith("Epoch")
+    assert all(loss > 0 for loss in run.curves.column("train_loss"))
+
+    started = time.monotonic()
+    run.cancel(wait=True, timeout=10.0)
+    elapsed = time.monotonic() - started
+    assert not run.process.is_running and elapsed < CANCEL_SECONDS, f"cancel took {elapsed:.1f} s"
+    run.wait(timeout=10)
+    assert run.outcome == "cancelled", (run.outcome, run.message)
+    assert run.process.returncode == 130 and run.process.final_event["event"] == "cancelled"
+    assert "synthesized" not in run.process.final_event  # the worker said so itself: a clean exit
+    assert folder_state(models) == before, "cancelling changed the model folder"
+    assert model_registry.active_model(models) == active_before
+
+
+def test_finished_run_installs_a_model_compared_on_the_same_test_set(cohort, models, previous_model):
+    scene = slicer.vtkMRMLScene()
+    active_before = model_registry.active_model(models)
+    run = tp.TrainingRun(scene, cohort, models, dict(tp.TINY_OPTIONS))
+    run.start()
+    run.wait(timeout=120)
+    assert run.outcome == "done", (run.outcome, run.message, run.process.stderr_tail())
+    done = run.done_event
+    assert run.process.returncode == 0 and run.progress == 1.0
+    assert run.curves.rows == done["training"]["epochs_run"] == 2
+
+    model_path = Path(done["model_path"])
+    assert model_path == models / f"{run.process.job_id}.pt"
+    loaded = load_model(model_path)
+    assert loaded.card["preprocessing"]["patch_size"] == 32 and loaded.card["training"]["epochs"] == 2
+    assert not [p for p in models.iterdir() if p.name.startswith(".")], "temporary files left behind"
+    assert model_registry.active_model(models) == active_before  # training never switches the model by itself
+
+    comparison = done["comparison"]
+    test_nodes = comparison["test_set"]["nodes"]
+    assert test_nodes > 0
+    new, active, size = comparison["new_model"], comparison["active_model"], comparison["size_rule"]
+    assert new["n"] == active["n"] == size["n"] == test_nodes
+    assert new["n_positive"] == active["n_positive"] == size["n_positive"]
+    assert "error" not in active and active["name"] == "previous model"
+    assert active["model"]["card_decision_threshold"] == pytest.approx(0.5)
+    saved = json.loads(Path(done["metrics_path"]).read_text())
+    assert saved["comparison"]["test_set"] == comparison["test_set"] and saved["model_path"] == str(model_path)
+
+    rows = tp.table_rows(run.results_node)
+    assert rows[0][1:] == [model_path.name, "previous model", size["rule"]]
+    assert rows[1][1] == rows[1][2] == rows[1][3] == f"{test_nodes} ({size['n_positive']})"
+
+    entries = model_registry.list_models(models, bundled_dir=None)
+    assert {e.path.name for e in entries} == {"previous.pt", model_path.name} and all(e.ok for e in entries)
+    model_registry.set_active_model(models, model_path)  # "Make active"
+    assert json.loads((models / model_registry.ACTIVE_FILE).read_text())["path"] == model_path.name
+    assert model_registry.active_model(models) == model_path
+
+
+def test_bad_input_is_one_error_line_and_no_model(tmp_path, models):
+    before = folder_state(models)
+    process = tp.TrainingProcess(tmp_path / "no-dataset", models, {"epochs": 1})
+    process.start()
+    events = process.wait(timeout=60)
+    assert process.returncode == 2 and events[-1]["event"] == "error"
+    assert "dataset.json" in events[-1]["message"] and "\n" not in events[-1]["message"]
+    assert folder_state(models) == before
+
+
+@pytest.mark.skipif(os.name != "posix", reason="needs a POSIX shell script as a stand-in interpreter")
+def test_a_worker_that_ignores_sigterm_is_killed_and_a_crash_is_reported(tmp_path):
+    stubborn = tmp_path / "stubborn-python"
+    stubborn.write_text("#!/bin/sh\ntrap '' TERM\necho '{\"event\": \"started\"}'\nsleep 60\n")
+    stubborn.chmod(stubborn.stat().st_mode | stat.S_IEXEC)
+    process = tp.TrainingProcess(tmp_path, tmp_path / "models", python=str(stubborn))
+    process.start()
+    while not process.events:
+        process.poll()
+        time.sleep(0.05)
+    started = time.monotonic()
+    process.cancel(wait=False, timeout=1.0)
+    process.wait(timeout=10)
+    assert time.monotonic() - started < 5 and not process.is_running
+    assert process.final_event["event"] == "cancelled" and process.final_event.get("synthesized")
+
+    crash = tmp_path / "crash-python"
+    crash.write_text("#!/bin/sh\necho 'Traceback: something broke' >&2\nexit 3\n")
+    crash.chmod(crash.stat().st_mode | stat.S_IEXEC)
+    process = tp.TrainingProcess(tmp_path, tmp_path / "models", python=str(crash))
+    process.start()
+    events = process.wait(timeout=10)
+    assert process.returncode == 3 and events[-1]["event"] == "error" and "something broke" in events[-1]["message"]
+
+
+def test_self_test_scenario_runs_headless():
+    result = tp.scenario_training_process(slicer.vtkMRMLScene())
+    assert result["epochs_run"] == 2 and result["model"].endswith(".pt")
