@@ -185,28 +185,43 @@ def _node_cam_region(cam: np.ndarray, patch: Any, grid: _CtGrid) -> tuple[np.nda
     if np.any(upper < lower):
         return None
 
-    kk, jj, ii = np.meshgrid(*(np.arange(lower[a], upper[a] + 1) for a in (2, 1, 0)), indexing="ij")
-    shape = kk.shape
-    points = grid.to_physical(np.stack([ii.ravel(), jj.ravel(), kk.ravel()], axis=1).astype(np.float64))
-    inside = np.ones(points.shape[0], dtype=bool)
+    axes = [np.arange(lower[a], upper[a] + 1, dtype=np.float64) for a in range(3)]
+    shape = (axes[2].size, axes[1].size, axes[0].size)
+    inside = np.ones(shape, dtype=bool)
     coordinates = []
     for origin, solve in solvers:
-        rc = (points - origin) @ solve.T
-        inside &= (rc[:, 0] >= lo_r) & (rc[:, 0] <= hi_r) & (rc[:, 1] >= lo_c) & (rc[:, 1] <= hi_c)
-        coordinates.append(rc)
+        rc = _affine_on_grid(solve @ grid.matrix, solve @ (grid.origin - origin), axes)
+        inside &= (rc[0] >= lo_r) & (rc[0] <= hi_r) & (rc[1] >= lo_c) & (rc[1] <= hi_c)
+        coordinates.append(rc.reshape(2, -1))
+    inside = inside.ravel()
     if extrusion is not None:
         origin, normal, z_lo, z_hi = extrusion
-        z = (points - origin) @ normal
+        z = _affine_on_grid((normal @ grid.matrix)[None, :], np.array([normal @ (grid.origin - origin)]), axes)[0].ravel()
         inside &= (z >= z_lo) & (z <= z_hi)
     keep = np.flatnonzero(inside)  # sample the CAM only inside the patch's cube / extrusion
     sampled = np.ones(keep.size, dtype=np.float64)
     for rc in coordinates:
-        sampled *= _bilinear(cam, rc[keep, 0], rc[keep, 1])
+        sampled *= _bilinear(cam, rc[0, keep], rc[1, keep])
     if extrusion is None:
         sampled = np.cbrt(sampled)  # geometric mean of the three views
-    value = np.zeros(points.shape[0], dtype=np.float32)
+    value = np.zeros(inside.size, dtype=np.float32)
     value[keep] = sampled
     return lower, value.reshape(shape)
+
+
+def _affine_on_grid(matrix: np.ndarray, offset: np.ndarray, axes: Sequence[np.ndarray]) -> np.ndarray:
+    """`matrix @ (i, j, k) + offset` for every voxel of the grid spanned by `axes` (i, j, k ranges).
+
+    Returns (m, K, J, I). Built by broadcasting the three 1-D index ranges: no (N, 3) point array and
+    no BLAS call, which on small matrices was the slowest part of mapping CAMs back to the CT.
+    """
+    i, j, k = axes
+    return (
+        offset[:, None, None, None]
+        + matrix[:, 0, None, None, None] * i[None, None, None, :]
+        + matrix[:, 1, None, None, None] * j[None, None, :, None]
+        + matrix[:, 2, None, None, None] * k[None, :, None, None]
+    )
 
 
 def _node_extent_along(patch: Any, grid: _CtGrid, origin: np.ndarray, normal: np.ndarray, row: np.ndarray, col: np.ndarray, size: int) -> tuple[float, float]:
