@@ -14,7 +14,7 @@ outside the node), so a rasterised ellipse of semi-axes a, b measures about 2a a
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import SimpleITK as sitk
@@ -73,6 +73,35 @@ def extract_nodes(label_image: sitk.Image, per_label_value: bool = False) -> tup
         raise InputError(
             "The label volume must be a 3D integer label map; check it with geometry.prepare_label_image first."
         )
+    # Nodes fill a tiny part of a clinical CT: label the bounding box of the foreground only, then put
+    # the result back on the full grid (connected components over 512x512x110 voxels cost ~0.3 s).
+    foreground_array = sitk.GetArrayViewFromImage(label_image) != 0
+    occupied = [np.flatnonzero(foreground_array.any(axis=axes)) for axes in ((0, 1), (0, 2), (1, 2))]  # i, j, k
+    if any(index.size == 0 for index in occupied):
+        return [], sitk.Cast(label_image * 0, sitk.sitkUInt16)
+    start = [int(index[0]) for index in occupied]
+    stop = [int(index[-1]) + 1 for index in occupied]
+    full_size = label_image.GetSize()
+    if start == [0, 0, 0] and stop == list(full_size):
+        return _extract_nodes_on_grid(label_image, per_label_value)
+    cropped = label_image[start[0] : stop[0], start[1] : stop[1], start[2] : stop[2]]
+    nodes, cropped_components = _extract_nodes_on_grid(cropped, per_label_value)
+    # numpy, not sitk.Paste: pasting into a 512x512x110 image took ~0.3 s, this ~0.03 s
+    component_array = np.zeros(full_size[::-1], dtype=sitk.GetArrayViewFromImage(cropped_components).dtype)
+    component_array[start[2] : stop[2], start[1] : stop[1], start[0] : stop[0]] = sitk.GetArrayViewFromImage(cropped_components)
+    component_image = sitk.GetImageFromArray(component_array)
+    component_image.CopyInformation(label_image)
+    shifted = []
+    for node in nodes:
+        i0, j0, k0, i1, j1, k1 = node.bbox_index
+        bbox = (i0 + start[0], j0 + start[1], k0 + start[2], i1 + start[0], j1 + start[1], k1 + start[2])
+        touches_edge = min(bbox[:3]) == 0 or any(bbox[3 + axis] == full_size[axis] - 1 for axis in range(3))
+        shifted.append(replace(node, bbox_index=bbox, touches_edge=bool(touches_edge)))
+    return shifted, component_image
+
+
+def _extract_nodes_on_grid(label_image: sitk.Image, per_label_value: bool) -> tuple[list[NodeInfo], sitk.Image]:
+    """`extract_nodes` on the given grid (edge flags and bounding boxes relative to it)."""
     if per_label_value:
         raw_components = _relabel_by_value(label_image)
     else:
