@@ -79,6 +79,8 @@ def test_open_dataset_lists_every_node_with_its_record(logic, dataset_folder):
         assert values["metastatic"] == str(node.metastatic) and values["excluded"] == 0 and values["reason"] == ""
         assert math.isnan(values["probability"]) and values["review"] == ""
     assert logic.row_of(*logic.row_key(3)) == 3
+    assert logic.row_info(3)["label_value"] == logic.row_key(3)[1] and logic.row_info(10_000) is None
+    assert logic.open_dataset(dataset_folder) is table  # opening it again re-reads it into the same table
     assert "2 cases" in logic.summary() and "nodes" in logic.summary()
     with pytest.raises(InputError):  # one session per dataset: the lock is held
         CurationLogic(slicer.vtkMRMLScene()).open_dataset(dataset_folder)

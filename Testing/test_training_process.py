@@ -6,7 +6,6 @@ size rule on the same test nodes; make-active switches active_model.json."""
 import json
 import os
 import stat
-import sys
 import time
 from pathlib import Path
 
@@ -202,3 +201,27 @@ def test_a_worker_that_ignores_sigterm_is_killed_and_a_crash_is_reported(tmp_pat
 def test_self_test_scenario_runs_headless():
     result = tp.scenario_training_process(slicer.vtkMRMLScene())
     assert result["epochs_run"] == 2 and result["model"].endswith(".pt")
+
+
+def test_training_tab_options_match_the_training_config():
+    """The Widget's training options (module constants, parameter node defaults) are TrainingConfig's."""
+    import ast
+    import dataclasses
+
+    from LymphNodeClassifierLib.patches import VIEW_MODES
+    from LymphNodeClassifierLib.training import ARCHITECTURE_NAMES, TrainingConfig
+
+    module = ast.parse((Path(tp.MODULE_DIR) / "LymphNodeClassifier.py").read_text(encoding="utf-8"))
+    constants = {t.id: ast.literal_eval(n.value) for n in module.body if isinstance(n, ast.Assign)
+                 for t in n.targets if isinstance(t, ast.Name) and t.id in ("TRAIN_ARCHITECTURES", "TRAIN_VIEWS", "TRAINING_PARAMETERS")}
+    assert set(constants["TRAIN_ARCHITECTURES"]) == set(ARCHITECTURE_NAMES)
+    assert set(constants["TRAIN_VIEWS"]) == set(VIEW_MODES)
+    wrapper = next(n for n in module.body if isinstance(n, ast.ClassDef) and n.name == "LymphNodeClassifierParameterNode")
+    defaults = {item.target.id: ast.literal_eval(item.value) for item in wrapper.body
+                if isinstance(item, ast.AnnAssign) and item.value is not None and item.target.id.startswith("train")}
+    config = TrainingConfig()
+    fields = {f.name for f in dataclasses.fields(TrainingConfig)}
+    for parameter, field in constants["TRAINING_PARAMETERS"].items():
+        assert field in fields, f"{parameter} maps to {field}, which is not a TrainingConfig field"
+        assert defaults[parameter] == getattr(config, field), f"{parameter}'s default differs from TrainingConfig.{field}"
+    assert config.split_fractions == (0.8, 0.1, 0.1) and defaults["trainSplit"] == "80/10/10"

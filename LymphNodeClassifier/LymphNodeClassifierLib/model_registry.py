@@ -139,14 +139,14 @@ def _model_files(directory: Path | None) -> list[Path]:
 
 def read_entry(path: str | os.PathLike, source: str = "user") -> ModelEntry:
     """A `ModelEntry` for one file; a file that is not a model gets `error` (one sentence)."""
-    from .model import read_card  # imports torch: only when models are listed
-
     path = Path(path)
     try:
         modified = path.stat().st_mtime
     except OSError:
         modified = 0.0
     try:
+        from .model import read_card  # imports torch, which Slicer may not have yet: then every entry says so
+
         card = read_card(path)
     except InputError as error:
         return ModelEntry(path=path, name=path.stem, source=source, error=str(error), modified=modified)

@@ -118,6 +118,11 @@ class CurationLogic:
         """Open `folder` (with dataset.json) for curation; returns the table node of its nodes."""
         if not str(folder).strip():
             raise InputError("Choose a dataset folder (a folder with a dataset.json) first.")
+        target = Path(folder)
+        if target.name == "dataset.json":
+            target = target.parent
+        if self.session is not None and target.resolve() == self.session.folder:
+            self.close()  # opening the open dataset again: re-read it (the lock allows one session)
         session = CurationSession(folder, user=self.user)  # InputError for a bad folder; holds the lock
         self.close()
         self.session = session
@@ -205,6 +210,11 @@ class CurationLogic:
     def row_key(self, row: int) -> Key | None:
         """(case_id, label_value or None for a case row) of a row of the node table."""
         return self._keys[row] if 0 <= row < len(self._keys) else None
+
+    def row_info(self, row: int) -> dict | None:
+        """The values shown in a row of the node table (see NODE_COLUMNS), or None."""
+        key = self.row_key(row)
+        return None if key is None or self.session is None else self._row_values(key)
 
     def row_of(self, case_id: str, label_value: int | None = None) -> int:
         """The row of a node, or the first row of a case when `label_value` is None (-1 if absent)."""

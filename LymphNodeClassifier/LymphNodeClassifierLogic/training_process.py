@@ -32,7 +32,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections import deque
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping
