@@ -198,9 +198,16 @@ def test_a_worker_that_ignores_sigterm_is_killed_and_a_crash_is_reported(tmp_pat
     assert process.returncode == 3 and events[-1]["event"] == "error" and "something broke" in events[-1]["message"]
 
 
-def test_self_test_scenario_runs_headless():
-    result = tp.scenario_training_process(slicer.vtkMRMLScene())
-    assert result["epochs_run"] == 2 and result["model"].endswith(".pt")
+def test_self_test_scenario_runs_headless_with_kfold():
+    """The Reload-and-Test scenario, here with k-fold: every node is tested out of fold, then a model on all nodes is exported."""
+    result = tp.scenario_training_process(slicer.vtkMRMLScene(), options={"folds": 2, "inner_val_fraction": 0.5})
+    assert result["epochs_run"] == 2 and result["model"].endswith(".pt") and result["progress"] == 1.0
+    assert "final model on all nodes" in result["chart_title"]  # the curves show the last stage
+    comparison = result["comparison"]
+    assert comparison["test_set"]["nodes"] == comparison["new_model"]["n"] == comparison["size_rule"]["n"]
+    assert comparison["test_set"]["split"].startswith("out-of-fold (2-fold")
+    assert len(comparison["new_model"]["per_fold_auc"]) == 2
+    assert result["results"][1][1] == f"{comparison['test_set']['nodes']} ({comparison['test_set']['metastatic']})"
 
 
 def test_training_tab_options_match_the_training_config():

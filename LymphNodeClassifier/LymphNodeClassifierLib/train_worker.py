@@ -12,16 +12,20 @@ What it does, in order:
 1. emits `{"event": "started", "job_id", "pid"}` at once, then `config`;
 2. builds the patch set (`patchset.build_patchset`; `patches` events per case, then `data`);
 3. trains with `training.train`: every event of the run is relayed as it happens (`start`,
-   `epoch`; training's own `done` becomes `trained`). With `--folds K` (k-fold), K models are
-   trained on patient-level folds (each fold is once the test set, the validation nodes are split
-   off the other folds by patient); events carry `fold` and `folds`;
-4. compares, on the SAME test nodes, the new model, the current model (`--compare-model`, default
+   `epoch`; training's own `done` becomes `trained`). With `--folds K` (k-fold) the project's
+   cross-validation runs (`crossval.cross_validate`: K patient-grouped folds, each tested by a
+   model that never saw its patients, inner validation part `--inner-val-fraction`), then the
+   model that is exported is trained on all nodes (`crossval.export_final_model`, the
+   cross-validated metrics in its card); events carry `fold` (1..K, K+1 for the final model),
+   `folds` (K) and `stage`;
+4. compares, on the SAME nodes, the new model, the current model (`--compare-model`, default
    `auto`: the active model of the output folder, else the bundled default model) and the
-   short-axis size rule (`evaluate.evaluate_predictions` / `evaluate.evaluate_patchset`: accuracy,
-   AUC, sensitivity, specificity, PPV, NPV with patient-level bootstrap 95 % CIs). The test nodes
-   are the test split, or with k-fold every node with its out-of-fold probability (thresholded
-   at the median of the folds' thresholds); the model exported with k-fold is the fold model with
-   the lowest validation loss;
+   short-axis size rule: accuracy, AUC, sensitivity, specificity, PPV, NPV with patient-level
+   bootstrap 95 % CIs. With one split the nodes are the test split (`evaluate.evaluate_predictions`,
+   the size rule being short axis >= 10 mm); with k-fold they are all nodes, the new model's
+   numbers are the pooled out-of-fold ones and the size rule's cut-off is chosen per fold
+   (`crossval.cv_metrics`). The current model is run with its own card's preprocessing and
+   threshold (`evaluate.evaluate_patchset`);
 5. exports the model to a hidden temporary file in the output folder and only then, as the very
    last step, moves it into place as `<job>.pt` (`model_registry.install_model`, never replacing a
    file) and writes `<job>.metrics.json` (atomically);
@@ -218,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out-folder", required=True, help="model folder: <job>.pt and <job>.metrics.json are written here")
     parser.add_argument("--job-id", default=None, help="names the outputs (letters, digits, '.', '_', '-'); default: time-based")
     parser.add_argument("--folds", type=int, default=0, help="k-fold by patient (K >= 2); 0 (default): one split by --split-fractions")
+    parser.add_argument("--inner-val-fraction", type=float, default=0.2,
+                        help="k-fold: share of the other folds' patients that picks each fold's epoch and threshold (default 0.2)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs (0: none)")
     parser.add_argument("--compare-model", default="auto",
                         help="model to compare with: a .pt path, 'auto' (the folder's active model, else the bundled one) or 'none'")
@@ -338,32 +344,6 @@ def compare_on_test_set(patchset, test_idx, probability, threshold: float, compa
     return comparison
 
 
-def _kfold_splits(patchset, folds: int, val_share: float, seed: int):
-    import warnings
-
-    import numpy as np
-    from sklearn.model_selection import StratifiedGroupKFold
-
-    from .training import split_by_patient
-
-    groups = np.asarray(patchset.patient_ids).astype(str)
-    y = np.asarray(patchset.y).astype(np.int64)
-    patients = len(set(groups.tolist()))
-    if folds < 2:
-        raise InputError(f"k-fold needs at least 2 folds, got {folds}; use e.g. --folds 5.")
-    if patients < folds:
-        raise InputError(f"There are only {patients} patients for {folds} folds; use at most {patients} folds or add patients.")
-    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*least populated class.*")
-        parts = list(splitter.split(np.zeros(y.size), y, groups))
-    out = []
-    for fold, (rest, test) in enumerate(parts, start=1):
-        train_rel, val_rel, _ = split_by_patient(groups[rest], y[rest], (1.0 - val_share, val_share, 0.0), seed + fold)
-        out.append((rest[train_rel], rest[val_rel], np.sort(test)))
-    return out
-
-
 def run(args: argparse.Namespace, emit: Callable[[dict], None], cancel: Cancellation, command: str) -> dict:
     """The whole job; returns the `done` event (also emitted)."""
     import numpy as np
@@ -407,51 +387,49 @@ def run(args: argparse.Namespace, emit: Callable[[dict], None], cancel: Cancella
 
     folds = int(args.folds)
 
-    def relay(fold: int | None) -> Callable[[dict], None]:
+    def relay(fold: int | None = None, stage: str | None = None) -> Callable[[dict], None]:
         def forward(event: dict) -> None:
             event = dict(event)
             if event.get("event") == "done":
                 event["event"] = "trained"
             if fold is not None:
-                event.update(fold=fold, folds=folds)
+                event.update(fold=fold, folds=folds, stage=stage)
+            elif "fold" in event:  # crossval's folds are numbered from 0
+                event.update(fold=int(event["fold"]) + 1, folds=folds, stage=f"fold {int(event['fold']) + 1} of {folds}")
             emit(event)
         return forward
 
+    cross_validation = None
     try:
         if folds:
-            fractions = config.split_fractions
-            val_share = fractions[1] / (fractions[0] + fractions[1])
-            splits = _kfold_splits(patchset, folds, val_share, config.seed)
-            results = []
-            for fold, split in enumerate(splits, start=1):
-                results.append(train(patchset, config, on_event=relay(fold), is_cancelled=cancel, splits=split))
-            test_idx = np.concatenate([s[2] for s in splits])
-            probability = np.concatenate([r.probabilities["test"] for r in results])
-            threshold = float(np.median([r.decision_threshold for r in results]))
-            best = min(range(folds), key=lambda f: (_best_val_loss(results[f]), f))
-            result = results[best]
-            split_name = f"out-of-fold ({folds}-fold by patient; threshold: median of the folds')"
-            fold_summary = [
-                {"fold": f + 1, "best_epoch": r.best_epoch, "epochs_run": r.epochs_run, "decision_threshold": r.decision_threshold,
-                 "val_auc": r.metrics["validation"].get("auc"), "test_auc": (r.metrics["test"] or {}).get("auc"),
-                 "test_nodes": int(r.splits["test"].size)}
-                for f, r in enumerate(results)
-            ]
+            from .crossval import cross_validate
+
+            if folds < 2:
+                raise InputError(f"k-fold needs at least 2 folds, got {folds}; use e.g. --folds 5.")
+            cross_validation = cross_validate(patchset, config, folds, inner_val_fraction=args.inner_val_fraction, n_boot=args.bootstrap,
+                                              on_event=relay(), is_cancelled=cancel)
+            cancel.check()
+            result = _train_on_all_nodes(patchset, config, args.inner_val_fraction, relay(folds + 1, "final model on all nodes"), cancel)
         else:
-            result = train(patchset, config, on_event=relay(None), is_cancelled=cancel)
-            test_idx = result.splits["test"]
-            probability = result.probabilities.get("test", np.zeros(0))
-            threshold = result.decision_threshold
-            best, split_name, fold_summary = None, "test split (patient-level)", None
+            result = train(patchset, config, on_event=relay(), is_cancelled=cancel)
         cancel.check()
         emit({"event": "comparing"})
-        comparison = compare_on_test_set(
-            patchset, test_idx, probability, threshold, compare_path, dataset, args.bootstrap, config.seed,
-            cache_dir=args.cache, is_cancelled=cancel, split=split_name,
-        )
+        if cross_validation is not None:
+            comparison = compare_cross_validation(cross_validation, compare_path, dataset, args.bootstrap, config.seed, args.cache, cancel)
+        else:
+            comparison = compare_on_test_set(
+                patchset, result.splits["test"], result.probabilities.get("test", np.zeros(0)), result.decision_threshold,
+                compare_path, dataset, args.bootstrap, config.seed, cache_dir=args.cache, is_cancelled=cancel,
+                split="test split (patient-level)",
+            )
         cancel.check()
         name = args.name or f"LymphNodeClassifier model {job}"
-        export_trained_model(result, patchset.summary(), config, partial, command, name=name, description=args.description)
+        if cross_validation is not None:
+            from .crossval import export_final_model
+
+            export_final_model(result, patchset, config, partial, command, cross_validation.metrics, name=name, description=args.description)
+        else:
+            export_trained_model(result, patchset.summary(), config, partial, command, name=name, description=args.description)
         cancel.check()
         cancel.committed = True  # from here on the run finishes: a late cancel is ignored
         model_path = model_registry.install_model(out_folder, partial, make_active=False, name=job, move=True)
@@ -462,7 +440,7 @@ def run(args: argparse.Namespace, emit: Callable[[dict], None], cancel: Cancella
         "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "stopped_early": result.stopped_early,
         "decision_threshold": result.decision_threshold, "history": result.history,
         "validation": result.metrics["validation"], "test": result.metrics["test"],
-        "folds": fold_summary, "exported_fold": None if best is None else best + 1,
+        "folds": None if cross_validation is None else cross_validation.folds,
         "seconds": round(time.perf_counter() - started, 2), "data": patchset.summary(),
     }
     report = {
@@ -476,11 +454,43 @@ def run(args: argparse.Namespace, emit: Callable[[dict], None], cancel: Cancella
     return done
 
 
-def _best_val_loss(result) -> float:
-    for record in result.history:
-        if record.get("epoch") == result.best_epoch and record.get("val_loss") is not None:
-            return float(record["val_loss"])
-    return math.inf
+def _train_on_all_nodes(patchset, config, inner_val_fraction: float, on_event, is_cancelled):
+    """The k-fold run's exported model: every node, a patient-level inner validation part (early
+    stopping and threshold only), no test part (as `crossval.train_final_model`, but cancellable)."""
+    import numpy as np
+
+    from .training import _one_fold, train
+
+    y = np.asarray(patchset.y, dtype=np.int64)
+    groups = np.asarray(patchset.patient_ids).astype(str)
+    everything = np.arange(y.size)
+    validation = _one_fold(everything, y, groups, float(inner_val_fraction), config.seed + 1)
+    train_idx = np.setdiff1d(everything, validation)
+    return train(patchset, config, on_event=on_event, is_cancelled=is_cancelled, splits=(train_idx, validation, np.zeros(0, dtype=np.int64)))
+
+
+def compare_cross_validation(cross_validation, compare_path: Path | None, dataset, n_boot: int, seed: int, cache_dir, is_cancelled) -> dict:
+    """Pooled out-of-fold metrics of the new configuration vs the current model vs the short-axis rule, on all nodes."""
+    from .metrics import METRIC_NAMES
+
+    metrics = cross_validation.metrics
+    patchset = cross_validation.patchset
+    keys = ("n", "n_positive", "n_negative", *METRIC_NAMES, "tn", "fp", "fn", "tp", "confusion_matrix", "undefined", "ci95",
+            "prediction_rule", "per_fold_auc", "patients", "bootstrap")
+    new = {key: metrics[key] for key in keys if key in metrics}
+    comparison = {
+        "test_set": {
+            "split": f"out-of-fold ({metrics['folds']}-fold by patient): every node, predicted by a model that never saw its patient",
+            "nodes": len(patchset), "metastatic": int(patchset.y.sum()), "patients": int(len(set(patchset.patient_ids.tolist()))),
+            "cases": int(len(set(patchset.case_ids.tolist()))),
+        },
+        "new_model": new,
+        "active_model": None,
+        "size_rule": metrics["size_rules"]["short_axis_mm"],
+    }
+    if compare_path is not None:
+        comparison["active_model"] = evaluate_other_model(compare_path, dataset, patchset, n_boot, seed, cache_dir, is_cancelled)
+    return comparison
 
 
 def main(argv: Sequence[str] | None = None, stream: TextIO | None = None) -> int:

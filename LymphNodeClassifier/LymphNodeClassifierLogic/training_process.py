@@ -341,7 +341,7 @@ class TrainingCurves:
         """
         kind = event.get("event")
         if kind == "start" and event.get("fold"):
-            self.reset(f"Training, fold {event['fold']} of {event.get('folds', '?')}")
+            self.reset(f"Training, {event.get('stage') or 'fold %s of %s' % (event['fold'], event.get('folds', '?'))}")
             return True
         if kind == "epoch":
             self.add_epoch(event.get("epoch", self.rows + 1), event.get("train_loss"), event.get("val_loss"), event.get("val_auc"))
@@ -511,10 +511,10 @@ class TrainingRun:
                            f"{event.get('patients')} patients; training...")
         elif kind == "epoch":
             epochs = max(1, int(event.get("epochs") or 1))
-            folds = max(1, self.folds)
-            fold = int(event.get("fold") or 1)
-            self._set_progress(0.1 + 0.85 * ((fold - 1) + int(event.get("epoch") or 0) / epochs) / folds)
-            prefix = f"Fold {fold}/{folds}, epoch" if self.folds else "Epoch"
+            stages = self.folds + 1 if self.folds else 1  # k-fold: K folds, then the model on all nodes
+            stage = min(stages, max(1, int(event.get("fold") or 1)))
+            self._set_progress(0.1 + 0.85 * ((stage - 1) + int(event.get("epoch") or 0) / epochs) / stages)
+            prefix = f"{str(event.get('stage') or '').capitalize()}, epoch" if event.get("stage") else "Epoch"
             self.status = (f"{prefix} {event.get('epoch')}/{epochs}: train loss {_fmt(event.get('train_loss'))}, "
                            f"val loss {_fmt(event.get('val_loss'))}, val AUC {_fmt(event.get('val_auc'))}")
         elif kind == "trained":
@@ -563,15 +563,18 @@ def make_tiny_cohort(folder: str | os.PathLike, cases: int = TINY_COHORT["cases"
 
 
 def scenario_training_process(scene=None, work_dir: str | os.PathLike | None = None, python: str | None = None,
-                              timeout: float = 300.0) -> dict:
-    """A tiny run end to end: curves fill up, a model lands in the folder, its card loads, make-active works."""
+                              timeout: float = 300.0, options: Mapping[str, Any] | None = None) -> dict:
+    """A tiny run end to end: curves fill up, a model lands in the folder, its card loads, make-active works.
+
+    `options` replace the tiny run's options (TINY_OPTIONS), e.g. `{"folds": 2, "inner_val_fraction": 0.5}`.
+    """
     from LymphNodeClassifierLib import model_registry
 
     scene = scene or (getattr(slicer, "mrmlScene", None) or slicer.vtkMRMLScene())
     with tempfile.TemporaryDirectory(prefix="lymphnode-training-", dir=work_dir) as tmp:
         cohort = make_tiny_cohort(Path(tmp) / "cohort")
         models = Path(tmp) / "models"
-        run = TrainingRun(scene, cohort, models, {**TINY_OPTIONS, "compare_model": "none"}, python=python)
+        run = TrainingRun(scene, cohort, models, {**TINY_OPTIONS, "compare_model": "none", **(options or {})}, python=python)
         run.start()
         run.wait(timeout)
         if not run.finished:
@@ -589,7 +592,8 @@ def scenario_training_process(scene=None, work_dir: str | os.PathLike | None = N
         assert model_registry.active_model(models) is None
         model_registry.set_active_model(models, model_path)
         assert model_registry.active_model(models).resolve() == model_path.resolve(), "make active did not switch the model"
-        result = {"model": model_path.name, "epochs_run": epochs_run, "results": rows}
+        result = {"model": model_path.name, "epochs_run": epochs_run, "results": rows, "progress": run.progress,
+                  "chart_title": run.curves.chart_node.GetTitle(), "comparison": run.done_event["comparison"]}
         for node in run.curves.nodes() + [run.results_node]:
             scene.RemoveNode(node)
     return result
