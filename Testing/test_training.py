@@ -6,6 +6,7 @@ core), so the whole path dataset.json -> images -> nodes -> patches -> model -> 
 """
 
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -146,6 +147,7 @@ def test_patchset_cache_is_reused_and_invalidated_by_a_relabel(tmp_path):
     assert not first.from_cache and len(list((tmp_path / "cache").glob("*.npz"))) == 1
     again = build_patchset(Dataset.load(tmp_path / "d"), spec, window, cache_dir=tmp_path / "cache")
     assert again.from_cache and again.fingerprint == first.fingerprint
+    assert again.generator == first.generator == {"name": "handmade", "seed": 4}
     for name in ("x", "y", "patient_ids", "case_ids", "label_values", "short_axis_mm", "true_y"):
         np.testing.assert_array_equal(getattr(again, name), getattr(first, name))
     assert data_fingerprint(dataset, PatchSpec(), window) != first.fingerprint  # spec is part of the key
@@ -392,14 +394,17 @@ def test_cli_trains_with_held_out_set_and_reports_bad_input_in_one_line(tmp_path
     make_dataset(tmp_path / "held", n_patients=6, seed=21)
     out = tmp_path / "models" / "m.pt"
     argv = ["--dataset", str(tmp_path / "train"), "--out", str(out), "--epochs", "3", "--batch-size", "16",
-            "--seed", "2", "--cache", str(tmp_path / "cache"), "--held-out", str(tmp_path / "held")]
+            "--seed", "2", "--cache", str(tmp_path / "cache"), "--held-out", str(tmp_path / "held"),
+            "--data-command", "make_dataset train", "--data-command", "make_dataset held"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert printed.count("\nepoch ") + printed.startswith("epoch ") == 3 and "held-out handmade-21" in printed
     card = load_model(out).card
     held = card["metrics"]["held_out"]["handmade-21"]
     assert held["n"] == 18 and "size_rule_auc" in held and "auc_vs_truth" in held
-    assert card["training"]["command"] == "python -m LymphNodeClassifierLib train " + " ".join(argv)
+    assert card["training"]["command"] == "python -m LymphNodeClassifierLib train " + shlex.join(argv)
+    assert card["training"]["data_commands"] == ["make_dataset train", "make_dataset held"]
+    assert card["training"]["dataset"]["generator"] == {"name": "handmade", "seed": 20}
 
     assert main(["--dataset", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.pt")]) == 2
     err = capsys.readouterr().err

@@ -518,11 +518,17 @@ def build_card(
     model_version: str = "1.0.0",
     name: str = "LymphNodeClassifier model",
     description: str = "",
+    data_commands: Sequence[str] = (),
 ) -> dict:
-    """The model card of a training result (validated by `model.new_card`)."""
+    """The model card of a training result (validated by `model.new_card`).
+
+    `data_commands`: the command lines that made the training / held-out data (e.g. the phantom
+    generation), stored as `training.data_commands` so the whole model can be rebuilt.
+    """
     summary = json_safe(dict(patchset_summary))
     training = {
         "command": str(command),
+        "data_commands": [str(c) for c in data_commands],
         "seed": config.seed,
         "epochs": result.epochs_run,
         "best_epoch": result.best_epoch,
@@ -640,6 +646,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-version", default="1.0.0")
     parser.add_argument("--name", default="LymphNodeClassifier model")
     parser.add_argument("--description", default="")
+    parser.add_argument("--data-command", action="append", default=[], metavar="COMMAND",
+                        help="command line that made the training or held-out data (repeatable; stored in the card)")
     return parser
 
 
@@ -691,7 +699,7 @@ def run(args: argparse.Namespace, command: str) -> int:
 
     result, held_metrics = train_and_export(
         patchset, config, out, command, held_sets, on_event=show,
-        model_version=args.model_version, name=args.name, description=args.description,
+        model_version=args.model_version, name=args.name, description=args.description, data_commands=args.data_command,
     )
     test = result.metrics["test"]
     print(f"best epoch {result.best_epoch} of {result.epochs_run}; threshold {result.decision_threshold:.3f}; "
