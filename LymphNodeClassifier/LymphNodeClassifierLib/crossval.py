@@ -386,6 +386,15 @@ def export_final_model(result, patchset: PatchSet, config: TrainingConfig, path:
 
     card = build_card(result, patchset.summary(), config, command, None, model_version=model_version, name=name, description=description)
     card["metrics"]["cross_validation"] = card_summary(cv_metrics_block)
+    # resubstitution on every training node: optimistic, not a performance estimate; recorded so
+    # that re-evaluating the shipped model on the same data can be checked against the card
+    from .training import predict_probabilities
+
+    whole = binary_metrics(patchset.y, predict_probabilities(result.model, patchset.x), result.decision_threshold)
+    card["metrics"]["training_set"] = json_safe({
+        **{key: whole[key] for key in ("n", "n_positive", "threshold", "auc", "accuracy", "sensitivity", "specificity")},
+        "note": "the shipped model on its own training nodes (resubstitution, optimistic): a reproducibility check, not a performance estimate",
+    })
     card["training"]["split"]["method"] = "whole set; StratifiedGroupKFold by patient only for the inner validation part (early stopping, threshold)"
     if label_definition:
         card["label_definition"] = label_definition
