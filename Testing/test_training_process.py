@@ -163,6 +163,20 @@ def test_finished_run_installs_a_model_compared_on_the_same_test_set(cohort, mod
     assert model_registry.active_model(models) == model_path
 
 
+def test_cancel_during_start_up_is_clean(cohort, tmp_path):
+    process = tp.TrainingProcess(cohort, tmp_path / "models", tp.TINY_OPTIONS)
+    process.start()
+    while not process.events:  # the worker is alive and still importing PyTorch
+        process.poll()
+        time.sleep(0.02)
+    started = time.monotonic()
+    process.cancel(wait=True, timeout=10.0)
+    events = process.wait(timeout=10)
+    assert time.monotonic() - started < CANCEL_SECONDS
+    assert process.returncode == 130 and events[-1]["event"] == "cancelled" and "synthesized" not in events[-1]
+    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
+
+
 def test_bad_input_is_one_error_line_and_no_model(tmp_path, models):
     before = folder_state(models)
     process = tp.TrainingProcess(tmp_path / "no-dataset", models, {"epochs": 1})

@@ -509,18 +509,23 @@ def main(argv: Sequence[str] | None = None, stream: TextIO | None = None) -> int
         run(args, emit, cancel, command)
         return EXIT_OK
     except CancelledError as error:
+        cancel.raise_now = False  # a second signal must not interrupt the report
         emit({"event": "cancelled", "message": one_line(error)})
         return EXIT_CANCELLED
     except KeyboardInterrupt:
+        cancel.raise_now = False
         emit({"event": "cancelled", "message": "Training cancelled; no model was written."})
         return EXIT_CANCELLED
     except InputError as error:
         cancel.raise_now = False
+        if cancel.requested and not cancel.committed:
+            emit({"event": "cancelled", "message": "Training cancelled; no model was written."})
+            return EXIT_CANCELLED
         emit({"event": "error", "message": one_line(error)})
         return EXIT_INPUT
     except Exception as error:  # noqa: BLE001 - reported as one line; the traceback goes to stderr
         cancel.raise_now = False
-        if cancel.requested:
+        if cancel.requested and not cancel.committed:
             emit({"event": "cancelled", "message": "Training cancelled; no model was written."})
             return EXIT_CANCELLED
         traceback.print_exc(file=sys.stderr)
