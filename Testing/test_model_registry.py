@@ -130,6 +130,8 @@ def test_resolve_model_prefers_active_then_bundled(tmp_path, model_file):
     folder, bundled = tmp_path / "models", tmp_path / "bundled"
     assert model_registry.resolve_model(folder, bundled) is None
     bundled.mkdir()
+    export_model(bundled / "another_lesion.pt", "another kind of lesion")
+    assert model_registry.resolve_model(folder, bundled) is None  # only the default model is picked by itself
     shipped = export_model(bundled / "lymph_node_phantom.pt", "shipped")
     assert model_registry.resolve_model(folder, bundled) == shipped
     active = model_registry.install_model(folder, model_file, make_active=True)

@@ -225,7 +225,11 @@ def set_active_model(folder: str | os.PathLike | None, path: str | os.PathLike |
 
 def resolve_model(folder: str | os.PathLike | None = None, bundled_dir: str | os.PathLike | None = BUNDLED_MODELS_DIR,
                   default_name: str = "lymph_node_phantom.pt") -> Path | None:
-    """The model to use when none is chosen: the active one, else the bundled default, else None."""
+    """The model to use when none is chosen: the active one, else the bundled default, else None.
+
+    Other bundled models (e.g. for another kind of lesion) are never picked by default: they are
+    used only when chosen or made active.
+    """
     active = active_model(folder)
     if active is not None:
         return active
@@ -233,9 +237,6 @@ def resolve_model(folder: str | os.PathLike | None = None, bundled_dir: str | os
         default = Path(bundled_dir) / default_name
         if default.is_file():
             return default
-        bundled = sorted(_model_files(Path(bundled_dir)))
-        if bundled:
-            return bundled[0]
     return None
 
 
