@@ -395,7 +395,11 @@ def export_final_model(result, patchset: PatchSet, config: TrainingConfig, path:
         **{key: whole[key] for key in ("n", "n_positive", "threshold", "auc", "accuracy", "sensitivity", "specificity")},
         "note": "the shipped model on its own training nodes (resubstitution, optimistic): a reproducibility check, not a performance estimate",
     })
-    card["training"]["split"]["method"] = "whole set; StratifiedGroupKFold by patient only for the inner validation part (early stopping, threshold)"
+    split = card["training"]["split"]
+    split["method"] = "whole set; StratifiedGroupKFold by patient only for the inner validation part (early stopping, threshold)"
+    n = split["train_nodes"] + split["validation_nodes"]
+    split["fractions"] = [split["train_nodes"] / n, split["validation_nodes"] / n, 0.0]  # what was used, not config.split_fractions
+    split["inner_val_fraction"] = float(cv_metrics_block.get("inner_val_fraction", math.nan))
     if label_definition:
         card["label_definition"] = label_definition
     return export_torchscript(result.model, validate_card(card), path)
