@@ -19,6 +19,7 @@ COMMANDS = {
     "phantoms": ("phantoms", "main", "generate a CT phantom cohort in the dataset format"),
     "explore": ("explore", "main", "summarise a dataset and list cases to review"),
     "train": ("training", "main", "train a model on a dataset and export it as TorchScript"),
+    "suspects": ("suspects", "main", "rank node labels that out-of-fold models disagree with"),
     "curate": ("curation", "main", "rebuild dataset.json from the curation journal, list cases to review, show edit history"),
     "import": ("importer", "main", "import a CSV of image / mask / label rows as a dataset"),
     "crossval": ("crossval", "main", "patient-grouped k-fold cross-validation: out-of-fold metrics vs the size rules"),

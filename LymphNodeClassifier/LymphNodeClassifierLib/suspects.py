@@ -1,0 +1,486 @@
+"""Suspect-label finder: which node labels does a model trained without that node's patient disagree with?
+
+A study can fail because some reference labels are wrong. This module ranks every labelled node
+by how much its given label disagrees with an out-of-fold (OOF) model, so a reader can re-check
+the most suspect nodes first.
+
+- Folds: scikit-learn `StratifiedGroupKFold` on the patient ids (`assign_folds`): every node of a
+  patient is in the same fold, so a node's OOF probability comes from a model that never saw any
+  node, study or label of its patient. For fold k, the other folds are split again by patient into
+  training and validation nodes (`training.split_by_patient`, 80/20; the validation nodes pick the
+  epoch), and `training.train` is called with `splits=(train, validation, fold k)`: fold k is its
+  "test" split and its probabilities are the OOF probabilities. The configuration's own
+  `split_fractions` are not used; the seed of fold k's model is `config.seed + k`.
+- Test-time augmentation (default on): the OOF probability of a node is the mean over the eight
+  flips / 90-degree turns of its patch (the same 2-D transform on every channel, as in training),
+  which steadies the probabilities of a model trained for a short schedule.
+- Ranking: cleanlab's `rank.get_label_quality_scores(labels, pred_probs, method="self_confidence",
+  adjust_pred_probs=True)`. Self-confidence is the OOF probability of the *given* label; for two
+  classes "normalized_margin" orders the nodes exactly the same way (it is `2 p - 1` rescaled), so
+  the choice between the two does not matter here. `adjust_pred_probs=True` subtracts each class's
+  average self-confidence first, so a model that leans towards one class does not fill the top of
+  the list with that class's nodes. `suspicion = 1 - label_quality`; rank 1 is the most suspect.
+- Flag: cleanlab's `filter.find_label_issues(labels, pred_probs, filter_by="prune_by_noise_rate")`
+  (confident learning): it estimates from the OOF probabilities how many labels of each class are
+  wrong (the confident joint, with per-class thresholds) and flags that many nodes, so the flag
+  answers "how many should I look at" while the score orders them.
+- `suggested_label` is the class the OOF model prefers (probability >= 0.5).
+
+`SuspectResult` holds per-node arrays in the PatchSet's row order plus `order` (the ranking);
+`rows()` / `summary()` give the CSV rows and the JSON summary. With phantom truth (`true_y`), the
+summary says which fraction of the flipped labels lies in the top 20 % of the ranking (chance:
+20 %) and the OOF AUC against the given and the true labels.
+
+`main(argv)`: the `suspects` command (`suspects.csv` ranked, `suspects.json` summary, both
+written atomically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import io
+import math
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from cleanlab.filter import find_label_issues
+from cleanlab.rank import get_label_quality_scores
+from sklearn.model_selection import StratifiedGroupKFold
+
+from .errors import CancelledError, InputError
+from .fileio import atomic_write_json, atomic_write_text
+from .metrics import json_safe, rank_auc as _rank_auc
+from .patchset import PatchSet, build_patchset
+from .training import TrainingConfig, _check_patchset, split_by_patient, train
+
+TOP_FRACTION = 0.2  # the share of the ranking a reader is expected to re-check
+VALIDATION_SHARE = 0.2  # of the other folds' nodes, by patient: picks each fold model's epoch
+SCORE_METHOD = "self_confidence"
+ISSUE_FILTER = "prune_by_noise_rate"
+CSV_COLUMNS = (
+    "rank", "case_id", "patient_id", "label_value", "given_label", "oof_probability", "suspicion",
+    "cleanlab_issue", "suggested_label", "fold", "true_label", "label_flipped",
+)
+EventCallback = Callable[[dict], None]
+
+
+def suspect_config(epochs: int = 60, seed: int = 0, num_threads: int | None = 1, **overrides) -> TrainingConfig:
+    """The short schedule of the fold models: the study's CNN on 32-pixel patches at 1.58 mm + mask.
+
+    - 32 px at 1.58 mm: the field of view of the 64 px / 0.79 mm default (50.6 mm) with a quarter
+      of the pixels; on phantoms it reached the same held-out AUC as 64 px in a third of the time.
+    - The node mask as a fourth channel gives the node's outline (size, roundness) directly.
+    - Batches of 16 and a constant learning rate (`lr_patience` beyond the schedule): with noisy
+      labels the CNN sits on a loss plateau for 10-20 epochs, and halving the learning rate on that
+      plateau (the training default) kept it there for good.
+    - No early stopping (patience = epochs): the plateau's flat validation loss stopped some folds
+      before they had learnt anything; the epoch with the lowest validation loss is kept.
+    - One torch thread: on a busy two-core machine two threads spin against the other processes
+      (about 11 s instead of 0.7-1 s per epoch measured under load); pass `num_threads=None` for
+      torch's own setting.
+    """
+    values = dict(
+        architecture="custom", patch_size=32, spacing_mm=(1.58, 1.58, 1.58), mask_channel=True, translation_px=5.0,
+        batch_size=16, epochs=epochs, patience=epochs, lr_patience=1000, seed=seed, num_threads=num_threads,
+    )
+    values.update(overrides)
+    return TrainingConfig(**values)
+
+
+def rank_auc(y: np.ndarray, p: np.ndarray) -> float:
+    """ROC AUC (Mann-Whitney), nan when `y` holds one class only."""
+    y = np.asarray(y)
+    return _rank_auc(y, np.asarray(p, dtype=np.float64)) if y.size and 0 < int((y == 1).sum()) < y.size else math.nan
+
+
+# --------------------------------------------------------------------------------------------
+# folds
+
+
+def _check_folds(folds) -> int:
+    if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or folds < 2:
+        raise InputError(f"The number of folds must be a whole number of at least 2, got {folds!r}; use e.g. 5.")
+    return int(folds)
+
+
+def _check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise InputError(f"The seed must be a non-negative whole number, got {seed!r}; use e.g. 0.")
+    return int(seed)
+
+
+def assign_folds(patient_ids: Sequence, y: Sequence[int], folds: int = 5, seed: int = 0) -> np.ndarray:
+    """Fold index (0..folds-1) of every node; all nodes of a patient share one fold.
+
+    scikit-learn's StratifiedGroupKFold (shuffled with `seed`) keeps the class balance of the
+    folds close to the whole set's. Raises InputError when there are fewer patients than folds.
+    """
+    folds = _check_folds(folds)
+    seed = _check_seed(seed)
+    groups = np.asarray(patient_ids).astype(str)
+    labels = np.asarray(y).astype(np.int64)
+    if groups.ndim != 1 or groups.shape != labels.shape:
+        raise InputError(f"There are {groups.size} patient ids for {labels.size} labels; pass one patient id per node.")
+    n_patients = len(np.unique(groups))
+    if n_patients < folds:
+        raise InputError(f"There are only {n_patients} patients for {folds} folds; use fewer folds or add patients.")
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    out = np.full(labels.size, -1, dtype=np.int64)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*least populated class.*")
+        for k, (_, members) in enumerate(splitter.split(np.zeros(labels.size), labels, groups)):
+            out[members] = k
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# result
+
+
+@dataclass
+class SuspectResult:
+    """Per-node arrays in the PatchSet's row order; `order` lists the rows from most to least suspect."""
+
+    case_ids: np.ndarray
+    patient_ids: np.ndarray
+    label_values: np.ndarray
+    given: np.ndarray  # int64 0/1, the label under test
+    oof_probability: np.ndarray  # float64, P(metastatic) from the model of the node's fold
+    label_quality: np.ndarray  # cleanlab score in [0, 1], low = suspect
+    suspicion: np.ndarray  # 1 - label_quality
+    issue: np.ndarray  # bool, cleanlab.filter.find_label_issues
+    fold: np.ndarray  # int64 fold of the node (its patient's)
+    order: np.ndarray  # row indices, most suspect first
+    true_y: np.ndarray  # int64, -1 = unknown (real data)
+    fold_splits: list[dict[str, np.ndarray]]  # per fold: "train", "validation", "predict" row indices
+    fold_reports: list[dict]  # per fold: nodes, patients, best epoch, validation AUC, seconds
+    folds: int
+    seed: int
+    config: TrainingConfig
+    tta: bool
+    seconds: float
+    problems: list[str] = field(default_factory=list)
+    dataset_name: str = ""
+
+    def __len__(self) -> int:
+        return int(self.given.size)
+
+    @property
+    def has_truth(self) -> bool:
+        return bool(self.true_y.size) and bool((self.true_y >= 0).all())
+
+    @property
+    def rank(self) -> np.ndarray:
+        """1-based rank of every row (1 = most suspect)."""
+        out = np.empty(len(self), dtype=np.int64)
+        out[self.order] = np.arange(1, len(self) + 1)
+        return out
+
+    @property
+    def suggested(self) -> np.ndarray:
+        return (self.oof_probability >= 0.5).astype(np.int64)
+
+    def top(self, fraction: float = TOP_FRACTION) -> np.ndarray:
+        """Row indices of the most suspect `fraction` of the nodes (at least one)."""
+        count = max(1, int(round(fraction * len(self))))
+        return self.order[:count]
+
+    def rows(self) -> list[dict]:
+        """One dict per node, ranked (CSV_COLUMNS); truth columns are None without phantom truth."""
+        suggested = self.suggested
+        out = []
+        for rank, i in enumerate(self.order.tolist(), start=1):
+            known = bool(self.true_y[i] >= 0)
+            out.append({
+                "rank": rank,
+                "case_id": str(self.case_ids[i]),
+                "patient_id": str(self.patient_ids[i]),
+                "label_value": int(self.label_values[i]),
+                "given_label": int(self.given[i]),
+                "oof_probability": round(float(self.oof_probability[i]), 6),
+                "suspicion": round(float(self.suspicion[i]), 6),
+                "cleanlab_issue": bool(self.issue[i]),
+                "suggested_label": int(suggested[i]),
+                "fold": int(self.fold[i]),
+                "true_label": int(self.true_y[i]) if known else None,
+                "label_flipped": bool(self.true_y[i] != self.given[i]) if known else None,
+            })
+        return out
+
+    def summary(self) -> dict:
+        """JSON-ready summary (the recall figures need phantom truth, else they are None)."""
+        n = len(self)
+        top = self.top()
+        out: dict = {
+            "dataset": self.dataset_name,
+            "n": n,
+            "patients": int(len(set(self.patient_ids.tolist()))),
+            "given_metastatic": int(self.given.sum()),
+            "folds": self.folds,
+            "seed": self.seed,
+            "grouping": "StratifiedGroupKFold by patient: no patient in the training/validation and predicted nodes of one fold",
+            "ranking": f"1 - cleanlab.rank.get_label_quality_scores(method='{SCORE_METHOD}', adjust_pred_probs=True) on the OOF probabilities",
+            "issue_flag": f"cleanlab.filter.find_label_issues(filter_by='{ISSUE_FILTER}')",
+            "test_time_augmentation": self.tta,
+            "n_issues": int(self.issue.sum()),
+            "top_fraction": TOP_FRACTION,
+            "n_top": int(top.size),
+            "oof_auc_vs_given": rank_auc(self.given, self.oof_probability),
+            "oof_auc_vs_true": None,
+            "has_truth": self.has_truth,
+            "n_flipped": None,
+            "flipped_found_in_top": None,
+            "chance_found_in_top": TOP_FRACTION,
+            "precision_in_top": None,
+            "issues_recall": None,
+            "issues_precision": None,
+            "fold_reports": self.fold_reports,
+            "config": self.config.to_dict(),
+            "seconds": round(self.seconds, 1),
+            "problems": len(self.problems),
+        }
+        if self.has_truth:
+            flipped = self.true_y != self.given
+            n_flipped = int(flipped.sum())
+            out["oof_auc_vs_true"] = rank_auc(self.true_y, self.oof_probability)
+            out["n_flipped"] = n_flipped
+            out["flipped_found_in_top"] = float(flipped[top].sum() / n_flipped) if n_flipped else None
+            out["chance_found_in_top"] = float(top.size / n)
+            out["precision_in_top"] = float(flipped[top].mean())
+            out["issues_recall"] = float((flipped & self.issue).sum() / n_flipped) if n_flipped else None
+            out["issues_precision"] = float(flipped[self.issue].mean()) if self.issue.any() else None
+        return json_safe(out)
+
+
+# --------------------------------------------------------------------------------------------
+# the finder
+
+
+def predict_tta(model: torch.nn.Module, x: np.ndarray, tta: bool = True, batch_size: int = 256) -> np.ndarray:
+    """P(metastatic) of an eager model for `(N, C, H, W)` patches; with `tta`, the mean over the
+    eight flips / 90-degree turns (the same transform on every channel)."""
+    model.eval()
+    tensor = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32))
+    transforms = [(turns, flip) for turns in range(4) for flip in (False, True)] if tta else [(0, False)]
+    total = np.zeros(tensor.shape[0], dtype=np.float64)
+    with torch.inference_mode():
+        for turns, flip in transforms:
+            view = torch.rot90(tensor, turns, dims=(-2, -1)) if turns else tensor
+            view = view.flip(-1) if flip else view
+            for start in range(0, view.shape[0], batch_size):
+                total[start:start + batch_size] += torch.sigmoid(model(view[start:start + batch_size])).double().numpy()
+    return total / len(transforms)
+
+
+def rank_labels(given: np.ndarray, oof_probability: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(label_quality, issue flags, order most-suspect-first) of binary labels from OOF probabilities."""
+    given = np.asarray(given, dtype=np.int64)
+    p = np.clip(np.asarray(oof_probability, dtype=np.float64), 0.0, 1.0)
+    pred_probs = np.column_stack([1.0 - p, p])
+    quality = get_label_quality_scores(given, pred_probs, method=SCORE_METHOD, adjust_pred_probs=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # cleanlab warns when a class has very few confident examples
+        issue = find_label_issues(given, pred_probs, filter_by=ISSUE_FILTER, n_jobs=1)
+    # most suspect first; ties by the probability of the given label, then by row (stable)
+    p_given = np.where(given == 1, p, 1.0 - p)
+    order = np.lexsort((np.arange(given.size), p_given, quality))
+    return np.asarray(quality, dtype=np.float64), np.asarray(issue, dtype=bool), order
+
+
+def find_suspects(
+    patchset: PatchSet,
+    config: TrainingConfig,
+    folds: int = 5,
+    seed: int = 0,
+    on_event: EventCallback | None = None,
+    is_cancelled: Callable[[], bool] | None = None,
+    tta: bool = True,
+) -> SuspectResult:
+    """Rank the labelled nodes of `patchset` by how much their label disagrees with OOF models.
+
+    `config` is the training configuration of every fold model (e.g. `suspect_config()`; its
+    patch spec must be the PatchSet's). `seed` shuffles the patient folds. `on_event(dict)` gets
+    `fold_start`, the fold's training events (with `fold` added), `fold_done` and `done`;
+    `is_cancelled()` is checked before every batch and fold (`CancelledError`).
+    """
+    started = time.perf_counter()
+    if not isinstance(config, TrainingConfig):
+        raise TypeError("find_suspects needs a training.TrainingConfig (e.g. suspects.suspect_config())")
+    _check_patchset(patchset, config)
+    folds = _check_folds(folds)
+    seed = _check_seed(seed)
+    counts = np.bincount(patchset.y, minlength=2)
+    if counts.min() < folds:
+        raise InputError(
+            f"Only {int(counts.min())} node(s) are labelled {'benign' if counts[0] < counts[1] else 'metastatic'}, fewer than the {folds} folds; "
+            "label more nodes of that class or use fewer folds."
+        )
+    emit = (lambda event: on_event(json_safe(event))) if on_event is not None else (lambda event: None)
+    fold_of = assign_folds(patchset.patient_ids, patchset.y, folds, seed)
+    oof = np.full(len(patchset), np.nan)
+    fold_splits: list[dict[str, np.ndarray]] = []
+    reports: list[dict] = []
+    for k in range(folds):
+        if is_cancelled is not None and is_cancelled():
+            raise CancelledError("The suspect search was cancelled; nothing was written.")
+        predict = np.flatnonzero(fold_of == k)
+        rest = np.flatnonzero(fold_of != k)
+        if np.unique(patchset.y[rest]).size < 2:
+            raise InputError(f"Fold {k + 1} leaves only one class to train on; label more nodes of both classes or use fewer folds.")
+        train_rel, val_rel, _ = split_by_patient(patchset.patient_ids[rest], patchset.y[rest], (1.0 - VALIDATION_SHARE, VALIDATION_SHARE, 0.0), seed + 7919 * (k + 1))
+        splits = {"train": rest[train_rel], "validation": rest[val_rel], "predict": predict}
+        fold_splits.append(splits)
+        emit({"event": "fold_start", "fold": k + 1, "folds": folds, **{f"{name}_nodes": int(v.size) for name, v in splits.items()}})
+        fold_config = dataclasses.replace(config, seed=config.seed + k)
+
+        def forward(event: dict, fold: int = k + 1) -> None:
+            emit({**event, "fold": fold, "folds": folds})
+
+        result = train(patchset, fold_config, on_event=forward if on_event is not None else None, is_cancelled=is_cancelled,
+                       splits=(splits["train"], splits["validation"], predict))
+        oof[predict] = predict_tta(result.model, patchset.x[predict], tta) if tta else result.probabilities["test"]
+        report = {
+            "fold": k + 1,
+            "train_nodes": int(splits["train"].size),
+            "validation_nodes": int(splits["validation"].size),
+            "predict_nodes": int(predict.size),
+            "predict_patients": int(len(set(patchset.patient_ids[predict].tolist()))),
+            "best_epoch": result.best_epoch,
+            "epochs_run": result.epochs_run,
+            "validation_auc": result.metrics["validation"]["auc"],
+            "oof_auc_vs_given": rank_auc(patchset.y[predict], oof[predict]),
+            "seconds": round(result.seconds, 1),
+        }
+        reports.append(json_safe(report))
+        emit({"event": "fold_done", "folds": folds, **report})
+    quality, issue, order = rank_labels(patchset.y, oof)
+    out = SuspectResult(
+        case_ids=patchset.case_ids.copy(), patient_ids=patchset.patient_ids.copy(), label_values=patchset.label_values.copy(),
+        given=patchset.y.astype(np.int64).copy(), oof_probability=oof, label_quality=quality, suspicion=1.0 - quality,
+        issue=issue, fold=fold_of, order=order, true_y=patchset.true_y.astype(np.int64).copy(), fold_splits=fold_splits,
+        fold_reports=reports, folds=folds, seed=seed, config=config, tta=bool(tta), seconds=time.perf_counter() - started,
+        problems=list(patchset.problems), dataset_name=patchset.dataset_name,
+    )
+    summary = out.summary()
+    emit({"event": "done", **{key: summary[key] for key in ("n", "n_issues", "oof_auc_vs_given", "oof_auc_vs_true", "flipped_found_in_top", "seconds")}})
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# output
+
+
+def csv_text(result: SuspectResult) -> str:
+    """The ranked table as CSV text (booleans as true/false, unknown truth as empty cells)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(CSV_COLUMNS), lineterminator="\n")
+    writer.writeheader()
+    for row in result.rows():
+        writer.writerow({key: ("" if value is None else str(value).lower() if isinstance(value, bool) else value) for key, value in row.items()})
+    return buffer.getvalue()
+
+
+def write_outputs(result: SuspectResult, out_dir: str | Path, extra: dict | None = None) -> tuple[Path, Path]:
+    """Write `suspects.csv` and `suspects.json` into `out_dir` (each atomically); returns their paths."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"--out {out_dir} is a file; choose a folder for suspects.csv and suspects.json.")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"Cannot create the output folder {out_dir} ({error.strerror}); choose a writable folder.") from None
+    csv_path, json_path = out_dir / "suspects.csv", out_dir / "suspects.json"
+    summary = result.summary()
+    if extra:
+        summary.update(json_safe(extra))
+    try:
+        atomic_write_text(csv_path, csv_text(result))
+        atomic_write_json(json_path, summary)
+    except OSError as error:
+        raise InputError(f"Cannot write into {out_dir} ({error.strerror}); choose a writable folder.") from None
+    return csv_path, json_path
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (via InputError)
+        raise InputError(f"{message}; see `suspects --help`.")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="python -m LymphNodeClassifierLib suspects",
+        description="Rank a dataset's node labels by how much out-of-fold models (patient-grouped folds) disagree with them.",
+    )
+    parser.add_argument("--dataset", required=True, help="dataset folder (with dataset.json)")
+    parser.add_argument("--out", required=True, help="folder for suspects.csv (ranked) and suspects.json (summary); "
+                        "the dataset folder itself puts the list into the module's Curation tab")
+    parser.add_argument("--folds", type=int, default=5, help="patient-grouped folds (default 5)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the folds and the fold models (default 0)")
+    parser.add_argument("--epochs", type=int, default=60, help="most epochs per fold model (default 60; early stopping)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest on a busy machine)")
+    parser.add_argument("--cache", default=None, help="folder for cached patch arrays")
+    parser.add_argument("--no-tta", action="store_true", help="no test-time flips/turns for the OOF probabilities")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from .dataset import Dataset
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; choose a folder for suspects.csv and suspects.json.")
+    _check_folds(args.folds)
+    config = suspect_config(epochs=args.epochs, seed=_check_seed(args.seed), num_threads=args.threads)
+    dataset = Dataset.load(args.dataset)
+    start = time.perf_counter()
+    patchset = build_patchset(dataset, config.patch_spec(), config.window, cache_dir=args.cache)
+    say = (lambda text: None) if args.quiet else (lambda text: print(text, flush=True))
+    say(f"patches: {len(patchset)} nodes from {patchset.n_cases} cases in {time.perf_counter() - start:.1f} s")
+    for line in patchset.problems[:10]:
+        print(f"warning: skipped: {line}", file=sys.stderr)
+
+    def show(event: dict) -> None:
+        if event["event"] == "fold_done":
+            say(f"fold {event['fold']}/{event['folds']}: {event['predict_nodes']} nodes predicted, best epoch {event['best_epoch']} "
+                f"of {event['epochs_run']}, {event['seconds']:.1f} s")
+
+    result = find_suspects(patchset, config, folds=args.folds, seed=args.seed, on_event=show, tta=not args.no_tta)
+    csv_path, json_path = write_outputs(result, out, extra={"dataset_folder": str(Path(args.dataset).resolve())})
+    summary = result.summary()
+    say(f"{summary['n']} nodes ranked in {summary['seconds']:.0f} s; cleanlab flags {summary['n_issues']}; "
+        f"OOF AUC vs given labels {_fmt(summary['oof_auc_vs_given'])}")
+    if summary["has_truth"]:
+        say(f"phantom truth: {summary['n_flipped']} flipped labels, {_fmt(summary['flipped_found_in_top'])} of them in the top "
+            f"{TOP_FRACTION:.0%} (chance {_fmt(summary['chance_found_in_top'])}); OOF AUC vs true labels {_fmt(summary['oof_auc_vs_true'])}")
+    say(f"wrote {csv_path} and {json_path}")
+    return 0
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`suspects --dataset DIR --out DIR [--folds K] [--seed S] [--epochs E]`; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return run(_parser().parse_args(argv))
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except CancelledError as error:
+        print(f"cancelled: {error}", file=sys.stderr)
+        return 130
