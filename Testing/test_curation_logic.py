@@ -9,16 +9,15 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip install slicer-core)")
 
 from LymphNodeClassifierLib.curation import JOURNAL_FILE, read_journal  # noqa: E402
 from LymphNodeClassifierLib.dataset import Dataset  # noqa: E402
 from LymphNodeClassifierLib.errors import InputError  # noqa: E402
-from LymphNodeClassifierLib.model import build_model, export_torchscript, new_card  # noqa: E402
 from LymphNodeClassifierLib.phantoms import generate_cohort  # noqa: E402
 from LymphNodeClassifierLogic.curation_logic import NODE_COLUMNS, CurationLogic  # noqa: E402
+from helpers import export_untrained_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -37,18 +36,7 @@ def dataset_folder(phantom_dataset, tmp_path) -> Path:
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = build_model("custom_cnn", 3, 32).eval()
-    card = new_card(
-        architecture="custom_cnn",
-        preprocessing={
-            "window_low": -135.0, "window_high": 215.0, "window_preset": "abdomen", "spacing_mm": [1.58, 1.58, 1.58],
-            "patch_size": 32, "field_of_view_mm": 32 * 1.58, "views": "triplanar", "mask_channel": False, "air_hu": -1024.0,
-        },
-        training={"command": "untrained test model", "seed": 0, "epochs": 0, "dataset": {}},
-        name="untrained",
-    )
-    return export_torchscript(model, card, tmp_path_factory.mktemp("model") / "untrained.pt")
+    return export_untrained_model(tmp_path_factory.mktemp("model") / "untrained.pt", size=32, spacing_mm=1.58, name="untrained")
 
 
 @pytest.fixture()

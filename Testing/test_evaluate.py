@@ -13,39 +13,25 @@ import matplotlib.image
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_score, recall_score, roc_auc_score
 
 from LymphNodeClassifierLib import cli
 from LymphNodeClassifierLib.dataset import Dataset
 from LymphNodeClassifierLib.errors import InputError
 from LymphNodeClassifierLib.evaluate import evaluate_patchset, evaluate_predictions
-from LymphNodeClassifierLib.model import build_model, export_torchscript, load_model, new_card
+from LymphNodeClassifierLib.model import load_model
 from LymphNodeClassifierLib.patches import PatchSpec
 from LymphNodeClassifierLib.patchset import PatchSet
 from LymphNodeClassifierLib.phantoms import generate_cohort
 from LymphNodeClassifierLib.pipeline import classify_images
+from helpers import export_untrained_model
 
 RATES = ("accuracy", "sensitivity", "specificity", "ppv", "npv")
 
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = build_model("custom_cnn", 3, 64).eval()
-    card = new_card(
-        architecture="custom_cnn",
-        preprocessing={
-            "window_low": -135.0, "window_high": 215.0, "window_preset": "abdomen", "spacing_mm": [0.79, 0.79, 0.79],
-            "patch_size": 64, "field_of_view_mm": 64 * 0.79, "views": "triplanar", "mask_channel": False, "air_hu": -1024.0,
-        },
-        training={"command": "untrained test model", "seed": 0, "epochs": 0, "dataset": {}},
-        name="untrained test model",
-        decision_threshold=0.5,
-    )
-    path = tmp_path_factory.mktemp("model") / "untrained.pt"
-    export_torchscript(model, card, path)
-    return path
+    return export_untrained_model(tmp_path_factory.mktemp("model") / "untrained.pt")
 
 
 @pytest.fixture(scope="module")

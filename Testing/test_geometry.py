@@ -14,18 +14,9 @@ from LymphNodeClassifierLib.geometry import (
     ras_to_lps,
     same_geometry,
 )
+from helpers import TILTED, rotation
 
 
-def rotation(axis: int, degrees: float) -> np.ndarray:
-    """Right-handed rotation matrix about x (0), y (1) or z (2)."""
-    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
-    i, j = [a for a in range(3) if a != axis]
-    matrix = np.eye(3)
-    matrix[i, i], matrix[i, j], matrix[j, i], matrix[j, j] = c, -s, s, c
-    return matrix
-
-
-TILTED = rotation(0, 15) @ rotation(1, 15)
 
 
 def make_ct(size=(20, 18, 12), spacing=(0.7, 0.8, 2.0), origin=(-10.0, 5.0, 30.0), direction=np.eye(3)) -> sitk.Image:

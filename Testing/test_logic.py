@@ -5,16 +5,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip install slicer-core)")
 vtk = pytest.importorskip("vtk")
 
 from LymphNodeClassifierLib.errors import InputError  # noqa: E402
-from LymphNodeClassifierLib.model import build_model, export_torchscript, new_card  # noqa: E402
 from LymphNodeClassifierLogic import ClassificationLogic  # noqa: E402
 from LymphNodeClassifierLogic import scenarios  # noqa: E402
 from LymphNodeClassifierLogic.convert import sitk_image_from_volume_node, update_volume_node_from_sitk_image  # noqa: E402
+from helpers import export_untrained_model, rotation  # noqa: E402
 
 BUNDLED_MODEL = Path(scenarios.DEFAULT_MODEL_PATH)
 needs_sample = pytest.mark.skipif(
@@ -24,36 +23,14 @@ needs_sample = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def untrained_model(tmp_path_factory) -> Path:
-    """A real TorchScript model with a card (random weights): enough to test the plumbing."""
-    torch.manual_seed(0)
-    model = build_model("custom_cnn", 3, 64).eval()
-    card = new_card(
-        architecture="custom_cnn",
-        preprocessing={
-            "window_low": -135.0, "window_high": 215.0, "window_preset": "abdomen", "spacing_mm": [0.79, 0.79, 0.79],
-            "patch_size": 64, "field_of_view_mm": 64 * 0.79, "views": "triplanar", "mask_channel": False, "air_hu": -1024.0,
-        },
-        training={"command": "untrained test model", "seed": 0, "epochs": 0, "dataset": {}},
-        name="untrained test model",
-    )
-    path = tmp_path_factory.mktemp("model") / "untrained.pt"
-    export_torchscript(model, card, path)
-    return path
-
-
-def rotation(axis: str, degrees: float) -> np.ndarray:
-    angle = np.deg2rad(degrees)
-    c, s = np.cos(angle), np.sin(angle)
-    if axis == "x":
-        return np.array([[1, 0, 0], [0, c, -s], [0, s, c]])
-    return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+    return export_untrained_model(tmp_path_factory.mktemp("model") / "untrained.pt")
 
 
 def tilted_case(scene):
     """A fat-background CT on a tilted anisotropic grid with three soft-tissue ellipsoid nodes."""
     size = (90, 80, 24)
     spacing = (0.7, 0.8, 2.5)
-    direction = rotation("x", 14) @ rotation("z", 9)
+    direction = rotation(0, 14) @ rotation(2, 9)
     ct = sitk.Image(size, sitk.sitkInt16)
     ct.SetSpacing(spacing)
     ct.SetOrigin((-30.0, -25.0, 100.0))

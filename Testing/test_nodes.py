@@ -9,18 +9,9 @@ import SimpleITK as sitk
 from LymphNodeClassifierLib.errors import InputError
 from LymphNodeClassifierLib.geometry import lps_to_ras
 from LymphNodeClassifierLib.nodes import NodeInfo, extract_nodes
+from helpers import TILTED, rotation
 
 
-def rotation(axis: int, degrees: float) -> np.ndarray:
-    """Right-handed rotation matrix about x (0), y (1) or z (2)."""
-    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
-    i, j = [a for a in range(3) if a != axis]
-    matrix = np.eye(3)
-    matrix[i, i], matrix[i, j], matrix[j, i], matrix[j, j] = c, -s, s, c
-    return matrix
-
-
-TILTED = rotation(0, 15) @ rotation(1, 15)
 
 
 def ellipsoid_label(

@@ -16,21 +16,12 @@ from LymphNodeClassifierLib.errors import InputError
 from LymphNodeClassifierLib.nodes import extract_nodes
 from LymphNodeClassifierLib.patches import PatchSpec, extract_patches, resample_whole_volume_then_crop
 from LymphNodeClassifierLib.windowing import apply_window
+from helpers import TILTED
 
 WINDOW = (-135.0, 215.0)
 BACKGROUND_HU = 40.0  # windowed to 0.5, so air padding (0) is distinguishable
 
 
-def rotation(axis: int, degrees: float) -> np.ndarray:
-    """Right-handed rotation matrix about x (0), y (1) or z (2)."""
-    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
-    i, j = [a for a in range(3) if a != axis]
-    matrix = np.eye(3)
-    matrix[i, i], matrix[i, j], matrix[j, i], matrix[j, j] = c, -s, s, c
-    return matrix
-
-
-TILTED = rotation(0, 15) @ rotation(1, 15)
 
 
 def empty_ct(size, spacing, direction, centre_lps) -> sitk.Image:

@@ -10,14 +10,14 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip install slicer-core)")
 
 from LymphNodeClassifierLib import model_registry  # noqa: E402
-from LymphNodeClassifierLib.model import build_model, export_torchscript, load_model, new_card  # noqa: E402
+from LymphNodeClassifierLib.model import load_model  # noqa: E402
 from LymphNodeClassifierLib.train_worker import options_to_argv  # noqa: E402
 from LymphNodeClassifierLogic import training_process as tp  # noqa: E402
+from helpers import export_untrained_model  # noqa: E402
 
 CANCEL_SECONDS = 5.0
 
@@ -29,19 +29,7 @@ def cohort(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def previous_model(tmp_path_factory) -> Path:
-    """An untrained model with the tiny run's preprocessing: the 'active model' to compare with."""
-    torch.manual_seed(1)
-    model = build_model("custom_cnn", 3, 32).eval()
-    card = new_card(
-        architecture="custom_cnn",
-        preprocessing={
-            "window_low": -135.0, "window_high": 215.0, "window_preset": "abdomen", "spacing_mm": [1.58, 1.58, 1.58],
-            "patch_size": 32, "field_of_view_mm": 32 * 1.58, "views": "triplanar", "mask_channel": False, "air_hu": -1024.0,
-        },
-        training={"command": "untrained test model", "seed": 0, "epochs": 0, "dataset": {}},
-        name="previous model",
-    )
-    return export_torchscript(model, card, tmp_path_factory.mktemp("previous") / "previous.pt")
+    return export_untrained_model(tmp_path_factory.mktemp("previous") / "previous.pt", size=32, spacing_mm=1.58, seed=1, name="previous model")
 
 
 @pytest.fixture()
