@@ -1,4 +1,6 @@
-"""Suspect-label finder: patient-grouped out-of-fold probabilities, cleanlab ranking, CSV/JSON output, CLI.
+"""Suspect-label finder with CNN fold models (`find_suspects`, `--method cnn`): patient-grouped
+out-of-fold probabilities, cleanlab ranking, CSV/JSON output, CLI. The features' finder (the
+default) is tested in test_node_features.py.
 
 The main fixture is a small phantom cohort with 20 % label noise (`phantoms.generate_cohort`,
 exact-count flips with `label_flipped` / `true_metastatic` truth). Its PhantomConfig separates
@@ -142,14 +144,14 @@ def test_csv_is_ranked_and_complete(cohort, tmp_path):
 
 def test_cli_writes_its_files(cohort, tmp_path, capsys):
     out = tmp_path / "suspects"
-    code = cli.main(["suspects", "--dataset", str(cohort["dataset"].folder), "--out", str(out), "--folds", "3",
+    code = cli.main(["suspects", "--method", "cnn", "--dataset", str(cohort["dataset"].folder), "--out", str(out), "--folds", "3",
                      "--epochs", "2", "--seed", "1", "--threads", "1", "--cache", str(tmp_path / "cache")])
     assert code == 0, capsys.readouterr().err
     rows = list(csv.DictReader(open(out / "suspects.csv", newline="", encoding="utf-8")))
     summary = json.loads((out / "suspects.json").read_text(encoding="utf-8"))
     assert len(rows) == summary["n"] == len(cohort["patchset"])
     assert summary["folds"] == 3 and summary["seed"] == 1 and summary["has_truth"] is True
-    assert summary["config"]["epochs"] == 2
+    assert summary["config"]["epochs"] == 2 and summary["method"] == "cnn"
     for key in ("flipped_found_in_top", "oof_auc_vs_given", "oof_auc_vs_true"):
         assert isinstance(summary[key], float) and math.isfinite(summary[key])
     assert "wrote" in capsys.readouterr().out
@@ -165,6 +167,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(cohort, tmp_path, capsys):
         ["suspects", "--dataset", folder, "--out", str(tmp_path / "o2"), "--folds", "1"],
         ["suspects", "--dataset", folder, "--out", str(tmp_path / "o3"), "--folds", "500", "--cache", str(cohort["cache"])],
         ["suspects", "--dataset", folder, "--out", str(tmp_path / "o4"), "--epochs", "0"],
+        ["suspects", "--dataset", folder, "--out", str(tmp_path / "o5"), "--method", "magic"],
         ["suspects", "--dataset", folder],
     ):
         assert cli.main(argv) == 2, argv
