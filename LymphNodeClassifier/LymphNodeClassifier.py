@@ -49,6 +49,8 @@ CENTROID_COLUMNS = ("centroid_R_mm", "centroid_A_mm", "centroid_S_mm")
 # LymphNodeClassifierLib.training (Testing/test_training_process.py checks that they agree).
 TRAIN_ARCHITECTURES = ["custom", "resnet"]
 TRAIN_VIEWS = ["triplanar", "axial"]
+# Training patch choices -> (pixels, spacing in mm); both cover the study's 64 x 0.79 = 50.6 mm field of view.
+TRAIN_PATCHES = {"64 px at 0.79 mm (study)": (64, 0.79), "48 px at 1.05 mm (faster on CPU)": (48, 1.054)}
 TRAIN_SPLIT_FRACTIONS = "80/10/10"
 TRAIN_SPLIT_KFOLD = "k-fold"
 TRAIN_SPLITS = [TRAIN_SPLIT_FRACTIONS, TRAIN_SPLIT_KFOLD]
@@ -120,7 +122,7 @@ class LymphNodeClassifierParameterNode:
     outputSegmentation, outputTable, outputGradCam - results of the last classification.
     curationDatasetFolder - the dataset folder of the Curation tab.
     train* - the Training tab's options (see TRAINING_PARAMETERS; trainSplit "80/10/10" or "k-fold"
-        with trainFolds folds).
+        with trainFolds folds; trainPatch one of TRAIN_PATCHES).
     """
 
     inputCT: vtkMRMLScalarVolumeNode
@@ -150,6 +152,7 @@ class LymphNodeClassifierParameterNode:
     trainSeed: Annotated[int, WithinRange(0, 2147483647)] = 0
     trainSplit: Annotated[str, Choice(TRAIN_SPLITS)] = "80/10/10"
     trainFolds: Annotated[int, WithinRange(2, 20)] = 5
+    trainPatch: Annotated[str, Choice(list(TRAIN_PATCHES))] = "64 px at 0.79 mm (study)"
 
 
 #
@@ -170,6 +173,8 @@ class LymphNodeClassifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self._updatingModelWidgets = False
         self._trainingRun = None
         self._trainingTimer = None
+        self._suspectSearch = None
+        self._suspectsTimer = None
         self._plotViewNode = None
 
     def setup(self) -> None:
@@ -214,6 +219,12 @@ class LymphNodeClassifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.ui.reviewTableView.connect("selectionChanged()", self.onReviewSelectionChanged)
         self.ui.suspectsTableView.connect("selectionChanged()", self.onSuspectSelectionChanged)
         self.ui.suspectsCollapsibleButton.visible = False
+        self.ui.findSuspectsButton.connect("clicked(bool)", self.onFindSuspects)
+        self.ui.cancelSuspectsButton.connect("clicked(bool)", self.onCancelSuspects)
+        self.ui.cancelSuspectsButton.enabled = False
+        self._suspectsTimer = qt.QTimer()
+        self._suspectsTimer.setInterval(TRAINING_TIMER_INTERVAL_MS)
+        self._suspectsTimer.connect("timeout()", self.onSuspectsTimer)
 
         # Training sub-tab: a timer polls the background process; no training happens in Slicer itself.
         self._trainingTimer = qt.QTimer()
@@ -232,6 +243,10 @@ class LymphNodeClassifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self._trainingTimer.stop()
         if self._trainingRun is not None and not self._trainingRun.finished:
             self._trainingRun.cancel(wait=True, timeout=5.0)  # never leave a worker running
+        if self._suspectsTimer is not None:
+            self._suspectsTimer.stop()
+        if self._suspectSearch is not None and not self._suspectSearch.finished:
+            self._suspectSearch.cancel(wait=True, timeout=5.0)
         if self.logic is not None:
             self.logic.closeCuration()
         self.removeObservers()
@@ -516,6 +531,8 @@ class LymphNodeClassifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         key = self._selectedCurationKey()
         hasCase, hasNode = key is not None, key is not None and key[1] is not None
         self.ui.reviewButton.enabled = isOpen
+        searching = self._suspectSearch is not None and not self._suspectSearch.finished
+        self.ui.findSuspectsButton.enabled = isOpen and not searching
         self.ui.loadCaseButton.enabled = hasCase
         for button in (self.ui.markMetastaticButton, self.ui.markBenignButton, self.ui.excludeNodeButton,
                        self.ui.includeNodeButton, self.ui.saveNodeNoteButton):
@@ -619,6 +636,43 @@ class LymphNodeClassifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         suspectsNode = self.logic.curation.suspects_table() if self.logic.curationIsOpen() else None
         self.ui.suspectsCollapsibleButton.visible = suspectsNode is not None
         self.ui.suspectsTableView.setMRMLTableNode(suspectsNode)
+
+    def onFindSuspects(self) -> None:
+        """Rank the open dataset's labels in a background process; the list appears when it is done."""
+        if self._suspectSearch is not None and not self._suspectSearch.finished:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to start the suspect search."), waitCursor=True):
+            self._suspectSearch = self.logic.startSuspectSearch(self._parameterNode)
+            self.ui.findSuspectsButton.enabled = False
+            self.ui.cancelSuspectsButton.enabled = True
+            self.ui.suspectsStatusLabel.text = self._suspectSearch.status()
+            self._suspectsTimer.start()
+
+    def onSuspectsTimer(self) -> None:
+        search = self._suspectSearch
+        if search is None:
+            self._suspectsTimer.stop()
+            return
+        search.poll()
+        self.ui.suspectsStatusLabel.text = search.status()
+        if not search.finished:
+            return
+        self._suspectsTimer.stop()
+        self.ui.cancelSuspectsButton.enabled = False
+        self._updateCurationButtons()
+        event = search.final_event or {}
+        if event.get("event") == "done":
+            self._refreshSuspects()
+            self.ui.suspectsCollapsibleButton.collapsed = False
+        elif event.get("event") == "error":
+            slicer.util.errorDisplay(_("The suspect search failed: {message}").format(message=event.get("message", "")),
+                                     detailedText=search.stderr_tail())
+
+    def onCancelSuspects(self) -> None:
+        if self._suspectSearch is not None:
+            self._suspectSearch.cancel(wait=False)  # the timer keeps polling until the worker has exited
+            self.ui.suspectsStatusLabel.text = self._suspectSearch.status()
+            self.ui.cancelSuspectsButton.enabled = False
 
     def onSuspectSelectionChanged(self) -> None:
         """Load the suspect's case and centre the views on its node."""
@@ -864,6 +918,8 @@ class LymphNodeClassifierLogic(ScriptedLoadableModuleLogic):
     def trainingOptions(parameterNode) -> dict:
         """The parameter node's training options as train_worker options (TrainingConfig field names)."""
         options = {field: getattr(parameterNode, parameter) for parameter, field in TRAINING_PARAMETERS.items()}
+        size, spacing = TRAIN_PATCHES[parameterNode.trainPatch]
+        options["patch_size"], options["spacing_mm"] = size, (spacing,) * 3
         if parameterNode.trainSplit == TRAIN_SPLIT_KFOLD:
             options["folds"] = int(parameterNode.trainFolds)
         else:
@@ -888,6 +944,18 @@ class LymphNodeClassifierLogic(ScriptedLoadableModuleLogic):
         run = TrainingRun(slicer.mrmlScene, folder, self.modelsFolder(), self.trainingOptions(parameterNode))
         run.start()
         return run
+
+    def startSuspectSearch(self, parameterNode):
+        """Start the suspect-label search of the parameter node's dataset folder in a background process."""
+        from LymphNodeClassifierLib.errors import InputError
+        from LymphNodeClassifierLogic.training_process import SuspectsProcess
+
+        folder = parameterNode.curationDatasetFolder
+        if not folder or not os.path.isfile(os.path.join(folder, "dataset.json")):
+            raise InputError(f"There is no dataset.json in '{folder}'; open a dataset folder first.")
+        process = SuspectsProcess(folder)
+        process.start()
+        return process
 
     def extractNodeTable(self, ctVolumeNode, labelsNode):
         """Table of node measurements (no model needed)."""
@@ -963,8 +1031,8 @@ class LymphNodeClassifierLogic(ScriptedLoadableModuleLogic):
 
 
 class LymphNodeClassifierTest(ScriptedLoadableModuleTest):
-    """Runs, inside Slicer, the same scenarios as the headless pytest suites: the sample case, then a
-    tiny training run in a background process (LymphNodeClassifierLogic.training_process)."""
+    """Runs, inside Slicer, the same scenarios as the headless pytest suites: the sample case, a tiny
+    training run and a suspect-label search, each in a background process (LymphNodeClassifierLogic.training_process)."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -974,6 +1042,8 @@ class LymphNodeClassifierTest(ScriptedLoadableModuleTest):
         self.test_SampleCaseScenarios()
         self.setUp()
         self.test_TrainingProcessScenario()
+        self.setUp()
+        self.test_SuspectsProcessScenario()
 
     def test_SampleCaseScenarios(self):
         """Load the bundled sample case, classify it, check segments, table rows and a re-run."""
@@ -990,3 +1060,11 @@ class LymphNodeClassifierTest(ScriptedLoadableModuleTest):
 
         result = training_process.scenario_training_process()
         self.delayDisplay(f"Test passed: {result['model']} after {result['epochs_run']} epochs")
+
+    def test_SuspectsProcessScenario(self):
+        """Rank a noisy phantom cohort's labels in a background process: suspects.csv lists every node once."""
+        self.delayDisplay("Running a suspect-label search in a background process")
+        from LymphNodeClassifierLogic import training_process
+
+        result = training_process.scenario_suspects_process()
+        self.delayDisplay(f"Test passed: {result['nodes']} nodes ranked, {result['flagged']} flagged")

@@ -222,7 +222,7 @@ def test_training_tab_options_match_the_training_config():
 
     module = ast.parse((Path(tp.MODULE_DIR) / "LymphNodeClassifier.py").read_text(encoding="utf-8"))
     constants = {t.id: ast.literal_eval(n.value) for n in module.body if isinstance(n, ast.Assign)
-                 for t in n.targets if isinstance(t, ast.Name) and t.id in ("TRAIN_ARCHITECTURES", "TRAIN_VIEWS", "TRAINING_PARAMETERS")}
+                 for t in n.targets if isinstance(t, ast.Name) and t.id in ("TRAIN_ARCHITECTURES", "TRAIN_VIEWS", "TRAINING_PARAMETERS", "TRAIN_PATCHES")}
     assert set(constants["TRAIN_ARCHITECTURES"]) == set(ARCHITECTURE_NAMES)
     assert set(constants["TRAIN_VIEWS"]) == set(VIEW_MODES)
     wrapper = next(n for n in module.body if isinstance(n, ast.ClassDef) and n.name == "LymphNodeClassifierParameterNode")
@@ -234,3 +234,53 @@ def test_training_tab_options_match_the_training_config():
         assert field in fields, f"{parameter} maps to {field}, which is not a TrainingConfig field"
         assert defaults[parameter] == getattr(config, field), f"{parameter}'s default differs from TrainingConfig.{field}"
     assert config.split_fractions == (0.8, 0.1, 0.1) and defaults["trainSplit"] == "80/10/10"
+    # the default patch is TrainingConfig's; every choice is a valid configuration with the same field of view
+    assert constants["TRAIN_PATCHES"][defaults["trainPatch"]] == (config.patch_size, config.spacing_mm[0])
+    for size, spacing in constants["TRAIN_PATCHES"].values():
+        other = TrainingConfig(patch_size=size, spacing_mm=(spacing,) * 3)
+        assert abs(size * spacing - config.patch_size * config.spacing_mm[0]) < 0.1, (size, spacing)
+        assert other.patch_spec().size == size
+
+
+# --------------------------------------------------------------------------------------------
+# the Curation tab's suspect search (same process machinery)
+
+
+def test_suspect_search_scenario_writes_the_list_in_the_background():
+    result = tp.scenario_suspects_process()
+    assert result["nodes"] > 20 and "ranked" in result["status"]
+
+
+def test_suspect_search_cancel_keeps_the_previous_list(cohort, tmp_path):
+    import shutil
+
+    folder = tmp_path / "cohort"
+    shutil.copytree(cohort, folder)
+    previous = "rank,case_id,label_value\n1,P0001-S1,1\n"
+    (folder / "suspects.csv").write_text(previous, encoding="utf-8")
+    process = tp.SuspectsProcess(folder, folds=2)
+    process.start()
+    deadline = time.monotonic() + 60
+    while not any(e.get("event") == "started" for e in process.events) and time.monotonic() < deadline:
+        process.poll()
+        time.sleep(0.05)
+    started = time.monotonic()
+    process.cancel(wait=True, timeout=CANCEL_SECONDS)
+    events = process.wait(timeout=CANCEL_SECONDS)
+    assert time.monotonic() - started < CANCEL_SECONDS + 1
+    assert events[-1]["event"] == "cancelled", events[-1]
+    assert (folder / "suspects.csv").read_text(encoding="utf-8") == previous, "a cancelled search left the old list as it was"
+    assert not (folder / "suspects.json").exists()
+    assert "stopped" in process.status()
+
+
+def test_suspect_worker_reports_a_missing_dataset_in_one_line(tmp_path):
+    import io
+
+    from LymphNodeClassifierLib import suspects_worker
+
+    stream = io.StringIO()
+    code = suspects_worker.main(["--dataset", str(tmp_path / "nowhere")], stream=stream)
+    events = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert code == 2 and events[0]["event"] == "started" and events[-1]["event"] == "error"
+    assert "dataset.json" in events[-1]["message"] and "\n" not in events[-1]["message"]

@@ -1,16 +1,25 @@
 """Training benchmark: seconds to train on ~1,000 phantom node patches on 2 CPU threads, and the
 held-out AUC reached, against the short-axis size rule on the same held-out nodes (the baseline).
 
-    python bench/bench_training.py [--cases 260] [--held-out-cases 40] [--threads 2] [--work DIR]
+    python bench/bench_training.py [--cases 150] [--held-out-cases 40] [--threads 2] [--seeds 0 1 2]
+                                   [--architecture resnet] [--patch-size 48] [--spacing 1.054]
+                                   [--translation 7] [--epochs 40] [--patience 10] [--work DIR]
 
-The cohorts are generated once into --work (default .cache/bench_training, git-ignored) and
-reused; patch extraction is timed separately from training. Target (README figure): training
-<= 120 s to a held-out AUC >= 0.90, above the size rule.
+The defaults are the Training tab's "48 px at 1.05 mm" patch choice with the small ResNet: the
+field of view of the study's 64 px at 0.79 mm (50.6 mm) with 56 % of the pixels, about 2 s per
+epoch on 1,000 nodes instead of 4.5 (`--patch-size 64 --spacing 0.79 --translation 10` measures
+the study's patch). One run per `--seeds` value (training seed; the data stay the same), each
+reported, then the slowest time and the lowest AUC. The cohorts (150 studies of seed 900 = the
+first 150 of the 260-study cohort of earlier runs; 40 held-out studies of seed 901) are generated
+once into --work (default .cache/bench_training, git-ignored) and reused; patch extraction is
+timed separately from training. Target (README figure): every run <= 120 s to a held-out
+AUC >= 0.90, above the size rule.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -40,36 +49,54 @@ def cohort(folder: Path, cases: int, seed: int) -> tuple[Dataset, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", type=int, default=260, help="training cohort studies (about 4-5 nodes each)")
+    parser.add_argument("--cases", type=int, default=150, help="training cohort studies (about 6-7 nodes each)")
     parser.add_argument("--held-out-cases", type=int, default=40)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds, one run each")
+    parser.add_argument("--architecture", default="resnet")
+    parser.add_argument("--patch-size", type=int, default=48)
+    parser.add_argument("--spacing", type=float, default=1.054, help="patch pixel spacing (mm)")
+    parser.add_argument("--translation", type=float, default=7.0, help="random shift range in pixels")
     parser.add_argument("--epochs", type=int, default=TrainingConfig().epochs)
+    parser.add_argument("--patience", type=int, default=10)
     parser.add_argument("--work", default=str(ROOT / ".cache" / "bench_training"))
     args = parser.parse_args()
     work = Path(args.work)
 
     train_set, gen_train = cohort(work / f"train-{TRAIN_SEED}-{args.cases}", args.cases, TRAIN_SEED)
     held_set, gen_held = cohort(work / f"held-{HELD_OUT_SEED}-{args.held_out_cases}", args.held_out_cases, HELD_OUT_SEED)
-    config = TrainingConfig(num_threads=args.threads, epochs=args.epochs, seed=0)
+    def config_for(seed: int) -> TrainingConfig:
+        return TrainingConfig(
+            architecture=args.architecture, patch_size=args.patch_size, spacing_mm=(args.spacing,) * 3, translation_px=args.translation,
+            epochs=args.epochs, patience=args.patience, num_threads=args.threads, seed=seed,
+        )
 
+    config = config_for(args.seeds[0])
     start = time.perf_counter()
-    patchset = build_patchset(train_set, config.patch_spec(), config.window)
-    held = build_patchset(held_set, config.patch_spec(), config.window)
+    patchset = build_patchset(train_set, config.patch_spec(), config.window, cache_dir=work / "patches")
+    held = build_patchset(held_set, config.patch_spec(), config.window, cache_dir=work / "patches")
     extract = time.perf_counter() - start
-
-    result = train(patchset, config)
-    probability = predict_probabilities(result.model, held.x)
-    metrics = evaluate(probability, held, result.decision_threshold, n_boot=200)
-
-    per_epoch = sum(h["seconds"] for h in result.history) / len(result.history)
     print(f"generation       {gen_train + gen_held:7.1f} s  (0 = reused from {work})")
-    print(f"patch extraction {extract:7.1f} s  ({len(patchset)} training + {len(held)} held-out nodes)")
-    print(f"training         {result.seconds:7.1f} s  ({result.epochs_run} epochs, {per_epoch:.1f} s/epoch, best {result.best_epoch}, "
-          f"{len(result.splits['train'])} training nodes, {args.threads} threads, {config.architecture}/{config.views})")
-    print(f"held-out AUC     {metrics['auc']:7.3f}    (95% CI {metrics['ci95']['auc'][0]:.3f}-{metrics['ci95']['auc'][1]:.3f}, {metrics['n']} nodes)")
-    print(f"size-rule AUC    {metrics['size_rule_auc']:7.3f}    (short axis, same nodes); model / size rule = {metrics['auc'] / metrics['size_rule_auc']:.3f}")
-    ok = result.seconds <= 120 and metrics["auc"] >= 0.90 and metrics["auc"] > metrics["size_rule_auc"]
-    print(f"target (<= 120 s to AUC >= 0.90, above the size rule): {'met' if ok else 'NOT met'}")
+    print(f"patch extraction {extract:7.1f} s  ({len(patchset)} training + {len(held)} held-out nodes; 0 = cached)", flush=True)
+
+    runs = []
+    for seed in args.seeds:
+        config = config_for(seed)
+        result = train(patchset, config)
+        probability = predict_probabilities(result.model, held.x)
+        metrics = evaluate(probability, held, result.decision_threshold, n_boot=200)
+        per_epoch = sum(h["seconds"] for h in result.history) / len(result.history)
+        runs.append((result.seconds, metrics["auc"]))
+        print(f"seed {seed}: training {result.seconds:6.1f} s  ({result.epochs_run} epochs, {per_epoch:.2f} s/epoch, best {result.best_epoch}, "
+              f"{len(result.splits['train'])} training nodes, {args.threads} threads, {config.model_name}/{config.views}, "
+              f"{config.patch_size} px at {config.spacing_mm[0]:g} mm); held-out AUC {metrics['auc']:.3f} "
+              f"(95% CI {metrics['ci95']['auc'][0]:.3f}-{metrics['ci95']['auc'][1]:.3f}, {metrics['n']} nodes)", flush=True)
+    size_rule = metrics["size_rule_auc"]
+    slowest, lowest = max(t for t, _ in runs), min(a for _, a in runs)
+    print(f"size-rule AUC    {size_rule:7.3f}    (short axis, same held-out nodes)")
+    print(f"slowest run {slowest:.1f} s, lowest held-out AUC {lowest:.3f} over {len(runs)} seeds; load average {os.getloadavg()[0]:.1f} at the end")
+    ok = slowest <= 120 and lowest >= 0.90 and lowest > size_rule
+    print(f"target (every run <= 120 s to AUC >= 0.90, above the size rule): {'met' if ok else 'NOT met'}")
     return 0
 
 

@@ -43,6 +43,7 @@ from LymphNodeClassifierLib.train_worker import TERMINAL_EVENTS, options_to_argv
 
 MODULE_DIR = Path(__file__).resolve().parents[1]
 WORKER_MODULE = "LymphNodeClassifierLib.train_worker"
+SUSPECTS_WORKER_MODULE = "LymphNodeClassifierLib.suspects_worker"
 CURVE_COLUMNS = ("epoch", "train_loss", "val_loss", "val_auc")
 RESULT_METRICS = (("ACC", "accuracy"), ("AUC", "auc"), ("Sensitivity", "sensitivity"), ("Specificity", "specificity"),
                   ("PPV", "ppv"), ("NPV", "npv"))
@@ -73,6 +74,9 @@ def default_scene():
 
 class TrainingProcess:
     """One training job in a child process; events are read from its stdout without blocking."""
+
+    cancelled_message = "Training was stopped; no model was written."
+    crashed_message = "The training process ended unexpectedly ({detail})."
 
     def __init__(self, dataset: str | os.PathLike, out_folder: str | os.PathLike, options: Mapping[str, Any] | None = None,
                  python: str | None = sys.executable, job_id: str | None = None) -> None:
@@ -188,10 +192,10 @@ class TrainingProcess:
 
     def _exit_event(self, returncode: int) -> dict:
         if self._cancel_requested:
-            return {"event": "cancelled", "message": "Training was stopped; no model was written.", "synthesized": True}
+            return {"event": "cancelled", "message": self.cancelled_message, "synthesized": True}
         tail = [line for line in self.stderr_tail().splitlines() if line.strip()]
         detail = tail[-1].strip() if tail else f"exit code {returncode}"
-        return {"event": "error", "message": f"The training process ended unexpectedly ({detail}).", "synthesized": True}
+        return {"event": "error", "message": self.crashed_message.format(detail=detail), "synthesized": True}
 
     def stderr_tail(self, max_bytes: int = 4000) -> str:
         """The end of what the process wrote to stderr (warnings, tracebacks)."""
@@ -271,6 +275,39 @@ class TrainingProcess:
     def finished(self) -> bool:
         """True once the process ended and its final event was returned by `poll`."""
         return self._finished
+
+
+class SuspectsProcess(TrainingProcess):
+    """The suspect-label search (`LymphNodeClassifierLib.suspects_worker`) of a dataset folder in a child process.
+
+    Same start / poll / cancel as training; the list is written into the dataset folder.
+    """
+
+    cancelled_message = "The suspect search was stopped; the previous list (if any) is unchanged."
+    crashed_message = "The suspect search ended unexpectedly ({detail})."
+
+    def __init__(self, dataset: str | os.PathLike, folds: int = 5, seed: int = 0, python: str | None = sys.executable) -> None:
+        super().__init__(dataset, dataset, {}, python=python, job_id=f"suspects-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+        self.folds, self.seed = int(folds), int(seed)
+
+    def command(self) -> list[str]:
+        return [self.python, "-m", SUSPECTS_WORKER_MODULE, "--dataset", str(self.dataset), "--folds", str(self.folds), "--seed", str(self.seed)]
+
+    def status(self) -> str:
+        """One line for the panel: what the search is doing or how it ended."""
+        if self.final_event is not None:
+            event = self.final_event
+            if event["event"] == "done":
+                return f"{event['n']} labelled nodes ranked in {event['seconds']:.0f} s; {event['n_issues']} flagged for review."
+            return str(event.get("message", event["event"]))
+        progress = [e for e in self.events if e.get("event") == "progress"]
+        if self.cancel_requested:
+            return "Stopping the suspect search..."
+        if progress:
+            last = progress[-1]
+            what = "Reading patches" if last["stage"] == "patches" else "Measuring nodes"
+            return f"{what}: case {last['done']} of {last['total']}..."
+        return "Starting the suspect search..."
 
 
 # --------------------------------------------------------------------------------------------
@@ -597,3 +634,31 @@ def scenario_training_process(scene=None, work_dir: str | os.PathLike | None = N
         for node in run.curves.nodes() + [run.results_node]:
             scene.RemoveNode(node)
     return result
+
+
+def scenario_suspects_process(work_dir: str | os.PathLike | None = None, python: str | None = None, timeout: float = 300.0) -> dict:
+    """The Curation tab's suspect search end to end: a background process writes suspects.csv into a
+    noisy phantom cohort's folder, one row per labelled node, ranked, and the curation logic shows it."""
+    import csv
+
+    from LymphNodeClassifierLib.phantoms import generate_cohort
+
+    with tempfile.TemporaryDirectory(prefix="lymphnode-suspects-", dir=work_dir) as tmp:
+        cohort = Path(tmp) / "cohort"
+        dataset = generate_cohort(cohort, cases=TINY_COHORT["cases"], seed=TINY_COHORT["seed"], label_noise=0.2)
+        process = SuspectsProcess(cohort, folds=3, python=python)
+        process.start()
+        process.wait(timeout)
+        if not process.finished:
+            process.cancel(wait=True)
+            raise AssertionError(f"the suspect search did not finish in {timeout:.0f} s")
+        event = process.final_event or {}
+        assert event.get("event") == "done", f"the suspect search ended with {event}: {process.stderr_tail()[-500:]}"
+        with open(cohort / "suspects.csv", newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+        keys = {(row["case_id"], int(row["label_value"])) for row in rows}
+        assert keys == {(n.case_id, n.label_value) for n in dataset.nodes}, "every labelled node is ranked once"
+        assert [int(row["rank"]) for row in rows] == list(range(1, len(rows) + 1))
+        stages = {e["stage"] for e in process.events if e.get("event") == "progress"}
+        assert stages == {"patches", "features"}, stages
+        return {"nodes": len(rows), "flagged": event["n_issues"], "status": process.status(), "seconds": event["seconds"]}

@@ -1,0 +1,108 @@
+"""The suspect-label search run as a background process by the Curation tab: JSON-line events on stdout.
+
+    python -m LymphNodeClassifierLib.suspects_worker --dataset D [--folds 5] [--seed 0]
+
+Runs the `suspects` command's default finder (`suspects.find_suspects_from_features`: node
+features, patient-grouped out-of-fold logistic regressions, cleanlab ranking) on the dataset's
+labelled, non-excluded nodes and writes `suspects.csv` and `suspects.json` into the dataset
+folder (each atomically), where the Curation tab lists them. Events, one JSON object per line:
+`started`, `progress` (`stage` "patches" or "features", `done`, `total`), then one of `done`
+(`csv_path`, `json_path`, `n`, `n_issues`, `seconds`), `cancelled` or `error` (one line).
+
+Cancel: SIGTERM / SIGINT (CTRL_BREAK on Windows) as for the training worker (`train_worker`):
+the search stops at the next case or fold and nothing is written; a list written before stays.
+Exit codes: 0 done, 1 unexpected error, 2 bad input, 130 cancelled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Sequence, TextIO
+
+from .errors import CancelledError, InputError
+from .train_worker import EXIT_CANCELLED, EXIT_ERROR, EXIT_INPUT, EXIT_OK, Cancellation, EventWriter, _claim_stdout, one_line
+
+CANCEL_MESSAGE = "The suspect search was stopped; the previous list (if any) is unchanged."
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage dump
+        raise InputError(f"{message}; see `python -m LymphNodeClassifierLib.suspects_worker --help`.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m LymphNodeClassifierLib.suspects_worker", description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", required=True, help="dataset folder (with dataset.json); the list is written into it")
+    parser.add_argument("--folds", type=int, default=5, help="patient-grouped folds (default 5)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the folds (default 0)")
+    return parser
+
+
+def run(args: argparse.Namespace, emit, is_cancelled) -> None:
+    from .dataset import Dataset
+    from .node_features import FEATURE_NAMES, feature_matrix
+    from .patchset import build_patchset
+    from .suspects import find_suspects_from_features, suspect_config, write_outputs
+
+    started = time.perf_counter()
+    dataset = Dataset.load(args.dataset)
+    config = suspect_config()  # only its small patch spec: the rows, labels and patients of the nodes
+
+    def progress(stage: str):
+        return lambda done, total: emit({"event": "progress", "stage": stage, "done": done, "total": total})
+
+    patchset = build_patchset(dataset, config.patch_spec(), config.window, progress=progress("patches"), is_cancelled=is_cancelled)
+    features = feature_matrix(dataset, patchset.case_ids, patchset.label_values, progress=progress("features"), is_cancelled=is_cancelled)
+    result = find_suspects_from_features(patchset, features, folds=args.folds, seed=args.seed, is_cancelled=is_cancelled,
+                                         feature_names=FEATURE_NAMES)
+    if is_cancelled():
+        raise CancelledError(CANCEL_MESSAGE)
+    csv_path, json_path = write_outputs(result, dataset.folder, extra={"dataset_folder": str(dataset.folder)})
+    summary = result.summary()
+    emit({"event": "done", "csv_path": str(csv_path), "json_path": str(json_path), "n": summary["n"],
+          "n_issues": summary["n_issues"], "problems": len(patchset.problems), "seconds": round(time.perf_counter() - started, 1)})
+
+
+def main(argv: Sequence[str] | None = None, stream: TextIO | None = None) -> int:
+    """Run one search; events go to `stream` (default: the process's stdout, claimed for events only)."""
+    cancel = Cancellation()
+    if stream is None:
+        cancel.install()
+        stream = _claim_stdout()
+    emit = EventWriter(stream, cancel)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        emit({"event": "started", "pid": os.getpid()})
+        args = build_parser().parse_args(argv)
+        cancel.raise_now = False
+        if not (Path(args.dataset) / "dataset.json").is_file():
+            raise InputError(f"There is no dataset.json in '{args.dataset}'; open a dataset folder first.")
+        run(args, emit, cancel)
+        return EXIT_OK
+    except (CancelledError, KeyboardInterrupt):
+        cancel.raise_now = False
+        emit({"event": "cancelled", "message": CANCEL_MESSAGE})
+        return EXIT_CANCELLED
+    except InputError as error:
+        cancel.raise_now = False
+        emit({"event": "error", "message": one_line(error)})
+        return EXIT_INPUT
+    except Exception as error:  # noqa: BLE001 - reported as one line; the traceback goes to stderr
+        cancel.raise_now = False
+        traceback.print_exc(file=sys.stderr)
+        emit({"event": "error", "message": one_line(f"{type(error).__name__}: {error}")})
+        return EXIT_ERROR
+    finally:
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())
