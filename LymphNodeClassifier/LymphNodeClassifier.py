@@ -51,6 +51,7 @@ TRAIN_ARCHITECTURES = ["custom", "resnet"]
 TRAIN_VIEWS = ["triplanar", "axial"]
 # Training patch choices -> (pixels, spacing in mm); both cover the study's 64 x 0.79 = 50.6 mm field of view.
 TRAIN_PATCHES = {"64 px at 0.79 mm (study)": (64, 0.79), "48 px at 1.05 mm (faster on CPU)": (48, 1.054)}
+TRAIN_PATCH_DEFAULT = "64 px at 0.79 mm (study)"
 TRAIN_SPLIT_FRACTIONS = "80/10/10"
 TRAIN_SPLIT_KFOLD = "k-fold"
 TRAIN_SPLITS = [TRAIN_SPLIT_FRACTIONS, TRAIN_SPLIT_KFOLD]
@@ -152,7 +153,7 @@ class LymphNodeClassifierParameterNode:
     trainSeed: Annotated[int, WithinRange(0, 2147483647)] = 0
     trainSplit: Annotated[str, Choice(TRAIN_SPLITS)] = "80/10/10"
     trainFolds: Annotated[int, WithinRange(2, 20)] = 5
-    trainPatch: Annotated[str, Choice(list(TRAIN_PATCHES))] = "64 px at 0.79 mm (study)"
+    trainPatch: Annotated[str, Choice(list(TRAIN_PATCHES))] = "64 px at 0.79 mm (study)"  # TRAIN_PATCH_DEFAULT
 
 
 #
@@ -642,7 +643,7 @@ class LymphNodeClassifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         if self._suspectSearch is not None and not self._suspectSearch.finished:
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to start the suspect search."), waitCursor=True):
-            self._suspectSearch = self.logic.startSuspectSearch(self._parameterNode)
+            self._suspectSearch = self.logic.startSuspectSearch()
             self.ui.findSuspectsButton.enabled = False
             self.ui.cancelSuspectsButton.enabled = True
             self.ui.suspectsStatusLabel.text = self._suspectSearch.status()
@@ -662,8 +663,9 @@ class LymphNodeClassifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self._updateCurationButtons()
         event = search.final_event or {}
         if event.get("event") == "done":
-            self._refreshSuspects()
-            self.ui.suspectsCollapsibleButton.collapsed = False
+            with slicer.util.tryWithErrorDisplay(_("Failed to show the suspect list.")):
+                self._refreshSuspects()
+                self.ui.suspectsCollapsibleButton.collapsed = False
         elif event.get("event") == "error":
             slicer.util.errorDisplay(_("The suspect search failed: {message}").format(message=event.get("message", "")),
                                      detailedText=search.stderr_tail())
@@ -920,6 +922,8 @@ class LymphNodeClassifierLogic(ScriptedLoadableModuleLogic):
         options = {field: getattr(parameterNode, parameter) for parameter, field in TRAINING_PARAMETERS.items()}
         size, spacing = TRAIN_PATCHES[parameterNode.trainPatch]
         options["patch_size"], options["spacing_mm"] = size, (spacing,) * 3
+        # the shift range is set in pixels of the study's 0.79 mm patch: keep its millimetres on coarser pixels
+        options["translation_px"] = round(parameterNode.trainTranslationPx * TRAIN_PATCHES[TRAIN_PATCH_DEFAULT][1] / spacing, 2)
         if parameterNode.trainSplit == TRAIN_SPLIT_KFOLD:
             options["folds"] = int(parameterNode.trainFolds)
         else:
@@ -945,15 +949,14 @@ class LymphNodeClassifierLogic(ScriptedLoadableModuleLogic):
         run.start()
         return run
 
-    def startSuspectSearch(self, parameterNode):
-        """Start the suspect-label search of the parameter node's dataset folder in a background process."""
+    def startSuspectSearch(self):
+        """Start the suspect-label search of the open dataset in a background process; returns the SuspectsProcess."""
         from LymphNodeClassifierLib.errors import InputError
         from LymphNodeClassifierLogic.training_process import SuspectsProcess
 
-        folder = parameterNode.curationDatasetFolder
-        if not folder or not os.path.isfile(os.path.join(folder, "dataset.json")):
-            raise InputError(f"There is no dataset.json in '{folder}'; open a dataset folder first.")
-        process = SuspectsProcess(folder)
+        if not self.curationIsOpen():
+            raise InputError("No dataset is open; open a dataset folder on the Curation tab first.")
+        process = SuspectsProcess(self.curation.session.folder)  # the dataset shown, not the path box's text
         process.start()
         return process
 

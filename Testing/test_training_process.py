@@ -222,7 +222,7 @@ def test_training_tab_options_match_the_training_config():
 
     module = ast.parse((Path(tp.MODULE_DIR) / "LymphNodeClassifier.py").read_text(encoding="utf-8"))
     constants = {t.id: ast.literal_eval(n.value) for n in module.body if isinstance(n, ast.Assign)
-                 for t in n.targets if isinstance(t, ast.Name) and t.id in ("TRAIN_ARCHITECTURES", "TRAIN_VIEWS", "TRAINING_PARAMETERS", "TRAIN_PATCHES")}
+                 for t in n.targets if isinstance(t, ast.Name) and t.id in ("TRAIN_ARCHITECTURES", "TRAIN_VIEWS", "TRAINING_PARAMETERS", "TRAIN_PATCHES", "TRAIN_PATCH_DEFAULT")}
     assert set(constants["TRAIN_ARCHITECTURES"]) == set(ARCHITECTURE_NAMES)
     assert set(constants["TRAIN_VIEWS"]) == set(VIEW_MODES)
     wrapper = next(n for n in module.body if isinstance(n, ast.ClassDef) and n.name == "LymphNodeClassifierParameterNode")
@@ -236,6 +236,7 @@ def test_training_tab_options_match_the_training_config():
     assert config.split_fractions == (0.8, 0.1, 0.1) and defaults["trainSplit"] == "80/10/10"
     # the default patch is TrainingConfig's; every choice is a valid configuration with the same field of view
     assert constants["TRAIN_PATCHES"][defaults["trainPatch"]] == (config.patch_size, config.spacing_mm[0])
+    assert defaults["trainPatch"] == constants["TRAIN_PATCH_DEFAULT"]
     for size, spacing in constants["TRAIN_PATCHES"].values():
         other = TrainingConfig(patch_size=size, spacing_mm=(spacing,) * 3)
         assert abs(size * spacing - config.patch_size * config.spacing_mm[0]) < 0.1, (size, spacing)
@@ -265,10 +266,11 @@ def test_suspect_search_cancel_keeps_the_previous_list(cohort, tmp_path):
         process.poll()
         time.sleep(0.05)
     started = time.monotonic()
-    process.cancel(wait=True, timeout=CANCEL_SECONDS)
-    events = process.wait(timeout=CANCEL_SECONDS)
-    assert time.monotonic() - started < CANCEL_SECONDS + 1
-    assert events[-1]["event"] == "cancelled", events[-1]
+    process.cancel(wait=True, timeout=30.0)  # the worker may still be importing torch: the flag waits for it
+    events = process.wait(timeout=30.0)
+    assert time.monotonic() - started < 30.0
+    assert events[-1]["event"] == "cancelled" and not events[-1].get("synthesized"), events[-1]
+    assert process.returncode == 130, "the worker stopped on its own, not killed"
     assert (folder / "suspects.csv").read_text(encoding="utf-8") == previous, "a cancelled search left the old list as it was"
     assert not (folder / "suspects.json").exists()
     assert "stopped" in process.status()

@@ -103,13 +103,15 @@ def table(out: Path) -> str:
     return "\n".join(lines)
 
 
-def suspects(dataset: Dataset, run_dir: Path, image_path: Path, top: int = 12) -> dict:
+def suspects(dataset: Dataset, run_dir: Path, image_path: Path, top: int = 12, features_csv: Path | None = None) -> dict:
     """Label-issue check on the real set: rank nodes by the out-of-fold disagreement |label - p|
-    (suspects.py is not committed in this repository, so the ranking is the plain OOF one) and
+    (the plain OOF ranking of the shipped cross-validation run) and
     measure how many nodules whose two LIDC label columns disagree (Diagnosis Malign with
     Malignancy_value <= 3, or Benign with 4-5) land in the top 20 %, against the 20 % of chance.
     The same for a size-only ranking (OOF logistic regression on the long axis, same folds), so a
-    finding that size alone explains is not credited to the CNN. Draws the top suspects."""
+    finding that size alone explains is not credited to the CNN. With `features_csv` (the
+    suspects.csv of `suspects --method features` on the same dataset) its ranking is scored too.
+    Draws the top suspects."""
     import csv as _csv
 
     import numpy as np
@@ -140,8 +142,11 @@ def suspects(dataset: Dataset, run_dir: Path, image_path: Path, top: int = 12) -
     n = y.size
     top_n = int(round(0.2 * n))
     out = {"nodes": n, "disagreeing": int(disagree.sum()), "top_n": top_n, "chance_share": top_n / n}
-    for name, prob in (("cnn_oof", p), ("size_only_oof", p_size)):
-        order = np.argsort(-np.abs(y - prob), kind="stable")
+    orders = {"cnn_oof": np.argsort(-np.abs(y - p), kind="stable"), "size_only_oof": np.argsort(-np.abs(y - p_size), kind="stable")}
+    if features_csv is not None:
+        rank = {(r["case_id"], int(r["label_value"])): int(r["rank"]) for r in _csv.DictReader(Path(features_csv).open())}
+        orders["features_finder"] = np.argsort([rank[(r["case_id"], int(r["label_value"]))] for r in rows], kind="stable")
+    for name, order in orders.items():
         hits = int(disagree[order[:top_n]].sum())
         out[name] = {
             "in_top20": hits, "share_in_top20": hits / max(1, int(disagree.sum())),
@@ -178,6 +183,7 @@ def main() -> int:
     parser.add_argument("what", choices=["grid", "table", "suspects", "record"])
     parser.add_argument("--run", default=None, help="suspects: the crossval output folder to rank")
     parser.add_argument("--image", default="docs/images/lidc_top_suspects.png")
+    parser.add_argument("--features-suspects", default=None, help="suspects: suspects.csv of `suspects --method features` to score as well")
     parser.add_argument("names", nargs="*")
     args = parser.parse_args()
     out = Path(args.out)
@@ -189,7 +195,8 @@ def main() -> int:
         record(out, args.names[0], Path(args.run))
         return 0
     if args.what == "suspects":
-        result = suspects(Dataset.load(args.dataset), Path(args.run), Path(args.image))
+        result = suspects(Dataset.load(args.dataset), Path(args.run), Path(args.image),
+                          features_csv=Path(args.features_suspects) if args.features_suspects else None)
         print(json.dumps(result, indent=1))
         return 0
     torch.set_num_threads(1)  # two grid processes side by side on the 2 cores

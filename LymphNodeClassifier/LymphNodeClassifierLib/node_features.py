@@ -26,7 +26,8 @@ Per node (one label value of the label map on the CT grid):
   fat's (heterogeneity above the image noise);
 - the radiology axes of `nodes.extract_nodes` (long / short axis on the axial plane, log mm).
 
-`node_features(ct, component_image, node)` returns one dict (`FEATURE_NAMES` order);
+`node_features(ct, component_image, node)` returns one dict (`FEATURE_NAMES` order; NaN where a
+feature is undefined, e.g. the shape of a node of one or two voxels or one voxel thick);
 `feature_matrix(dataset, case_ids, label_values)` the (N, F) array for the rows of a PatchSet.
 No model is stored with the features: the finder fits a new logistic regression in every fold.
 """
@@ -45,7 +46,8 @@ from .errors import CancelledError, InputError
 from .geometry import direction_matrix, prepare_label_image
 from .nodes import NodeInfo, extract_nodes
 
-MARGIN_MM = 4.0  # context around the node: the surrounding fat ring and the dilated mask fit inside
+MARGIN_MM = 4.0  # context around the node (at least the fat ring + 1 voxel, see _crop)
+RING_RADIUS_VOXELS = (3, 3, 1)  # the surrounding-fat ring: the mask dilated by this (i, j, k) minus the mask
 SHAPE_SPACING_MM = 0.5  # isotropic grid of the mask's shape statistics (finer than any in-plane CT spacing)
 MAX_SHAPE_VOXELS = 4_000_000  # a large lesion gets a coarser isotropic grid instead of a huge one
 LOW_ATTENUATION_HU = 20.0  # below: fluid / necrosis rather than enhancing node tissue
@@ -66,8 +68,9 @@ def _crop(image: sitk.Image, node: NodeInfo) -> tuple[slice, ...]:
     """Index slices (i, j, k) of the node's bounding box grown by MARGIN_MM, inside the image."""
     i0, j0, k0, i1, j1, k1 = node.bbox_index
     out = []
-    for lo, hi, spacing, size in zip((i0, j0, k0), (i1, j1, k1), image.GetSpacing(), image.GetSize()):
-        pad = max(1, int(math.ceil(MARGIN_MM / spacing)))
+    for axis, (lo, hi, spacing, size) in enumerate(zip((i0, j0, k0), (i1, j1, k1), image.GetSpacing(), image.GetSize())):
+        # at least the fat ring's dilation radius + 1 voxel, so the ring is never cut by the crop
+        pad = max(RING_RADIUS_VOXELS[axis] + 1, int(math.ceil(MARGIN_MM / spacing)))
         out.append(slice(max(0, lo - pad), min(size, hi + pad + 1)))
     return tuple(out)
 
@@ -91,19 +94,22 @@ def _shape(mask: sitk.Image) -> dict[str, float]:
     statistics.ComputePerimeterOn()
     statistics.ComputeFeretDiameterOn()
     statistics.Execute(binary)
-    if not statistics.HasLabel(1):  # a one-voxel node vanishes at 0.5: measure the original mask
-        binary = mask
-        statistics.Execute(binary)
+    if not statistics.HasLabel(1):  # a node of a voxel or two vanishes at 0.5: its volume only, no shape
+        return {"log_volume_mm3": math.log(max(float(np.prod(spacing)) * float(sitk.GetArrayViewFromImage(mask).sum()), 1e-3)),
+                **{name: math.nan for name in ("elongation", "flatness", "roundness", "sphericity", "feret_to_equivalent_diameter")}}
     volume = statistics.GetPhysicalSize(1)
     surface = statistics.GetPerimeter(1)
     equivalent_diameter = 2.0 * statistics.GetEquivalentSphericalRadius(1)
+    moments = statistics.GetPrincipalMoments(1)
+    flat = min(moments) <= 0  # a node one voxel thick: no third axis, elongation / flatness undefined
     return {
         "log_volume_mm3": math.log(max(volume, 1e-3)),
-        "elongation": statistics.GetElongation(1),
-        "flatness": statistics.GetFlatness(1),
-        "roundness": statistics.GetRoundness(1),
-        "sphericity": (math.pi ** (1 / 3)) * (6 * volume) ** (2 / 3) / surface if surface > 0 else 1.0,
-        "feret_to_equivalent_diameter": statistics.GetFeretDiameter(1) / equivalent_diameter if equivalent_diameter > 0 else 1.0,
+        "elongation": math.nan if flat else statistics.GetElongation(1),
+        "flatness": math.nan if flat else statistics.GetFlatness(1),
+        "roundness": statistics.GetRoundness(1) if surface > 0 else math.nan,
+        # the digital surface over-estimates a sphere's area, so this stays below 1 except for tiny nodes
+        "sphericity": min(1.0, (math.pi ** (1 / 3)) * (6 * volume) ** (2 / 3) / surface) if surface > 0 else math.nan,
+        "feret_to_equivalent_diameter": statistics.GetFeretDiameter(1) / equivalent_diameter if statistics.GetFeretDiameter(1) > 0 else math.nan,
     }
 
 
@@ -141,7 +147,7 @@ def node_features(ct: sitk.Image, component_image: sitk.Image, node: NodeInfo) -
     inside = hu[mask]
     core_mask = sitk.GetArrayFromImage(sitk.BinaryErode(mask_image, [1, 1, 0])).astype(bool)
     core = hu[core_mask] if core_mask.sum() >= 5 else inside  # tiny nodes: no core without partial volume
-    ring = sitk.GetArrayFromImage(sitk.BinaryDilate(mask_image, [3, 3, 1])).astype(bool) & ~mask
+    ring = sitk.GetArrayFromImage(sitk.BinaryDilate(mask_image, list(RING_RADIUS_VOXELS))).astype(bool) & ~mask
     fat = hu[ring]
     fat = fat[fat < FAT_HU]
     fat_hu = float(np.median(fat)) if fat.size >= 10 else DEFAULT_FAT_HU

@@ -10,7 +10,9 @@ folder (each atomically), where the Curation tab lists them. Events, one JSON ob
 (`csv_path`, `json_path`, `n`, `n_issues`, `seconds`), `cancelled` or `error` (one line).
 
 Cancel: SIGTERM / SIGINT (CTRL_BREAK on Windows) as for the training worker (`train_worker`):
-the search stops at the next case or fold and nothing is written; a list written before stays.
+the search stops at the next case or fold and writes nothing, so a list written before stays. A
+cancel that arrives while the finished list is being written is too late: the new list is written
+whole (atomically) and `done` is reported.
 Exit codes: 0 done, 1 unexpected error, 2 bad input, 130 cancelled.
 """
 
@@ -88,12 +90,14 @@ def main(argv: Sequence[str] | None = None, stream: TextIO | None = None) -> int
         cancel.raise_now = False
         emit({"event": "cancelled", "message": CANCEL_MESSAGE})
         return EXIT_CANCELLED
-    except InputError as error:
-        cancel.raise_now = False
-        emit({"event": "error", "message": one_line(error)})
-        return EXIT_INPUT
     except Exception as error:  # noqa: BLE001 - reported as one line; the traceback goes to stderr
         cancel.raise_now = False
+        if cancel.requested:  # whatever broke after a cancel request is part of stopping
+            emit({"event": "cancelled", "message": CANCEL_MESSAGE})
+            return EXIT_CANCELLED
+        if isinstance(error, InputError):
+            emit({"event": "error", "message": one_line(error)})
+            return EXIT_INPUT
         traceback.print_exc(file=sys.stderr)
         emit({"event": "error", "message": one_line(f"{type(error).__name__}: {error}")})
         return EXIT_ERROR

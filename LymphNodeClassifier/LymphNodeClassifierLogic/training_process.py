@@ -80,8 +80,9 @@ class TrainingProcess:
 
     def __init__(self, dataset: str | os.PathLike, out_folder: str | os.PathLike, options: Mapping[str, Any] | None = None,
                  python: str | None = sys.executable, job_id: str | None = None) -> None:
-        self.dataset = Path(dataset)
-        self.out_folder = Path(out_folder)
+        # absolute: the worker runs with the module folder as its working directory
+        self.dataset = Path(dataset).resolve()
+        self.out_folder = Path(out_folder).resolve()
         self.options = dict(options or {})
         self.python = python or sys.executable
         self.job_id = job_id or new_job_id()
