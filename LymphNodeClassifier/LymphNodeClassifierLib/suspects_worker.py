@@ -19,15 +19,13 @@ Exit codes: 0 done, 1 unexpected error, 2 bad input, 130 cancelled.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Sequence, TextIO
 
 from .errors import CancelledError, InputError
-from .train_worker import EXIT_CANCELLED, EXIT_ERROR, EXIT_INPUT, EXIT_OK, Cancellation, EventWriter, _claim_stdout, one_line
+from .train_worker import serve
 
 CANCEL_MESSAGE = "The suspect search was stopped; the previous list (if any) is unchanged."
 
@@ -63,49 +61,23 @@ def run(args: argparse.Namespace, emit, is_cancelled) -> None:
     result = find_suspects_from_features(patchset, features, folds=args.folds, seed=args.seed, is_cancelled=is_cancelled,
                                          feature_names=FEATURE_NAMES)
     if is_cancelled():
-        raise CancelledError(CANCEL_MESSAGE)
+        raise CancelledError(CANCEL_MESSAGE)  # the finder returned between its checks
     csv_path, json_path = write_outputs(result, dataset.folder, extra={"dataset_folder": str(dataset.folder)})
     summary = result.summary()
     emit({"event": "done", "csv_path": str(csv_path), "json_path": str(json_path), "n": summary["n"],
           "n_issues": summary["n_issues"], "problems": len(patchset.problems), "seconds": round(time.perf_counter() - started, 1)})
 
 
+def _checked_args(argv: list[str]) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if not (Path(args.dataset) / "dataset.json").is_file():
+        raise InputError(f"There is no dataset.json in '{args.dataset}'; open a dataset folder first.")
+    return args
+
+
 def main(argv: Sequence[str] | None = None, stream: TextIO | None = None) -> int:
     """Run one search; events go to `stream` (default: the process's stdout, claimed for events only)."""
-    cancel = Cancellation()
-    if stream is None:
-        cancel.install()
-        stream = _claim_stdout()
-    emit = EventWriter(stream, cancel)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        emit({"event": "started", "pid": os.getpid()})
-        args = build_parser().parse_args(argv)
-        cancel.raise_now = False
-        if not (Path(args.dataset) / "dataset.json").is_file():
-            raise InputError(f"There is no dataset.json in '{args.dataset}'; open a dataset folder first.")
-        run(args, emit, cancel)
-        return EXIT_OK
-    except (CancelledError, KeyboardInterrupt):
-        cancel.raise_now = False
-        emit({"event": "cancelled", "message": CANCEL_MESSAGE})
-        return EXIT_CANCELLED
-    except Exception as error:  # noqa: BLE001 - reported as one line; the traceback goes to stderr
-        cancel.raise_now = False
-        if cancel.requested:  # whatever broke after a cancel request is part of stopping
-            emit({"event": "cancelled", "message": CANCEL_MESSAGE})
-            return EXIT_CANCELLED
-        if isinstance(error, InputError):
-            emit({"event": "error", "message": one_line(error)})
-            return EXIT_INPUT
-        traceback.print_exc(file=sys.stderr)
-        emit({"event": "error", "message": one_line(f"{type(error).__name__}: {error}")})
-        return EXIT_ERROR
-    finally:
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
+    return serve(list(sys.argv[1:] if argv is None else argv), stream, _checked_args, run, CANCEL_MESSAGE, cancel_reason_from_error=False)
 
 
 if __name__ == "__main__":

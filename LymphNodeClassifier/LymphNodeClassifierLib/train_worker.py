@@ -493,41 +493,46 @@ def compare_cross_validation(cross_validation, compare_path: Path | None, datase
     return comparison
 
 
-def main(argv: Sequence[str] | None = None, stream: TextIO | None = None) -> int:
-    """Run one job; events go to `stream` (default: the process's stdout, claimed for events only)."""
+def serve(
+    argv: Sequence[str],
+    stream: TextIO | None,
+    parse: Callable[[list[str]], argparse.Namespace],
+    body: Callable[[argparse.Namespace, EventWriter, Cancellation], None],
+    cancelled_message: str,
+    cancel_reason_from_error: bool = True,
+) -> int:
+    """Run one background job: `started`, then `body(args, emit, cancel)`; every ending becomes one
+    terminal event (`cancelled`, `error`) and an exit code. Shared by the training and suspect workers.
+
+    Events go to `stream` (default: the process's stdout, claimed for events only, with SIGTERM /
+    SIGINT handled as cancel requests). A `CancelledError` reports its own message (with
+    `cancel_reason_from_error`, else `cancelled_message`); an interrupt, or any error after a cancel
+    request, reports `cancelled_message`.
+    """
     cancel = Cancellation()
     if stream is None:
         cancel.install()
         stream = _claim_stdout()
     emit = EventWriter(stream, cancel)
-    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         emit({"event": "started", "pid": os.getpid(), "time": datetime.now().astimezone().isoformat(timespec="seconds")})
-        args = build_parser().parse_args(argv)  # imports training (torch): a signal cancels at once
+        args = parse(list(argv))  # may import torch: a signal cancels at once
         cancel.raise_now = False
-        command = "python -m LymphNodeClassifierLib.train_worker " + shlex.join(argv)
-        run(args, emit, cancel, command)
+        body(args, emit, cancel)
         return EXIT_OK
-    except CancelledError as error:
+    except (CancelledError, KeyboardInterrupt) as error:
         cancel.raise_now = False  # a second signal must not interrupt the report
-        emit({"event": "cancelled", "message": one_line(error)})
+        message = one_line(error) if cancel_reason_from_error and isinstance(error, CancelledError) else cancelled_message
+        emit({"event": "cancelled", "message": message})
         return EXIT_CANCELLED
-    except KeyboardInterrupt:
-        cancel.raise_now = False
-        emit({"event": "cancelled", "message": "Training cancelled; no model was written."})
-        return EXIT_CANCELLED
-    except InputError as error:
-        cancel.raise_now = False
-        if cancel.requested and not cancel.committed:
-            emit({"event": "cancelled", "message": "Training cancelled; no model was written."})
-            return EXIT_CANCELLED
-        emit({"event": "error", "message": one_line(error)})
-        return EXIT_INPUT
     except Exception as error:  # noqa: BLE001 - reported as one line; the traceback goes to stderr
         cancel.raise_now = False
-        if cancel.requested and not cancel.committed:
-            emit({"event": "cancelled", "message": "Training cancelled; no model was written."})
+        if cancel.requested and not cancel.committed:  # whatever broke after a cancel request is part of stopping
+            emit({"event": "cancelled", "message": cancelled_message})
             return EXIT_CANCELLED
+        if isinstance(error, InputError):
+            emit({"event": "error", "message": one_line(error)})
+            return EXIT_INPUT
         traceback.print_exc(file=sys.stderr)
         emit({"event": "error", "message": one_line(f"{type(error).__name__}: {error}")})
         return EXIT_ERROR
@@ -536,6 +541,14 @@ def main(argv: Sequence[str] | None = None, stream: TextIO | None = None) -> int
             stream.flush()
         except (OSError, ValueError):
             pass
+
+
+def main(argv: Sequence[str] | None = None, stream: TextIO | None = None) -> int:
+    """Run one job; events go to `stream` (default: the process's stdout, claimed for events only)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = "python -m LymphNodeClassifierLib.train_worker " + shlex.join(argv)
+    return serve(argv, stream, build_parser().parse_args, lambda args, emit, cancel: run(args, emit, cancel, command),
+                 "Training cancelled; no model was written.")
 
 
 if __name__ == "__main__":
