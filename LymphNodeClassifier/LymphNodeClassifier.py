@@ -642,6 +642,8 @@ class LymphNodeClassifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         """Rank the open dataset's labels in a background process; the list appears when it is done."""
         if self._suspectSearch is not None and not self._suspectSearch.finished:
             return
+        if not self.ensurePythonDependencies():  # the worker needs PyTorch, scikit-learn and cleanlab
+            return
         with slicer.util.tryWithErrorDisplay(_("Failed to start the suspect search."), waitCursor=True):
             self._suspectSearch = self.logic.startSuspectSearch()
             self.ui.findSuspectsButton.enabled = False
