@@ -577,6 +577,8 @@ class LymphNodeClassifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             entry = action(*key)
             message = _("Saved.") if entry is not None else _("Nothing changed.")
             self._updateCurationSummary(message)
+            if entry is not None:
+                self._refreshSuspects()  # its since_ranked column shows the edit
         self._updateCurationButtons()
 
     def onRelabel(self, metastatic: int) -> None:

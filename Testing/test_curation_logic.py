@@ -176,4 +176,11 @@ def test_review_and_suspects_lists(logic, dataset_folder):
     assert true_label.IsA("vtkDoubleArray") and math.isnan(true_label.GetValue(0)) and true_label.GetValue(1) == 1.0
     assert logic.suspect_key(1) == (nodes[1].case_id, nodes[1].label_value)
     assert logic.suspect_key(5) is None
+    # the list was ranked on the labels of its time; the table says what curation changed since
+    assert [cell(suspects, r, "since_ranked") for r in range(2)] == ["", ""]
+    logic.set_label(nodes[0].case_id, nodes[0].label_value, 1 - int(nodes[0].metastatic))
+    logic.exclude_node(nodes[1].case_id, nodes[1].label_value, "motion artefact")
+    suspects = logic.suspects_table()
+    expected = "relabelled " + ("benign" if nodes[0].metastatic else "metastatic")
+    assert [cell(suspects, r, "since_ranked") for r in range(2)] == [expected, "excluded"]
     json.dumps(logic.summary())

@@ -15,7 +15,8 @@
   model; the probabilities go into the table. Without a usable model the case is still loaded and
   `LoadedCase.message` says why it was not classified.
 - `suspects_table()`: `suspects.csv` of the dataset folder (written by the `suspects` command) as a
-  table node, or None when there is none; `suspect_key(row)` gives the (case_id, label_value) to
+  table node with a `since_ranked` column (what curation changed since the ranking: relabelled,
+  excluded), or None when there is none; `suspect_key(row)` gives the (case_id, label_value) to
   load and jump to (`node_centroid_ras`).
 """
 
@@ -38,6 +39,7 @@ from .convert import load_volume_node, sitk_image_from_volume_node
 from .logic import GRADCAM_REFERENCE, SEGMENTATION_REFERENCE, TABLE_REFERENCE, ClassificationLogic, show_ct_window
 
 SUSPECTS_FILE = "suspects.csv"
+SINCE_RANKED = "since_ranked"  # column added to the suspects table: what curation changed since the ranking
 CASE_ROW_LABEL = 0  # label_value of the row of a case without node records
 NODE_COLUMNS = (
     ("case_id", "string"), ("patient_id", "string"), ("label_value", "int"), ("metastatic", "string"),
@@ -314,6 +316,10 @@ class CurationLogic:
             raise InputError(f"Cannot read {path} ({error}); run the suspects command again.") from None
         if not {"case_id", "label_value"} <= set(columns):
             raise InputError(f"{path} has no case_id and label_value columns; run the suspects command again.")
+        if "given_label" in columns:  # the list was ranked on the labels of its time: say what changed since
+            for record in records:
+                record[SINCE_RANKED] = self._since_ranked(record)
+            columns.insert(columns.index("given_label") + 1, SINCE_RANKED)
         kinds = {name: _column_kind([record.get(name) or "" for record in records]) for name in columns}
         table, arrays = _new_table([(name, kinds[name]) for name in columns])
         for record in records:
@@ -331,6 +337,22 @@ class CurationLogic:
         self.suspects_node.SetUseColumnTitleAsColumnHeader(True)
         self.suspects_node.SetLocked(True)
         return self.suspects_node
+
+    def _since_ranked(self, record: dict) -> str:
+        """'' when the node is as it was ranked, else what changed (relabelled, excluded, gone)."""
+        try:
+            node = self.session.dataset.node(str(record.get("case_id", "")), int(float(record.get("label_value") or "nan")))
+        except (KeyError, ValueError, InputError):
+            return "not in the dataset"
+        case = self.session.dataset.case(node.case_id)
+        if node.excluded or case.excluded:
+            return "excluded"
+        given = (record.get("given_label") or "").strip()
+        if node.metastatic is None:
+            return "unlabelled"
+        if given in ("0", "1") and int(given) != int(node.metastatic):
+            return "relabelled " + ("metastatic" if node.metastatic else "benign")
+        return ""
 
     def suspect_key(self, row: int) -> Key | None:
         """(case_id, label_value) of a row of the suspects table."""
