@@ -203,12 +203,18 @@ def rotation(axis, degrees) -> np.ndarray:
     return np.eye(3) + np.sin(t) * k + (1 - np.cos(t)) * k @ k
 
 
-def make_ct(tilted: bool) -> sitk.Image:
+# Directions of the test CTs: "identity" and "turned" (i along -y, j along +x: a CT axis still runs
+# along every view's normal, so cam_to_volume's broadcast shortcut applies) and "tilted" (it does not).
+DIRECTIONS = {"identity": np.eye(3), "turned": np.array([[0.0, 1.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]),
+              "tilted": rotation((1, 2, 3), 17.0)}
+
+
+def make_ct(tilted: bool | str) -> sitk.Image:
     ct = sitk.Image([70, 64, 36], sitk.sitkInt16)
     ct.SetSpacing((0.7, 0.9, 2.0))
     ct.SetOrigin((-31.0, 12.5, -80.25))
-    if tilted:
-        ct.SetDirection(tuple(rotation((1, 2, 3), 17.0).ravel()))
+    name = tilted if isinstance(tilted, str) else ("tilted" if tilted else "identity")
+    ct.SetDirection(tuple(DIRECTIONS[name].ravel()))
     return ct
 
 
@@ -263,8 +269,9 @@ def contract_coordinates(points, patch, view):
     return centre + d @ row_axis, centre + d @ col_axis
 
 
-def test_cam_to_volume_triplanar_is_geometric_mean_of_views():
-    ct = make_ct(True)
+@pytest.mark.parametrize("direction", list(DIRECTIONS))
+def test_cam_to_volume_triplanar_is_geometric_mean_of_views(direction):
+    ct = make_ct(direction)
     patch = make_patch(ct, (33.0, 30.4, 18.6))
     rr, cc = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
     cam = (0.1 + 0.6 * rr / (SIZE - 1) + 0.3 * cc / (SIZE - 1)).astype(np.float32)  # asymmetric in r, c

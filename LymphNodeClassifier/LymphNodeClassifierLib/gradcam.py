@@ -190,9 +190,14 @@ def _node_cam_region(cam: np.ndarray, patch: Any, grid: _CtGrid) -> tuple[np.nda
     inside = np.ones(shape, dtype=bool)
     coordinates = []
     for origin, solve in solvers:
-        rc = _affine_on_grid(solve @ grid.matrix, solve @ (grid.origin - origin), axes)
+        matrix = solve @ grid.matrix  # (row, col) per unit step of (i, j, k)
+        # A CT axis along the view's normal (every axial CT, for the axial view) does not move (row,
+        # col): compute them on the other two axes only and broadcast, ~50x fewer CAM samples.
+        flat = [a for a in range(3) if np.abs(matrix[:, a]).max() <= 1e-9 * np.abs(matrix).max()]
+        plane_axes = [axes[a][:1] if a in flat[:1] else axes[a] for a in range(3)]
+        rc = _affine_on_grid(matrix, solve @ (grid.origin - origin), plane_axes)
         inside &= (rc[0] >= lo_r) & (rc[0] <= hi_r) & (rc[1] >= lo_c) & (rc[1] <= hi_c)
-        coordinates.append(rc.reshape(2, -1))
+        coordinates.append(rc)
     inside = inside.ravel()
     if extrusion is not None:
         origin, normal, z_lo, z_hi = extrusion
@@ -201,7 +206,11 @@ def _node_cam_region(cam: np.ndarray, patch: Any, grid: _CtGrid) -> tuple[np.nda
     keep = np.flatnonzero(inside)  # sample the CAM only inside the patch's cube / extrusion
     sampled = np.ones(keep.size, dtype=np.float64)
     for rc in coordinates:
-        sampled *= _bilinear(cam, rc[0, keep], rc[1, keep])
+        if rc.shape[1:] == shape:
+            sampled *= _bilinear(cam, rc[0].ravel()[keep], rc[1].ravel()[keep])
+        else:  # reduced grid: sample it whole, then spread along the flat axis
+            plane = _bilinear(cam, rc[0].ravel(), rc[1].ravel()).reshape(rc.shape[1:])
+            sampled *= np.broadcast_to(plane, shape).ravel()[keep]
     if extrusion is None:
         sampled = np.cbrt(sampled)  # geometric mean of the three views
     value = np.zeros(inside.size, dtype=np.float32)
