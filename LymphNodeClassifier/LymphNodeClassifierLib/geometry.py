@@ -106,8 +106,8 @@ def check_ct_image(ct: sitk.Image) -> None:
         )
 
 
-def check_label_image(label: sitk.Image) -> None:
-    """Raise InputError unless `label` is a 3D single-channel map of non-negative integer values."""
+def check_label_image(label: sitk.Image) -> float:
+    """Raise InputError unless `label` is a 3D single-channel map of non-negative integer values; returns its maximum."""
     if label.GetDimension() != 3:
         raise InputError(f"The label volume is {label.GetDimension()}D; use a 3D label map of the lymph nodes.")
     if label.GetNumberOfComponentsPerPixel() != 1:
@@ -130,13 +130,19 @@ def check_label_image(label: sitk.Image) -> None:
         raise InputError("The label volume is empty (all voxels are 0); draw or load the lymph node segmentation first.")
     if stats.GetMaximum() > np.iinfo(np.uint32).max:
         raise InputError(f"The label volume has values up to {stats.GetMaximum():g}; use label values below 2**32.")
+    return stats.GetMaximum()
 
 
-def as_label_pixel_type(label: sitk.Image) -> sitk.Image:
-    """Cast a checked label map to UInt16 (values < 65536) or UInt32; integer-valued floats included."""
-    stats = sitk.MinimumMaximumImageFilter()
-    stats.Execute(label)
-    target = sitk.sitkUInt16 if stats.GetMaximum() <= np.iinfo(np.uint16).max else sitk.sitkUInt32
+def as_label_pixel_type(label: sitk.Image, maximum: float | None = None) -> sitk.Image:
+    """Cast a checked label map to UInt16 (values < 65536) or UInt32; integer-valued floats included.
+
+    `maximum`: the label's largest value when already known (`check_label_image` returns it).
+    """
+    if maximum is None:
+        stats = sitk.MinimumMaximumImageFilter()
+        stats.Execute(label)
+        maximum = stats.GetMaximum()
+    target = sitk.sitkUInt16 if maximum <= np.iinfo(np.uint16).max else sitk.sitkUInt32
     return label if label.GetPixelID() == target else sitk.Cast(label, target)
 
 
@@ -147,11 +153,12 @@ def prepare_label_image(ct: sitk.Image, label: sitk.Image) -> tuple[sitk.Image, 
     whether it had to be resampled (nearest neighbour, outside = 0), and a message saying so.
     """
     check_ct_image(ct)
-    check_label_image(label)
-    label = as_label_pixel_type(label)
+    label = as_label_pixel_type(label, check_label_image(label))
     if same_geometry(ct, label):
-        label = sitk.Image(label)  # a copy that shares nothing with the caller's image
-        label.CopyInformation(ct)  # remove sub-tolerance differences
+        label = sitk.Image(label)  # copy-on-write: changing it never changes the caller's image
+        exact = (label.GetOrigin(), label.GetSpacing(), label.GetDirection()) == (ct.GetOrigin(), ct.GetSpacing(), ct.GetDirection())
+        if not exact:  # remove sub-tolerance differences (this copies the voxels, so only when needed)
+            label.CopyInformation(ct)
         return label, False, None
     resampled = sitk.Resample(label, ct, sitk.Transform(), sitk.sitkNearestNeighbor, 0, label.GetPixelID())
     stats = sitk.MinimumMaximumImageFilter()
