@@ -160,6 +160,36 @@ def test_patient_left_is_on_the_right_and_anterior_at_the_top(tiles):
         np.testing.assert_allclose(centroid(column_band), expected_anterior, atol=4.0)
 
 
+def test_a_node_wider_than_the_field_of_view_is_shown_whole(slice_views):
+    """A 40 mm-radius lesion in a 60 mm view: the tile widens to 1.3x the lesion's extent, so its whole outline shows."""
+    radius_mm = 40.0
+    reference = sitk.Image((150, 140, 24), sitk.sitkInt16)
+    reference.SetSpacing((0.8, 0.85, 5.0))  # anisotropic, thick slices, tilted: as for a large lung tumour
+    reference.SetDirection(tuple(rotation("z", 7).ravel()))
+    reference.SetOrigin((-58.0, -58.0, -55.0))
+    size = reference.GetSize()
+    ijk = np.stack(np.meshgrid(*(np.arange(n) for n in size), indexing="ij"), axis=-1).reshape(-1, 3)
+    lps = physical_points_of_indices(reference, ijk.astype(float)).reshape(*size, 3).transpose(2, 1, 0, 3)
+    inside = np.linalg.norm(lps - np.array([2.0, 3.0, 4.0]), axis=-1) <= radius_mm
+    images = []
+    for array in (np.where(inside, 60, -100).astype(np.int16), inside.astype(np.uint16)):
+        image = sitk.GetImageFromArray(array)
+        image.CopyInformation(reference)
+        images.append(image)
+    nodes, components = extract_nodes(images[1])
+    field_of_view = slice_views.tile_field_of_view_mm(nodes[0], components, FOV_MM)
+    # 1.3 x the 80 mm diameter, a little more: the bounding box of voxels on a grid turned by 7 degrees
+    assert 1.3 * 2 * radius_mm <= field_of_view <= 1.3 * 2 * radius_mm * 1.2
+    (tile,) = slice_views.render_node_tiles(images[0], components, nodes, [0.9], None, window=WINDOW, size_px=SIZE_PX, field_of_view_mm=FOV_MM)
+    outline = colour_mask(tile, probability_color(0.9))
+    rows, columns = np.nonzero(outline)
+    radii = np.hypot(rows - CENTRE_PX, columns - CENTRE_PX)
+    angles = np.arctan2(rows - CENTRE_PX, columns - CENTRE_PX)
+    assert len(np.unique(np.floor((angles + np.pi) / (np.pi / 4)))) == 8, "the outline is cut off on some side"
+    assert np.median(radii) == pytest.approx(radius_mm * SIZE_PX / field_of_view, rel=0.1)
+    assert radii.max() < SIZE_PX / 2 - 5, "the outline reaches the tile's edge"
+
+
 def test_repeated_renders_leave_the_scene_as_they_found_it(case, slice_views, tiles):
     scene = slice_views._get_renderer().scene
     before = scene.GetNumberOfNodes()

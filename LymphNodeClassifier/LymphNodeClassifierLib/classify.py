@@ -128,7 +128,7 @@ def write_case_outputs(
                     patches=result.patches,
                     cams=result.cams,
                     threshold=result.decision_threshold,
-                    title=f"{case_id}: {len(result.nodes)} nodes, model {model.card.get('name', '')}",
+                    title=f"{case_id}: {len(result.nodes)} node{'' if len(result.nodes) == 1 else 's'}, model {model.card.get('name', '')}",
                     window=window,
                     field_of_view_mm=TILE_FIELD_OF_VIEW_MM,
                     notes=result.messages,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import textwrap
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -305,9 +306,30 @@ def write_report(
     header, rows, _ = _format_table_rows(nodes, probabilities, predictions)
     row_in = 0.27
     table_in = row_in * (len(rows) + 1)
-    footer_lines = 3 + len(notes)
-    footer_in = 0.8 + 0.2 * footer_lines
     width_in = max(2 * margin_in + columns * tile_in + max(columns - 1, 0) * gap_in, 8.6)
+    if source == TILE_SOURCE_SLICER:
+        how = f"Tiles {source}: axial slice through each node's centroid"
+        if field_of_view_mm:
+            how += f", {field_of_view_mm:g} mm field of view (wider for a node that would not fit)"
+    elif source == TILE_SOURCE_PATCHES:
+        how = f"Tiles: {source} (3D Slicer slice views unavailable): the model's axial input patch of each node"
+    else:
+        how = "No node images (neither slice views nor patches were available)"
+    if window is not None and source != TILE_SOURCE_NONE:
+        how += f", window {window[0]:g} to {window[1]:g} HU"
+    how += ". Radiological convention: patient right on the image's left."
+    lines = [
+        how,
+        f"Outline colour: probability of metastasis; heat overlay: Grad-CAM (where the model looked). "
+        f"Predicted metastatic when P ≥ {100 * threshold:.0f} %.",
+        *notes,
+        f"LymphNodeClassifier {__version__}, {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}. "
+        "Research use only: not a diagnosis.",
+    ]
+    # wrapped to the figure's width (8.5 pt text: about 15 characters per inch)
+    lines = [part for line in lines for part in textwrap.wrap(line, width=int((width_in - 2 * margin_in) * 15)) or [""]]
+    title = textwrap.shorten(title, width=int((width_in - 2 * margin_in) * 6.5), placeholder=" …")  # 16 pt bold
+    footer_in = 0.8 + 0.2 * len(lines)
     height_in = title_in + tile_rows * (tile_title_in + tile_in + gap_in) + 0.25 + table_in + footer_in
     figure = _figure(width_in, height_in)
 
@@ -367,25 +389,6 @@ def write_report(
 
     # footer
     footer_top = table_top - table_in - 0.22
-    if source == TILE_SOURCE_SLICER:
-        how = f"Tiles {source}: axial slice through each node's centroid"
-        if field_of_view_mm:
-            how += f", {field_of_view_mm:g} mm field of view"
-    elif source == TILE_SOURCE_PATCHES:
-        how = f"Tiles: {source} (3D Slicer slice views unavailable): the model's axial input patch of each node"
-    else:
-        how = "No node images (neither slice views nor patches were available)"
-    if window is not None and source != TILE_SOURCE_NONE:
-        how += f", window {window[0]:g} to {window[1]:g} HU"
-    how += ". Radiological convention: patient right on the image's left."
-    lines = [
-        how,
-        f"Outline colour: probability of metastasis; heat overlay: Grad-CAM (where the model looked). "
-        f"Predicted metastatic when P ≥ {100 * threshold:.0f} %.",
-        *notes,
-        f"LymphNodeClassifier {__version__}, {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}. "
-        "Research use only: not a diagnosis.",
-    ]
     for k, line in enumerate(lines):
         figure.text(margin_in / width_in, (footer_top - 0.2 * k) / height_in, line, ha="left", va="top", fontsize=8.5, color=_MUTED)
     if n:

@@ -34,7 +34,7 @@ import slicer
 import vtk
 from vtk.util.numpy_support import vtk_to_numpy
 
-from LymphNodeClassifierLib.geometry import continuous_indices_of_physical_points
+from LymphNodeClassifierLib.geometry import continuous_indices_of_physical_points, physical_points_of_indices
 from LymphNodeClassifierLib.nodes import NodeInfo
 from LymphNodeClassifierLib.report import CAM_DISPLAY_THRESHOLD
 from LymphNodeClassifierLib.segfile import probability_color, segment_name
@@ -44,6 +44,7 @@ from .convert import update_volume_node_from_sitk_image
 VIEW_NAME = "LymphNodeClassifierReport"
 OUTLINE_THICKNESS_PX = 2
 _NODE_NAME_PREFIX = "__LymphNodeClassifier report"
+TILE_FIT_MARGIN = 1.3  # a node wider than the tile's field of view gets this much room around it
 
 
 class SliceViewsUnavailable(RuntimeError):
@@ -179,6 +180,9 @@ def render_node_tiles(
 ) -> list[np.ndarray]:
     """One RGB uint8 `(size_px, size_px, 3)` tile per node: the axial slice through its centroid.
 
+    Each tile shows `field_of_view_mm`, or more for a node that would not fit: its axial extent
+    times `TILE_FIT_MARGIN` (`tile_field_of_view_mm`), so a large lesion is seen whole.
+
     `component_image` holds each node's `node_id` (from `nodes.extract_nodes`); `probabilities[n]`
     colours node `nodes[n]`; `cam_volume` (Grad-CAM in [0, 1], any grid) may be None; `window` is
     the model card's (low, high) HU. The first call in a process starts the offscreen Slicer app
@@ -200,7 +204,8 @@ def render_node_tiles(
         view = renderer.view
         try:
             renderer.set_size(size_px)
-            radius_mm = field_of_view_mm / 2.0 * math.sqrt(2.0) + 2.0  # the view's corners, plus a margin
+            fields_of_view = [tile_field_of_view_mm(node, component_image, field_of_view_mm) for node in nodes]
+            radius_mm = max(fields_of_view) / 2.0 * math.sqrt(2.0) + 2.0  # the widest view's corners, plus a margin
             centroids = np.array([node.centroid_lps for node in nodes], dtype=float)
             ct_crop = _crop_around(ct_image, centroids, radius_mm)
             components_crop = _crop_around(component_image, centroids, radius_mm)
@@ -213,17 +218,30 @@ def render_node_tiles(
             slice_node = renderer.slice_node
             slice_node.SetOrientation("Axial")  # patient axial, even on a tilted CT
             tiles = []
-            for node in nodes:
+            for node, node_field_of_view in zip(nodes, fields_of_view):
                 r, a, s = node.centroid_ras
                 slice_node.JumpSliceByCentering(r, a, s)
                 thickness = slice_node.GetFieldOfView()[2]
-                slice_node.SetFieldOfView(field_of_view_mm, field_of_view_mm, thickness)
+                slice_node.SetFieldOfView(node_field_of_view, node_field_of_view, thickness)
                 tiles.append(renderer.grab())
         finally:
             view.set_background_volume_id(None)
             view.set_foreground_volume_id(None)
             _remove_nodes_added_since(scene, before)
     return tiles
+
+
+def tile_field_of_view_mm(node: NodeInfo, image: sitk.Image, minimum_mm: float) -> float:
+    """`minimum_mm`, or the node's extent in the patient-axial plane times TILE_FIT_MARGIN if larger.
+
+    The extent is that of the node's bounding box (voxel faces, in LPS x and y), so it holds on a
+    tilted CT too.
+    """
+    i0, j0, k0, i1, j1, k1 = node.bbox_index
+    corners = np.array([[i, j, k] for i in (i0 - 0.5, i1 + 0.5) for j in (j0 - 0.5, j1 + 0.5) for k in (k0 - 0.5, k1 + 0.5)], dtype=float)
+    lps = physical_points_of_indices(image, corners)
+    extent = float(max(np.ptp(lps[:, 0]), np.ptp(lps[:, 1])))
+    return max(float(minimum_mm), TILE_FIT_MARGIN * extent)
 
 
 # -- scene content -------------------------------------------------------------------------------
