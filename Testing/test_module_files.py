@@ -465,6 +465,9 @@ def test_extension_cmakelists_has_the_required_metadata():
     raw = f"https://raw.githubusercontent.com/{homepage.group(1)}/{homepage.group(2)}/"
     assert settings["EXTENSION_ICONURL"] == raw + "main/LymphNodeClassifier.png"
     assert all(url.startswith("https://") for url in settings["EXTENSION_SCREENSHOTURLS"].split())
+    for url in settings["EXTENSION_SCREENSHOTURLS"].split() + [settings["EXTENSION_ICONURL"]]:
+        if url.startswith(raw + "main/"):  # a file of this repository: it must be there
+            assert (EXTENSION_CMAKE.parent / url[len(raw + "main/"):]).is_file(), f"{url} points at a file the repository lacks"
     assert re.search(rf"^project\({MODULE_NAME}\)", text, flags=re.MULTILINE)
     for line in ("find_package(Slicer REQUIRED)", "include(${Slicer_USE_FILE})", f"add_subdirectory({MODULE_NAME})",
                  "include(${Slicer_EXTENSION_GENERATE_CONFIG})", "include(${Slicer_EXTENSION_CPACK})"):
