@@ -232,6 +232,7 @@ class LymphNodeClassifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self._trainingTimer.setInterval(TRAINING_TIMER_INTERVAL_MS)
         self._trainingTimer.connect("timeout()", self.onTrainingTimer)
         self.ui.startTrainingButton.connect("clicked(bool)", self.onStartTraining)
+        self.ui.showRocCheckBox.connect("toggled(bool)", self.onShowRocToggled)
         self.ui.cancelTrainingButton.connect("clicked(bool)", self.onCancelTraining)
         self.ui.makeActiveButton.connect("clicked(bool)", self.onMakeActive)
         self.ui.trainedModelComboBox.connect("currentIndexChanged(int)", self.onTrainedModelChosen)
@@ -708,6 +709,8 @@ class LymphNodeClassifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to start the training."), waitCursor=True):
             self._trainingRun = self.logic.startTraining(self._parameterNode, self._trainingRun)
+            self.ui.showRocCheckBox.checked = False
+            self.ui.showRocCheckBox.enabled = False
             self._showTrainingChart(self._trainingRun.curves.chart_node)
             self.ui.trainingResultsTableView.setMRMLTableNode(None)
             self.ui.trainingProgressBar.value = 0
@@ -738,6 +741,8 @@ class LymphNodeClassifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self._updateTrainingButtons()
         if run.outcome == "done":
             self.ui.trainingResultsTableView.setMRMLTableNode(run.results_node)
+            self.ui.showRocCheckBox.enabled = run.roc_chart_node is not None
+            self.ui.showRocCheckBox.checked = run.roc_chart_node is not None  # shows the ROC in the plot view
             self._populateModelChoosers()
             index = self.ui.trainedModelComboBox.findData(run.model_path)
             if index >= 0:
@@ -745,6 +750,14 @@ class LymphNodeClassifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         elif run.outcome == "error":
             slicer.util.errorDisplay(_("Training failed: {message}").format(message=run.message),
                                      detailedText=run.process.stderr_tail())
+
+    def onShowRocToggled(self, checked: bool) -> None:
+        """The plot view shows the test-set ROC of the finished run, or the training curves."""
+        run = self._trainingRun
+        if run is None:
+            return
+        chart = run.roc_chart_node if checked and run.roc_chart_node is not None else run.curves.chart_node
+        self._showTrainingChart(chart)
 
     def onCancelTraining(self) -> None:
         if self._trainingRun is not None:
@@ -946,7 +959,7 @@ class LymphNodeClassifierLogic(ScriptedLoadableModuleLogic):
         if not folder or not os.path.isfile(os.path.join(folder, "dataset.json")):
             raise InputError(f"There is no dataset.json in '{folder}'; choose a dataset folder on the Curation tab first.")
         if previousRun is not None:
-            for node in previousRun.curves.nodes() + [previousRun.results_node]:
+            for node in previousRun.curves.nodes() + [previousRun.results_node] + previousRun.roc_nodes:
                 if node is not None and node.GetScene() is slicer.mrmlScene:
                     slicer.mrmlScene.RemoveNode(node)
         run = TrainingRun(slicer.mrmlScene, folder, self.modelsFolder(), self.trainingOptions(parameterNode))

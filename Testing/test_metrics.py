@@ -8,7 +8,7 @@ import pytest
 from sklearn.metrics import accuracy_score, precision_score, recall_score, roc_auc_score
 
 from LymphNodeClassifierLib.errors import InputError
-from LymphNodeClassifierLib.metrics import METRIC_NAMES, binary_metrics, bootstrap_ci, json_safe
+from LymphNodeClassifierLib.metrics import METRIC_NAMES, binary_metrics, bootstrap_ci, json_safe, roc_points
 
 
 def scores(n: int, seed: int, separation: float = 1.0):
@@ -105,3 +105,18 @@ def test_rank_auc_used_by_the_bootstrap_equals_roc_auc_score_with_ties():
         y[:2] = (0, 1)
         p = np.round(rng.random(40), 1)  # many ties
         assert rank_auc(y, p) == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+
+
+def test_roc_points_enclose_the_auc_and_run_from_corner_to_corner():
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 2, 300)
+    score = y * 0.8 + rng.normal(0, 0.6, 300)
+    score[::7] = np.round(score[::7], 1)  # some ties
+    roc = roc_points(y, score)
+    fpr, tpr = np.array(roc["fpr"]), np.array(roc["tpr"])
+    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0.0, 0.0, 1.0, 1.0)
+    assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)
+    area = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))  # trapezoids under the curve
+    assert area == pytest.approx(roc_auc_score(y, score), abs=1e-5)
+    json.dumps(roc, allow_nan=False)
+    assert roc_points([1, 1, 1], [0.2, 0.5, 0.9]) is None and roc_points([], []) is None

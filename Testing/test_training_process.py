@@ -66,7 +66,8 @@ def test_curves_and_results_table_from_events():
     assert curves.rows == 0 and "fold 2 of 5" in chart.GetTitle()
 
     block = {"auc": 0.8, "accuracy": 0.7, "sensitivity": 0.6, "specificity": None, "ppv": 0.5, "npv": 0.9, "n": 10, "n_positive": 4,
-             "ci95": {"auc": [0.6, 0.95], "accuracy": None}}
+             "ci95": {"auc": [0.6, 0.95], "accuracy": None}, "tp": 3, "fn": 1, "fp": 2, "tn": 4,
+             "roc": {"fpr": [0.0, 0.5, 1.0], "tpr": [0.0, 0.75, 1.0]}}
     done = {"event": "done", "model_path": "/x/job.pt", "comparison": {
         "test_set": {"nodes": 10, "metastatic": 4}, "new_model": block,
         "active_model": {"path": "/x/old.pt", "error": "could not be read"},
@@ -74,8 +75,14 @@ def test_curves_and_results_table_from_events():
     node = tp.results_table(done, scene)
     rows = tp.table_rows(node)
     assert [node.GetTable().GetColumnName(c) for c in range(4)] == list(tp.RESULT_COLUMNS)
-    assert [r[0] for r in rows] == ["model", "test nodes (metastatic)", "ACC", "AUC", "Sensitivity", "Specificity", "PPV", "NPV"]
+    assert [r[0] for r in rows] == ["model", "test nodes (metastatic)", "ACC", "AUC", "Sensitivity", "Specificity", "PPV", "NPV", tp.CONFUSION_ROW]
+    assert rows[-1] == [tp.CONFUSION_ROW, "3 / 1 / 2 / 4", "", "3 / 1 / 2 / 4"]
     assert rows[0][1] == "job.pt" and "could not be read" in rows[0][2]
+    roc = tp.roc_chart(done, scene)  # the active model could not be read: two curves
+    chart, roc_table = roc[0], roc[1].GetTable()
+    assert chart.GetNumberOfPlotSeriesNodes() == 2 and "10 nodes" in chart.GetTitle()
+    assert [roc_table.GetValue(r, roc_table.GetColumnIndex("new model tpr")).ToDouble() for r in range(3)] == [0.0, 0.75, 1.0]
+    assert tp.roc_chart({"event": "done", "comparison": {"error": "no test set"}}, scene) == []
     assert rows[3][1] == "0.800 [0.600, 0.950]" and rows[2][1] == "0.700" and rows[5][1] == "n/a" and rows[3][2] == "n/a"
     again = tp.results_table({"event": "done", "comparison": {"error": "no test set"}}, table_node=node)
     assert again is node and tp.table_rows(node) == [["test set", "no test set", "", ""]]

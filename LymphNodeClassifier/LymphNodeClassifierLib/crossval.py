@@ -53,7 +53,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from .errors import InputError
 from .fileio import atomic_path, atomic_write_json, atomic_write_text
-from .metrics import METRIC_NAMES, binary_metrics, bootstrap_ci, json_safe, rank_auc
+from .metrics import METRIC_NAMES, binary_metrics, bootstrap_ci, json_safe, rank_auc, roc_points
 from .patchset import PatchSet
 from .training import ARCHITECTURE_NAMES, TrainingConfig, _one_fold, train, youden_threshold
 
@@ -165,6 +165,7 @@ def cv_metrics(
     groups = np.asarray(patient_ids).astype(str)
     folds = sorted(int(k) for k in np.unique(fold_of))
     out = _block(y, probability, np.asarray(prediction), groups, n_boot, seed)
+    out["roc"] = roc_points(y, probability)
     out["prediction_rule"] = "probability >= the fold's threshold (Youden's J on the fold's inner validation part)"
     rules = {}
     for name, score in (("short_axis_mm", short_axis_mm), ("long_axis_mm", long_axis_mm)):
@@ -172,6 +173,7 @@ def cv_metrics(
         rule_prediction, cutoff = size_rule_predictions(y, score, fold_of)
         block = _block(y, score, rule_prediction, groups, n_boot, seed)
         block["score"] = name
+        block["roc"] = roc_points(y, score)
         block["rule"] = f"malignant/metastatic when {name} >= the fold's cut-off (Youden's J on the other folds)"
         block["cutoff_mm_per_fold"] = [float(cutoff[fold_of == k][0]) for k in folds]
         block["per_fold_auc"] = [_auc(y[fold_of == k], score[fold_of == k]) for k in folds]

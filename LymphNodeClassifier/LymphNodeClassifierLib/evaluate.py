@@ -45,7 +45,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from .dataset import Dataset
 from .errors import InputError
 from .fileio import atomic_path, atomic_write_json, atomic_write_text
-from .metrics import METRIC_NAMES, binary_metrics, bootstrap_ci, json_safe
+from .metrics import METRIC_NAMES, binary_metrics, bootstrap_ci, json_safe, roc_points
 from .model import LoadedModel, load_model
 from .patchset import PatchSet, build_patchset
 
@@ -135,6 +135,7 @@ def evaluate_predictions(
 
     out = binary_metrics(y, p, threshold)
     out["ci95"] = _ci(y, p, out["threshold"], n_boot, seed, groups, confidence)
+    out["roc"] = roc_points(y, p)
 
     # The size rule through a strictly increasing map of the short axis into [0, 1):
     # s / (s + T) >= 0.5 exactly when s >= T, and the ranks (hence the AUC) are those of s.
@@ -143,6 +144,7 @@ def evaluate_predictions(
     size = binary_metrics(y, size_score, 0.5)
     if math.isfinite(size["auc"]):
         size["auc"] = float(roc_auc_score(y, short))
+    size["roc"] = roc_points(y, short)
     size.pop("threshold")  # 0.5 on the mapped score; `threshold_mm` is the rule's own
     size = {"score": "short_axis_mm", "rule": f"metastatic when short_axis_mm >= {size_threshold_mm:g}", "threshold_mm": size_threshold_mm, **size}
     size["ci95"] = _ci(y, size_score, 0.5, n_boot, seed, groups, confidence)

@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 import numpy as np
 from scipy.stats import rankdata
-from sklearn.metrics import confusion_matrix, roc_auc_score
+from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
 from .errors import InputError
 
@@ -109,6 +109,16 @@ def binary_metrics(y_true: Sequence[int], probability: Sequence[float], threshol
         "confusion_matrix": [[tn, fp], [fn, tp]],
         "undefined": undefined,
     }
+
+
+def roc_points(y_true: Sequence[int], score: Sequence[float]) -> dict | None:
+    """The ROC curve of `score` (higher = metastatic) as {"fpr": [...], "tpr": [...]} (scikit-learn's
+    `roc_curve`, collinear points dropped), or None when the labels hold one class only."""
+    y = np.asarray(y_true, dtype=np.int64)
+    if y.size == 0 or y.min() == y.max():
+        return None
+    fpr, tpr, _ = roc_curve(y, np.asarray(score, dtype=np.float64), drop_intermediate=True)
+    return {"fpr": [round(float(v), 6) for v in fpr], "tpr": [round(float(v), 6) for v in tpr]}
 
 
 def rank_auc(y: np.ndarray, p: np.ndarray) -> float:

@@ -476,7 +476,7 @@ def compare_cross_validation(cross_validation, compare_path: Path | None, datase
     metrics = cross_validation.metrics
     patchset = cross_validation.patchset
     keys = ("n", "n_positive", "n_negative", *METRIC_NAMES, "tn", "fp", "fn", "tp", "confusion_matrix", "undefined", "ci95",
-            "prediction_rule", "per_fold_auc", "patients", "bootstrap")
+            "roc", "prediction_rule", "per_fold_auc", "patients", "bootstrap")
     new = {key: metrics[key] for key in keys if key in metrics}
     comparison = {
         "test_set": {

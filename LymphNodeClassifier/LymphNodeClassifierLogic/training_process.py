@@ -12,9 +12,10 @@
   vtkMRMLPlotSeriesNodes and a vtkMRMLPlotChartNode for the live loss / AUC curves in a plot view.
 - `results_table(done_event)`: a vtkMRMLTableNode comparing the new model, the active model and
   the short-axis size rule on the same test nodes (ACC, AUC, sensitivity, specificity, PPV, NPV
-  with their 95 % CIs).
+  with their 95 % CIs, and each one's confusion matrix as TP / FN / FP / TN);
+  `roc_chart(done_event)`: their ROC curves on those nodes as a vtkMRMLPlotChartNode.
 - `TrainingRun`: the three together, so the Widget only calls `start`, `step` (from its timer),
-  `cancel` and reads `progress`, `status`, `outcome`, `message`, `model_path`, `results_node`.
+  `cancel` and reads `progress`, `status`, `outcome`, `message`, `model_path`, `results_node`, `roc_chart_node`.
 - `scenario_training_process()`: a tiny complete run (phantom cohort, two epochs) for "Reload and
   Test" and the headless tests.
 """
@@ -48,6 +49,9 @@ CURVE_COLUMNS = ("epoch", "train_loss", "val_loss", "val_auc")
 RESULT_METRICS = (("ACC", "accuracy"), ("AUC", "auc"), ("Sensitivity", "sensitivity"), ("Specificity", "specificity"),
                   ("PPV", "ppv"), ("NPV", "npv"))
 RESULT_COLUMNS = ("metric", "new model", "active model", "size rule")
+CONFUSION_ROW = "TP / FN / FP / TN"  # the confusion matrix of each column at its operating point
+ROC_SERIES = (("new model", "new_model", (0.84, 0.15, 0.16)), ("active model", "active_model", (0.5, 0.5, 0.5)),
+              ("size rule", "size_rule", (0.12, 0.47, 0.71)))
 # The tiny run of the self-test: 32 px patches at 1.58 mm (same field of view as 64 px at 0.79 mm),
 # and fractions that a cohort of five patients can be split into.
 TINY_OPTIONS = {
@@ -450,7 +454,60 @@ def results_rows(done_event: Mapping[str, Any]) -> list[list[str]]:
     ]
     for label, key in RESULT_METRICS:
         rows.append([label, format_metric(new, key), format_metric(active_block, key), format_metric(size, key)])
+    rows.append([CONFUSION_ROW, *(_confusion_text(block) for block in (new, active_block, size))])
     return rows
+
+
+def _confusion_text(block: Mapping[str, Any] | None) -> str:
+    if not block or any(block.get(key) is None for key in ("tp", "fn", "fp", "tn")):
+        return ""
+    return f"{block['tp']} / {block['fn']} / {block['fp']} / {block['tn']}"
+
+
+def roc_chart(done_event: Mapping[str, Any], scene=None, name: str = "Training ROC") -> list:
+    """The test-set ROC curves of the new model, the active model and the size rule as Slicer plot nodes.
+
+    Returns [chart, table, series...] (empty when the comparison has no ROC, e.g. one class only);
+    the chart is the first node. Each curve is scikit-learn's `roc_curve` from the worker's metrics.
+    """
+    scene = scene or default_scene()
+    comparison = dict(done_event.get("comparison") or {})
+    curves = [(label, (comparison.get(key) or {}).get("roc"), colour) for label, key, colour in ROC_SERIES]
+    curves = [(label, roc, colour) for label, roc, colour in curves if roc and roc.get("fpr")]
+    if not curves:
+        return []
+    table = vtk.vtkTable()
+    length = max(len(roc["fpr"]) for _, roc, _ in curves)
+    for label, roc, _ in curves:
+        for axis in ("fpr", "tpr"):
+            array = vtk.vtkDoubleArray()
+            array.SetName(f"{label} {axis}")
+            values = list(roc[axis]) + [math.nan] * (length - len(roc[axis]))  # shorter curves end in NaN
+            for value in values:
+                array.InsertNextValue(float(value))
+            table.AddColumn(array)
+    table_node = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{name} table")
+    table_node.SetAndObserveTable(table)
+    table_node.SetLocked(True)
+    chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", f"{name} chart")
+    nodes = [chart, table_node]
+    test_set = comparison.get("test_set") or {}
+    for label, roc, colour in curves:
+        series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", f"{name} {label}")
+        series.SetAndObserveTableNodeID(table_node.GetID())
+        series.SetXColumnName(f"{label} fpr")
+        series.SetYColumnName(f"{label} tpr")
+        series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
+        series.SetMarkerStyle(slicer.vtkMRMLPlotSeriesNode.MarkerStyleNone)
+        series.SetColor(*colour)
+        series.SetName(label)
+        chart.AddAndObservePlotSeriesNodeID(series.GetID())
+        nodes.append(series)
+    chart.SetTitle(f"ROC on the test set ({test_set.get('nodes', '?')} nodes)")
+    chart.SetXAxisTitle("1 - specificity")
+    chart.SetYAxisTitle("sensitivity")
+    chart.SetLegendVisibility(True)
+    return nodes
 
 
 def results_table(done_event: Mapping[str, Any], scene=None, table_node=None, name: str = "Training results"):
@@ -493,6 +550,7 @@ class TrainingRun:
         self.process = TrainingProcess(dataset, out_folder, options, python=python or sys.executable, job_id=job_id)
         self.curves = curves or TrainingCurves(self.scene)
         self.results_node = None
+        self.roc_nodes: list = []  # [chart, table, series...] of the test-set ROC once done
         self.progress = 0.0
         self.status = ""
         self.outcome: str | None = None  # "done", "cancelled" or "error" once finished
@@ -500,6 +558,11 @@ class TrainingRun:
         self.model_path: str | None = None
         self.done_event: dict | None = None
         self.folds = 0
+
+    @property
+    def roc_chart_node(self):
+        """The test-set ROC chart once the run is done (None before, or without a ROC)."""
+        return self.roc_nodes[0] if self.roc_nodes else None
 
     @property
     def finished(self) -> bool:
@@ -565,6 +628,7 @@ class TrainingRun:
             self.outcome, self.done_event = "done", dict(event)
             self.model_path = event.get("model_path")
             self.results_node = results_table(event, self.scene, self.results_node)
+            self.roc_nodes = roc_chart(event, self.scene)
             self.message = f"Model written to {self.model_path}."
             self.status = "Finished. " + self.message
         elif kind == "cancelled":
@@ -626,13 +690,25 @@ def scenario_training_process(scene=None, work_dir: str | os.PathLike | None = N
         card = model_registry.read_entry(model_path)
         assert card.ok, card.error
         rows = table_rows(run.results_node)
-        assert [row[0] for row in rows[2:]] == [label for label, _ in RESULT_METRICS], rows
+        assert [row[0] for row in rows[2:-1]] == [label for label, _ in RESULT_METRICS], rows
+        assert rows[-1][0] == CONFUSION_ROW and rows[-1][3], rows[-1]
+        test_nodes = run.done_event["comparison"]["test_set"]["nodes"]
+        for text in (rows[-1][1], rows[-1][3]):  # new model, size rule: the four counts add up to the test nodes
+            assert sum(int(v) for v in text.split(" / ")) == test_nodes, (text, test_nodes)
+        chart = run.roc_chart_node
+        assert chart is not None and chart.GetNumberOfPlotSeriesNodes() >= 2, "no ROC chart"
+        roc_table = run.roc_nodes[1].GetTable()
+        for column in range(roc_table.GetNumberOfColumns()):  # every curve runs from (0, 0) to (1, 1)
+            values = [roc_table.GetValue(r, column).ToDouble() for r in range(roc_table.GetNumberOfRows())]
+            values = [v for v in values if math.isfinite(v)]
+            assert values[0] == 0.0 and values[-1] == 1.0, (roc_table.GetColumnName(column), values)
         assert model_registry.active_model(models) is None
         model_registry.set_active_model(models, model_path)
         assert model_registry.active_model(models).resolve() == model_path.resolve(), "make active did not switch the model"
         result = {"model": model_path.name, "epochs_run": epochs_run, "results": rows, "progress": run.progress,
                   "chart_title": run.curves.chart_node.GetTitle(), "comparison": run.done_event["comparison"]}
-        for node in run.curves.nodes() + [run.results_node]:
+        result["roc_series"] = chart.GetNumberOfPlotSeriesNodes()
+        for node in run.curves.nodes() + [run.results_node] + run.roc_nodes:
             scene.RemoveNode(node)
     return result
 
