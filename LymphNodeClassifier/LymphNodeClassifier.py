@@ -274,6 +274,8 @@ class LymphNodeClassifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self.ui.curationTableView.setMRMLTableNode(None)
             self.ui.reviewTableView.setMRMLTableNode(None)
             self.ui.trainingResultsTableView.setMRMLTableNode(None)
+            self.ui.showRocCheckBox.checked = False  # its chart went with the scene
+            self.ui.showRocCheckBox.enabled = False
             self._refreshSuspects()
             self._updateCurationSummary()
             self._updateCurationButtons()
@@ -574,11 +576,13 @@ class LymphNodeClassifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         key = self._selectedCurationKey()
         if key is None:
             return
+        entry = None
         with slicer.util.tryWithErrorDisplay(failure):
             entry = action(*key)
             message = _("Saved.") if entry is not None else _("Nothing changed.")
             self._updateCurationSummary(message)
-            if entry is not None:
+        if entry is not None:
+            with slicer.util.tryWithErrorDisplay(_("The edit was saved, but the suspect list could not be refreshed.")):
                 self._refreshSuspects()  # its since_ranked column shows the edit
         self._updateCurationButtons()
 

@@ -298,8 +298,9 @@ def test_cam_to_volume_triplanar_off_centre_spot():
     assert np.linalg.norm(points[np.argmax(values)] - target) <= np.linalg.norm(ct.GetSpacing())
 
 
-def test_cam_to_volume_axial_view_is_extruded_over_the_node():
-    ct = make_ct(True)
+@pytest.mark.parametrize("direction", list(DIRECTIONS))
+def test_cam_to_volume_axial_view_is_extruded_over_the_node(direction):
+    ct = make_ct(direction)
     centre_index = (35.0, 30.0, 18.0)
     patch = make_patch(ct, centre_index, views=("axial",), half_extent=(3, 3, 2))
     centre = (SIZE - 1) / 2

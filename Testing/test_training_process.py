@@ -4,6 +4,7 @@ a finished run installs a model whose card loads and compares it with the active
 size rule on the same test nodes; make-active switches active_model.json."""
 
 import json
+import math
 import os
 import stat
 import time
@@ -83,6 +84,11 @@ def test_curves_and_results_table_from_events():
     assert chart.GetNumberOfPlotSeriesNodes() == 2 and "10 nodes" in chart.GetTitle()
     assert [roc_table.GetValue(r, roc_table.GetColumnIndex("new model tpr")).ToDouble() for r in range(3)] == [0.0, 0.75, 1.0]
     assert tp.roc_chart({"event": "done", "comparison": {"error": "no test set"}}, scene) == []
+    # curves of different lengths share one table: the shorter one ends in NaN (plots skip those points)
+    short = {**block, "roc": {"fpr": [0.0, 1.0], "tpr": [0.0, 1.0]}}
+    uneven = tp.roc_chart({**done, "comparison": {**done["comparison"], "size_rule": short}}, scene)
+    column = uneven[1].GetTable().GetColumnByName("size rule tpr")
+    assert [column.GetValue(r) for r in range(2)] == [0.0, 1.0] and math.isnan(column.GetValue(2))
     assert rows[3][1] == "0.800 [0.600, 0.950]" and rows[2][1] == "0.700" and rows[5][1] == "n/a" and rows[3][2] == "n/a"
     again = tp.results_table({"event": "done", "comparison": {"error": "no test set"}}, table_node=node)
     assert again is node and tp.table_rows(node) == [["test set", "no test set", "", ""]]

@@ -221,7 +221,7 @@ def _node_cam_region(cam: np.ndarray, patch: Any, grid: _CtGrid) -> tuple[np.nda
 def _affine_on_grid(matrix: np.ndarray, offset: np.ndarray, axes: Sequence[np.ndarray]) -> np.ndarray:
     """`matrix @ (i, j, k) + offset` for every voxel of the grid spanned by `axes` (i, j, k ranges).
 
-    Returns (m, K, J, I). Built by broadcasting the three 1-D index ranges: no (N, 3) point array and
+    Returns (m, K, J, I) (size 1 along an axis given as a single value). Built by broadcasting the three 1-D index ranges: no (N, 3) point array and
     no BLAS call, which on small matrices was the slowest part of mapping CAMs back to the CT.
     """
     i, j, k = axes

@@ -319,7 +319,8 @@ class CurationLogic:
         if "given_label" in columns:  # the list was ranked on the labels of its time: say what changed since
             for record in records:
                 record[SINCE_RANKED] = self._since_ranked(record)
-            columns.insert(columns.index("given_label") + 1, SINCE_RANKED)
+            if SINCE_RANKED not in columns:  # a list written with the column keeps its place, with today's values
+                columns.insert(columns.index("given_label") + 1, SINCE_RANKED)
         kinds = {name: _column_kind([record.get(name) or "" for record in records]) for name in columns}
         table, arrays = _new_table([(name, kinds[name]) for name in columns])
         for record in records:

@@ -232,16 +232,16 @@ def render_node_tiles(
 
 
 def tile_field_of_view_mm(node: NodeInfo, image: sitk.Image, minimum_mm: float) -> float:
-    """`minimum_mm`, or the node's extent in the patient-axial plane times TILE_FIT_MARGIN if larger.
-
-    The extent is that of the node's bounding box (voxel faces, in LPS x and y), so it holds on a
-    tilted CT too.
+    """`minimum_mm`, or what a view centred on the node's centroid needs to hold the node with
+    TILE_FIT_MARGIN room, if larger: 2 x margin x the farthest bounding-box corner from the
+    centroid along patient x or y (voxel faces, LPS; so it holds on a tilted CT and for a node whose
+    centroid is off its box's centre).
     """
     i0, j0, k0, i1, j1, k1 = node.bbox_index
     corners = np.array([[i, j, k] for i in (i0 - 0.5, i1 + 0.5) for j in (j0 - 0.5, j1 + 0.5) for k in (k0 - 0.5, k1 + 0.5)], dtype=float)
-    lps = physical_points_of_indices(image, corners)
-    extent = float(max(np.ptp(lps[:, 0]), np.ptp(lps[:, 1])))
-    return max(float(minimum_mm), TILE_FIT_MARGIN * extent)
+    offsets = physical_points_of_indices(image, corners) - np.asarray(node.centroid_lps, dtype=float)
+    reach = float(np.abs(offsets[:, :2]).max())
+    return max(float(minimum_mm), 2.0 * TILE_FIT_MARGIN * reach)
 
 
 # -- scene content -------------------------------------------------------------------------------

@@ -503,7 +503,8 @@ def roc_chart(done_event: Mapping[str, Any], scene=None, name: str = "Training R
         series.SetName(label)
         chart.AddAndObservePlotSeriesNodeID(series.GetID())
         nodes.append(series)
-    chart.SetTitle(f"ROC on the test set ({test_set.get('nodes', '?')} nodes)")
+    pooled = str(test_set.get("split", "")).startswith("out-of-fold")  # k-fold: every node, out of fold
+    chart.SetTitle(f"ROC, {'out of fold' if pooled else 'test set'} ({test_set.get('nodes', '?')} nodes)")
     chart.SetXAxisTitle("1 - specificity")
     chart.SetYAxisTitle("sensitivity")
     chart.SetLegendVisibility(True)
