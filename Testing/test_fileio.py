@@ -36,3 +36,17 @@ def test_permissions_follow_the_umask_not_owner_only(tmp_path):
     finally:
         os.umask(previous)
     assert stat.S_IMODE(target.stat().st_mode) == 0o644
+
+
+def test_ensure_folder_creates_parents_and_refuses_files_in_one_line(tmp_path):
+    from LymphNodeClassifierLib.errors import InputError
+    from LymphNodeClassifierLib.fileio import ensure_folder
+
+    made = ensure_folder(tmp_path / "a" / "b", "unused")
+    assert made.is_dir() and ensure_folder(made, "unused") == made  # an existing folder is fine
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    with pytest.raises(InputError, match="^blocker is a file$"):
+        ensure_folder(blocker, "blocker is a file")
+    with pytest.raises(InputError, match=r"^Cannot create the model folder .*file\.txt.sub \(.+\); pick another\.$"):
+        ensure_folder(blocker / "sub", "unused", what="model folder", advice="pick another")

@@ -52,7 +52,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from sklearn.model_selection import StratifiedGroupKFold
 
 from .errors import InputError
-from .fileio import atomic_path, atomic_write_json, atomic_write_text
+from .fileio import atomic_path, atomic_write_json, atomic_write_text, ensure_folder
 from .metrics import METRIC_NAMES, binary_metrics, bootstrap_ci, json_safe, rank_auc, roc_points
 from .patchset import PatchSet
 from .training import ARCHITECTURE_NAMES, TrainingConfig, _one_fold, train, youden_threshold
@@ -341,13 +341,7 @@ def plot_roc(result: CrossValResult, path: str | os.PathLike, title: str = "") -
 
 def write_crossval(result: CrossValResult, out_dir: str | os.PathLike, title: str = "") -> dict[str, Path]:
     """predictions.csv, roc.png, then metrics.json (each atomically) into `out_dir`."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"--out {out_dir} is a file; give a folder for the cross-validation outputs.")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise InputError(f"Cannot create the output folder {out_dir} ({error.strerror}); choose a writable folder.") from None
+    out_dir = ensure_folder(out_dir, f"--out {out_dir} is a file; give a folder for the cross-validation outputs.")
     paths = {name: out_dir / name for name in OUTPUT_FILES}
     atomic_write_text(paths["predictions.csv"], predictions_csv(result))
     plot_roc(result, paths["roc.png"], title)

@@ -44,7 +44,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from .dataset import Dataset
 from .errors import InputError
-from .fileio import atomic_path, atomic_write_json, atomic_write_text
+from .fileio import atomic_path, atomic_write_json, atomic_write_text, ensure_folder
 from .metrics import METRIC_NAMES, binary_metrics, bootstrap_ci, json_safe, roc_points
 from .model import LoadedModel, load_model
 from .patchset import PatchSet, build_patchset
@@ -287,13 +287,7 @@ def plot_evaluation(evaluation: Evaluation, path: str | os.PathLike) -> None:
 
 def write_evaluation(evaluation: Evaluation, out_dir: str | os.PathLike) -> dict[str, Path]:
     """Write predictions.csv, roc.png and then metrics.json (each atomically) into `out_dir`."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"--out {out_dir} is a file; give a folder for the evaluation outputs.")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise InputError(f"Cannot create the output folder {out_dir} ({error.strerror}); choose a writable folder.") from None
+    out_dir = ensure_folder(out_dir, f"--out {out_dir} is a file; give a folder for the evaluation outputs.")
     paths = {name: out_dir / name for name in OUTPUT_FILES}
     atomic_write_text(paths["predictions.csv"], predictions_csv(evaluation))
     plot_evaluation(evaluation, paths["roc.png"])

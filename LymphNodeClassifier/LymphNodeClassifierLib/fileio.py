@@ -14,6 +14,22 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from .errors import InputError
+
+
+def ensure_folder(folder: str | os.PathLike, is_file_message: str, what: str = "output folder",
+                  advice: str = "choose a writable folder") -> Path:
+    """Create `folder` (and its parents) unless it exists; one-line InputError when it is a file
+    (`is_file_message`) or cannot be created ("Cannot create the <what> <folder> (<reason>); <advice>.")."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(is_file_message)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"Cannot create the {what} {folder} ({error.strerror}); {advice}.") from None
+    return folder
+
 
 @contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError
-from .fileio import atomic_write_json
+from .fileio import atomic_write_json, ensure_folder
 
 ENV_VAR = "LYMPHNODECLASSIFIER_MODELS"
 APP_NAME = "LymphNodeClassifier"
@@ -71,13 +71,8 @@ def models_folder(folder: str | os.PathLike | None = None) -> Path:
 
 
 def _ensure_folder(folder: Path) -> Path:
-    if folder.exists() and not folder.is_dir():
-        raise InputError(f"The model folder {folder} is a file; choose a folder (or set {ENV_VAR}).")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise InputError(f"Cannot create the model folder {folder} ({error.strerror}); choose a writable folder (or set {ENV_VAR}).") from None
-    return folder
+    return ensure_folder(folder, f"The model folder {folder} is a file; choose a folder (or set {ENV_VAR}).",
+                         what="model folder", advice=f"choose a writable folder (or set {ENV_VAR})")
 
 
 # --------------------------------------------------------------------------------------------

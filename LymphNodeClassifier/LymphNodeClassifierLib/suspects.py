@@ -84,7 +84,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import QuantileTransformer
 
 from .errors import CancelledError, InputError
-from .fileio import atomic_write_json, atomic_write_text
+from .fileio import atomic_write_json, atomic_write_text, ensure_folder
 from .metrics import json_safe, rank_auc as _rank_auc
 from .patchset import PatchSet, build_patchset
 from .training import TrainingConfig, _check_patchset, split_by_patient, train
@@ -515,13 +515,7 @@ def csv_text(result: SuspectResult) -> str:
 
 def write_outputs(result: SuspectResult, out_dir: str | Path, extra: dict | None = None) -> tuple[Path, Path]:
     """Write `suspects.csv` and `suspects.json` into `out_dir` (each atomically); returns their paths."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"--out {out_dir} is a file; choose a folder for suspects.csv and suspects.json.")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise InputError(f"Cannot create the output folder {out_dir} ({error.strerror}); choose a writable folder.") from None
+    out_dir = ensure_folder(out_dir, f"--out {out_dir} is a file; choose a folder for suspects.csv and suspects.json.")
     csv_path, json_path = out_dir / "suspects.csv", out_dir / "suspects.json"
     summary = result.summary()
     if extra:
