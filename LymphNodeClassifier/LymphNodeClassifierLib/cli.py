@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
 from .errors import CancelledError, InputError
 
@@ -45,8 +45,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     module_name, function_name, _ = COMMANDS[command]
     function = getattr(importlib.import_module(f"{__package__}.{module_name}"), function_name)
+    return exit_code(lambda: function(rest))
+
+
+def exit_code(command: Callable[[], int | None]) -> int:
+    """Run `command()` and return its exit code; a user's error becomes one line on stderr and 2,
+    a cancel 130 (for commands that are also called directly, not only through `main`)."""
     try:
-        return int(function(rest) or 0)
+        return int(command() or 0)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

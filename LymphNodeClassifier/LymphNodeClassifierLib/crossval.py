@@ -51,7 +51,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 from sklearn.model_selection import StratifiedGroupKFold
 
-from .errors import InputError
+from .errors import InputError, OneLineArgumentParser
 from .fileio import atomic_path, atomic_write_json, atomic_write_text, ensure_folder
 from .metrics import METRIC_NAMES, binary_metrics, bootstrap_ci, json_safe, rank_auc, roc_points
 from .patchset import PatchSet
@@ -405,14 +405,10 @@ def export_final_model(result, patchset: PatchSet, config: TrainingConfig, path:
 # command line
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        raise InputError(f"{message}; see `crossval --help`.")
-
 
 def build_parser() -> argparse.ArgumentParser:
     d = TrainingConfig()
-    p = _Parser(prog="python -m LymphNodeClassifierLib crossval", description=__doc__.splitlines()[0])
+    p = OneLineArgumentParser(prog="python -m LymphNodeClassifierLib crossval", description=__doc__.splitlines()[0])
     p.add_argument("--dataset", required=True, help="labelled dataset folder (with dataset.json)")
     p.add_argument("--out", required=True, help="folder for metrics.json, predictions.csv and roc.png")
     p.add_argument("--folds", type=int, default=5)

@@ -43,7 +43,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from .dataset import Dataset
-from .errors import InputError
+from .errors import InputError, OneLineArgumentParser
 from .fileio import atomic_path, atomic_write_json, atomic_write_text, ensure_folder
 from .metrics import METRIC_NAMES, binary_metrics, bootstrap_ci, json_safe, roc_points
 from .model import LoadedModel, load_model
@@ -334,13 +334,9 @@ def evaluate_dataset(
 # command line
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2 (cli.py turns InputError into that)
-        raise InputError(f"{message}; see `evaluate --help`.")
-
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m LymphNodeClassifierLib evaluate", description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(prog="python -m LymphNodeClassifierLib evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="TorchScript model with a model card (.pt)")
     parser.add_argument("--dataset", required=True, help="labelled dataset folder (with dataset.json)")
     parser.add_argument("--out", required=True, help="output folder for metrics.json, predictions.csv and roc.png")

@@ -57,7 +57,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .dataset import _NODE_FIELDS, DATASET_FILE, Dataset, _now_iso
-from .errors import InputError
+from .errors import InputError, OneLineArgumentParser
 from .fileio import atomic_path, atomic_write_text
 from .geometry import as_label_pixel_type, check_ct_image, check_label_image, same_geometry
 from .nodes import NodeInfo, extract_nodes
@@ -423,13 +423,9 @@ def _write_report(path: Path, skipped: list[SkippedRow]) -> None:
 # command line
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2 (via InputError), no usage dump
-        raise InputError(f"{message}; see `import --help`.")
-
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineArgumentParser(
         prog="python -m LymphNodeClassifierLib import",
         description="Import a CSV of image / mask / label rows into a LymphNodeClassifier dataset (one case per row).",
     )

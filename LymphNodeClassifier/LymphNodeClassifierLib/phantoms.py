@@ -63,6 +63,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from .cli import exit_code
 from .dataset import DATASET_FILE, Dataset, _now_iso
 from .errors import InputError
 from .fileio import atomic_path
@@ -1937,13 +1938,8 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`phantoms --out DIR --cases N --seed S [--label-noise F] [--clinical-size]`; returns an exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    args = build_parser().parse_args(argv)
+    return exit_code(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -83,7 +83,8 @@ from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import QuantileTransformer
 
-from .errors import CancelledError, InputError
+from .cli import exit_code
+from .errors import CancelledError, InputError, OneLineArgumentParser
 from .fileio import atomic_write_json, atomic_write_text, ensure_folder
 from .metrics import json_safe, rank_auc as _rank_auc
 from .patchset import PatchSet, build_patchset
@@ -532,13 +533,9 @@ def write_outputs(result: SuspectResult, out_dir: str | Path, extra: dict | None
 # command line
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2 (via InputError)
-        raise InputError(f"{message}; see `suspects --help`.")
-
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineArgumentParser(
         prog="python -m LymphNodeClassifierLib suspects",
         description="Rank a dataset's node labels by how much out-of-fold models (patient-grouped folds) disagree with them.",
     )
@@ -606,11 +603,4 @@ def _fmt(value) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """`suspects --dataset DIR --out DIR [--method features|cnn] [--folds K] [--seed S] [--epochs E]`; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        return run(_parser().parse_args(argv))
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except CancelledError as error:
-        print(f"cancelled: {error}", file=sys.stderr)
-        return 130
+    return exit_code(lambda: run(_parser().parse_args(argv)))

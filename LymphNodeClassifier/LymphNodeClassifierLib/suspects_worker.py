@@ -24,19 +24,15 @@ import time
 from pathlib import Path
 from typing import Sequence, TextIO
 
-from .errors import CancelledError, InputError
+from .errors import CancelledError, InputError, OneLineArgumentParser
 from .train_worker import serve
 
 CANCEL_MESSAGE = "The suspect search was stopped; the previous list (if any) is unchanged."
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, no usage dump
-        raise InputError(f"{message}; see `python -m LymphNodeClassifierLib.suspects_worker --help`.")
-
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m LymphNodeClassifierLib.suspects_worker", description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(prog="python -m LymphNodeClassifierLib.suspects_worker", description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", required=True, help="dataset folder (with dataset.json); the list is written into it")
     parser.add_argument("--folds", type=int, default=5, help="patient-grouped folds (default 5)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the folds (default 0)")

@@ -60,7 +60,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, TextIO
 
-from .errors import CancelledError, InputError
+from .errors import CancelledError, InputError, OneLineArgumentParser
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -195,10 +195,6 @@ def _claim_stdout() -> TextIO:
 # arguments
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, no usage dump
-        raise InputError(f"{message}; see `python -m LymphNodeClassifierLib.train_worker --help`.")
-
 
 def _field_type(field: dataclasses.Field, default: Any) -> Callable[[str], Any]:
     if isinstance(default, int) and not isinstance(default, bool):
@@ -216,7 +212,7 @@ def _field_type(field: dataclasses.Field, default: Any) -> Callable[[str], Any]:
 def build_parser() -> argparse.ArgumentParser:
     from .training import TrainingConfig
 
-    parser = _Parser(prog="python -m LymphNodeClassifierLib.train_worker",
+    parser = OneLineArgumentParser(prog="python -m LymphNodeClassifierLib.train_worker",
                      description="Train a model in the background, streaming JSON-line events on stdout.")
     parser.add_argument("--dataset", required=True, help="dataset folder (with dataset.json)")
     parser.add_argument("--out-folder", required=True, help="model folder: <job>.pt and <job>.metrics.json are written here")

@@ -51,7 +51,8 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from sklearn.model_selection import StratifiedGroupKFold
 
 from . import __version__
-from .errors import CancelledError, InputError
+from .cli import exit_code
+from .errors import CancelledError, InputError, OneLineArgumentParser
 from .inference import deterministic
 from .metrics import binary_metrics, bootstrap_ci, json_safe
 from .model import build_model, export_torchscript, new_card
@@ -615,14 +616,10 @@ def train_and_export(
 # command line
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2 (via InputError), no usage dump
-        raise InputError(f"{message}; see `train --help`.")
-
 
 def _parser() -> argparse.ArgumentParser:
     defaults = TrainingConfig()
-    parser = _Parser(prog="python -m LymphNodeClassifierLib train", description="Train a lymph node classifier on a dataset and export it as TorchScript with its model card.")
+    parser = OneLineArgumentParser(prog="python -m LymphNodeClassifierLib train", description="Train a lymph node classifier on a dataset and export it as TorchScript with its model card.")
     parser.add_argument("--dataset", required=True, help="dataset folder (with dataset.json)")
     parser.add_argument("--out", required=True, help="model file to write (.pt); replaced only when training finishes")
     parser.add_argument("--architecture", choices=list(ARCHITECTURE_NAMES), default=defaults.architecture)
@@ -720,12 +717,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`train --dataset DIR --out MODEL.pt [...]`; returns the exit code (2 for bad input)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = "python -m LymphNodeClassifierLib train " + shlex.join(argv)
-    try:
-        args = _parser().parse_args(argv)
-        return run(args, command)
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except CancelledError as error:
-        print(f"cancelled: {error}", file=sys.stderr)
-        return 130
+    return exit_code(lambda: run(_parser().parse_args(argv), command))
