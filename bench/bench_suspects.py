@@ -9,7 +9,7 @@ suggestions give a better model?
    separate clean held-out phantom cohort are generated once into --work (default
    .cache/bench_suspects, git-ignored) and reused.
 2. The finder (patient-grouped folds, out-of-fold probabilities, cleanlab ranking) with each of
-   `--methods` ("features": `find_suspects_from_features`, the default of the `suspects` command;
+   `--methods` ("features": `find_suspects_in_dataset`, the default of the `suspects` command;
    "cnn": `find_suspects`): (a) the fraction of the flipped labels found in the top 20 % of the
    ranking, against chance (20 %), plus the recall / precision of cleanlab's issue flag and the
    OOF AUCs. `--more-cohorts` repeats (a) of the features finder on further noisy cohorts (the
@@ -52,11 +52,10 @@ sys.path.insert(0, str(ROOT / "LymphNodeClassifier"))
 from LymphNodeClassifierLib.dataset import Dataset  # noqa: E402
 from LymphNodeClassifierLib.fileio import atomic_write_json  # noqa: E402
 from LymphNodeClassifierLib.metrics import json_safe  # noqa: E402
-from LymphNodeClassifierLib.node_features import FEATURE_NAMES, feature_matrix  # noqa: E402
 from LymphNodeClassifierLib.patchset import build_patchset  # noqa: E402
 from LymphNodeClassifierLib.phantoms import generate_cohort  # noqa: E402
 from LymphNodeClassifierLib.suspects import (  # noqa: E402
-    METHODS, TOP_FRACTION, find_suspects, find_suspects_from_features, rank_auc, suspect_config, write_outputs,
+    METHODS, TOP_FRACTION, find_suspects, find_suspects_in_dataset, rank_auc, suspect_config, write_outputs,
 )
 from LymphNodeClassifierLib.training import predict_probabilities, train  # noqa: E402
 
@@ -124,16 +123,13 @@ def main() -> int:
     for method in args.methods:
         start = time.perf_counter()
         if method == "features":
-            features = feature_matrix(noisy_set, patchset.case_ids, patchset.label_values)
-            feature_seconds = time.perf_counter() - start
-            found = find_suspects_from_features(patchset, features, folds=args.folds, seed=0, feature_names=FEATURE_NAMES)
+            found = find_suspects_in_dataset(noisy_set, patchset, folds=args.folds, seed=0)
         else:
-            feature_seconds = 0.0
             found = find_suspects(patchset, config, folds=args.folds, seed=0, on_event=show)
         write_outputs(found, work / f"suspects-{method}")
         summary = found.summary()
         finders[method] = {"result": found, "summary": summary, "seconds": time.perf_counter() - start}
-        print(f"finder {method:<9} {time.perf_counter() - start:7.1f} s  (features {feature_seconds:.1f} s; {args.folds} folds, "
+        print(f"finder {method:<9} {time.perf_counter() - start:7.1f} s  ({args.folds} folds, "
               f"{args.threads} threads, load average {load_start:.1f} at start)")
         print(f"(a) {method}: flipped labels in the top {TOP_FRACTION:.0%}: {summary['flipped_found_in_top']:.3f} "
               f"({int(flipped[found.top()].sum())} of {int(flipped.sum())}; chance {summary['chance_found_in_top']:.3f}); "
@@ -144,7 +140,7 @@ def main() -> int:
     for extra_seed in args.more_cohorts:
         extra_set, _ = cohort(work / f"noisy-{extra_seed}-{args.cases}-{args.noise:g}", args.cases, extra_seed, args.noise)
         extra = build_patchset(extra_set, config.patch_spec(), config.window, cache_dir=work / "patches")
-        found = find_suspects_from_features(extra, feature_matrix(extra_set, extra.case_ids, extra.label_values), folds=args.folds, seed=0)
+        found = find_suspects_in_dataset(extra_set, extra, folds=args.folds, seed=0)
         more[extra_seed] = {key: found.summary()[key] for key in ("n", "n_flipped", "flipped_found_in_top", "oof_auc_vs_true")}
         print(f"(a) features, cohort seed {extra_seed}: {more[extra_seed]['flipped_found_in_top']:.3f} of {more[extra_seed]['n_flipped']} flips "
               f"in the top {TOP_FRACTION:.0%} ({more[extra_seed]['n']} nodes; OOF AUC vs true {more[extra_seed]['oof_auc_vs_true']:.3f})", flush=True)

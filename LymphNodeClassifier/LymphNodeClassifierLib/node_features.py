@@ -43,8 +43,9 @@ from scipy import stats
 
 from .dataset import Dataset
 from .errors import CancelledError, InputError
-from .geometry import direction_matrix, prepare_label_image
-from .nodes import NodeInfo, extract_nodes
+from .geometry import direction_matrix
+from .nodes import NodeInfo
+from .patchset import case_nodes
 
 MARGIN_MM = 4.0  # context around the node (at least the fat ring + 1 voxel, see _crop)
 RING_RADIUS_VOXELS = (3, 3, 1)  # the surrounding-fat ring: the mask dilated by this (i, j, k) minus the mask
@@ -204,13 +205,7 @@ def feature_matrix(
         case = cases.get(case_id)
         if case is None:
             raise InputError(f"Case '{case_id}' is not in the dataset; rebuild the node list from the dataset.")
-        ct = _read(dataset.ct_path(case), case_id, "CT")
-        labels = _read(dataset.labels_path(case), case_id, "label")
-        try:
-            labels_on_ct, _, _ = prepare_label_image(ct, labels)
-        except InputError as error:
-            raise InputError(f"Case '{case_id}': {error}") from None
-        nodes, component_image = extract_nodes(labels_on_ct, per_label_value=True)
+        ct, nodes, component_image = case_nodes(dataset.ct_path(case), dataset.labels_path(case), case)
         by_value = {node.label_value: node for node in nodes}
         for row in rows:
             node = by_value.get(label_values[row])
@@ -222,9 +217,3 @@ def feature_matrix(
             progress(done, len(rows_of_case))
     return out
 
-
-def _read(path, case_id: str, what: str) -> sitk.Image:
-    try:
-        return sitk.ReadImage(str(path))
-    except RuntimeError:
-        raise InputError(f"The {what} image of case '{case_id}' ({path}) cannot be read; replace it with a readable NRRD/NIfTI file or exclude the case.") from None

@@ -41,7 +41,7 @@ from .dataset import CaseRecord, Dataset
 from .errors import CancelledError, InputError
 from .fileio import atomic_path
 from .geometry import prepare_label_image
-from .nodes import extract_nodes
+from .nodes import NodeInfo, extract_nodes
 from .patches import PatchSpec, extract_patches
 
 CACHE_VERSION = 1
@@ -162,8 +162,8 @@ def _read_image(path: Path, case: CaseRecord, what: str) -> sitk.Image:
         raise InputError(f"The {what} image of case '{case.case_id}' ({path}) cannot be read; replace it with a readable NRRD/NIfTI file or exclude the case.") from None
 
 
-def _case_patches(ct_path: Path, labels_path: Path, case: CaseRecord, spec: PatchSpec, window: tuple[float, float]):
-    """(label values, patches (n, C, H, W), short axes, long axes, fov grown) of one case, all label values."""
+def case_nodes(ct_path: Path, labels_path: Path, case: CaseRecord) -> tuple[sitk.Image, list[NodeInfo], sitk.Image]:
+    """(CT, one NodeInfo per label value, component image on the CT grid) of a dataset case; errors name the case."""
     ct = _read_image(ct_path, case, "CT")
     labels = _read_image(labels_path, case, "label")
     try:
@@ -171,6 +171,12 @@ def _case_patches(ct_path: Path, labels_path: Path, case: CaseRecord, spec: Patc
     except InputError as error:
         raise InputError(f"Case '{case.case_id}': {error}") from None
     infos, component_image = extract_nodes(labels_on_ct, per_label_value=True)
+    return ct, infos, component_image
+
+
+def _case_patches(ct_path: Path, labels_path: Path, case: CaseRecord, spec: PatchSpec, window: tuple[float, float]):
+    """(label values, patches (n, C, H, W), short axes, long axes, fov grown) of one case, all label values."""
+    ct, infos, component_image = case_nodes(ct_path, labels_path, case)
     patches = extract_patches(ct, component_image, infos, spec, window)
     values = np.array([p.node.label_value for p in patches], dtype=np.int64)
     images = np.stack([p.image for p in patches]).astype(np.float32) if patches else np.zeros((0, spec.channels, spec.size, spec.size), np.float32)

@@ -84,9 +84,11 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import QuantileTransformer
 
 from .cli import exit_code
+from .dataset import Dataset
 from .errors import CancelledError, InputError, OneLineArgumentParser
 from .fileio import atomic_write_json, atomic_write_text, ensure_folder
 from .metrics import json_safe, rank_auc as _rank_auc
+from .node_features import FEATURE_NAMES, feature_matrix
 from .patchset import PatchSet, build_patchset
 from .training import TrainingConfig, _check_patchset, split_by_patient, train
 
@@ -437,6 +439,20 @@ def find_suspects_from_features(
     )
 
 
+def find_suspects_in_dataset(
+    dataset: Dataset,
+    patchset: PatchSet,
+    folds: int = 5,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+    is_cancelled: Callable[[], bool] | None = None,
+) -> SuspectResult:
+    """The default finder on `dataset`: measure every node of `patchset` (`node_features.feature_matrix`,
+    `progress(done_cases, total_cases)`), then `find_suspects_from_features`."""
+    features = feature_matrix(dataset, patchset.case_ids, patchset.label_values, progress=progress, is_cancelled=is_cancelled)
+    return find_suspects_from_features(patchset, features, folds=folds, seed=seed, is_cancelled=is_cancelled, feature_names=FEATURE_NAMES)
+
+
 def find_suspects(
     patchset: PatchSet,
     config: TrainingConfig,
@@ -556,8 +572,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .dataset import Dataset
-
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file; choose a folder for suspects.csv and suspects.json.")
@@ -577,12 +591,9 @@ def run(args: argparse.Namespace) -> int:
                 f"of {event['epochs_run']}, {event['seconds']:.1f} s")
 
     if args.method == "features":
-        from .node_features import FEATURE_NAMES, feature_matrix
-
         start = time.perf_counter()
-        features = feature_matrix(dataset, patchset.case_ids, patchset.label_values)
-        say(f"features: {features.shape[1]} per node in {time.perf_counter() - start:.1f} s")
-        result = find_suspects_from_features(patchset, features, folds=args.folds, seed=args.seed, feature_names=FEATURE_NAMES)
+        result = find_suspects_in_dataset(dataset, patchset, folds=args.folds, seed=args.seed)
+        say(f"features: {len(result.feature_names)} per node, measured and ranked in {time.perf_counter() - start:.1f} s")
     else:
         result = find_suspects(patchset, config, folds=args.folds, seed=args.seed, on_event=show, tta=not args.no_tta)
     csv_path, json_path = write_outputs(result, out, extra={"dataset_folder": str(Path(args.dataset).resolve())})

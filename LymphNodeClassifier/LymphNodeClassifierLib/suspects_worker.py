@@ -2,7 +2,7 @@
 
     python -m LymphNodeClassifierLib.suspects_worker --dataset D [--folds 5] [--seed 0]
 
-Runs the `suspects` command's default finder (`suspects.find_suspects_from_features`: node
+Runs the `suspects` command's default finder (`suspects.find_suspects_in_dataset`: node
 features, patient-grouped out-of-fold logistic regressions, cleanlab ranking) on the dataset's
 labelled, non-excluded nodes and writes `suspects.csv` and `suspects.json` into the dataset
 folder (each atomically), where the Curation tab lists them. Events, one JSON object per line:
@@ -41,9 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace, emit, is_cancelled) -> None:
     from .dataset import Dataset
-    from .node_features import FEATURE_NAMES, feature_matrix
     from .patchset import build_patchset
-    from .suspects import find_suspects_from_features, suspect_config, write_outputs
+    from .suspects import find_suspects_in_dataset, suspect_config, write_outputs
 
     started = time.perf_counter()
     dataset = Dataset.load(args.dataset)
@@ -53,9 +52,8 @@ def run(args: argparse.Namespace, emit, is_cancelled) -> None:
         return lambda done, total: emit({"event": "progress", "stage": stage, "done": done, "total": total})
 
     patchset = build_patchset(dataset, config.patch_spec(), config.window, progress=progress("patches"), is_cancelled=is_cancelled)
-    features = feature_matrix(dataset, patchset.case_ids, patchset.label_values, progress=progress("features"), is_cancelled=is_cancelled)
-    result = find_suspects_from_features(patchset, features, folds=args.folds, seed=args.seed, is_cancelled=is_cancelled,
-                                         feature_names=FEATURE_NAMES)
+    result = find_suspects_in_dataset(dataset, patchset, folds=args.folds, seed=args.seed, progress=progress("features"),
+                                      is_cancelled=is_cancelled)
     if is_cancelled():
         raise CancelledError(CANCEL_MESSAGE)  # the finder returned between its checks
     csv_path, json_path = write_outputs(result, dataset.folder, extra={"dataset_folder": str(dataset.folder)})
