@@ -8,6 +8,7 @@ known radius say how big the node must look.
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from helpers import rotation
 
 from LymphNodeClassifierLib.dataset import Dataset
 from LymphNodeClassifierLib.errors import InputError
@@ -20,14 +21,6 @@ from LymphNodeClassifierLib.training import TrainingConfig
 
 LUNG_WINDOW = (-1000.0, 400.0)
 LUNG_HU, LESION_HU = -800.0, 40.0  # lung windows to ~0.14, so air padding (0) stands out
-
-
-def rotation(axis: int, degrees: float) -> np.ndarray:
-    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
-    i, j = [a for a in range(3) if a != axis]
-    matrix = np.eye(3)
-    matrix[i, i], matrix[i, j], matrix[j, i], matrix[j, j] = c, -s, s, c
-    return matrix
 
 
 def sphere_case(size, spacing, centre_index, radius_mm, direction=np.eye(3)):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from helpers import rotation
 
 from LymphNodeClassifierLib.geometry import physical_points_of_indices
 from LymphNodeClassifierLib.nodes import extract_nodes
@@ -37,18 +38,11 @@ PIXELS_PER_MM = SIZE_PX / FOV_MM
 CENTRE_PX = (SIZE_PX - 1) / 2.0
 
 
-def rotation(axis: str, degrees: float) -> np.ndarray:
-    c, s = np.cos(np.deg2rad(degrees)), np.sin(np.deg2rad(degrees))
-    if axis == "x":
-        return np.array([[1, 0, 0], [0, c, -s], [0, s, c]])
-    return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
-
-
 def synthetic_case():
     """(ct, labels, cam): tilted, anisotropic grid; nodes, markers and CAM placed in physical space."""
     reference = sitk.Image((96, 90, 34), sitk.sitkInt16)
     reference.SetSpacing((0.8, 0.9, 2.5))
-    reference.SetDirection(tuple((rotation("x", 12) @ rotation("z", -9)).ravel()))
+    reference.SetDirection(tuple((rotation(0, 12) @ rotation(2, -9)).ravel()))
     reference.SetOrigin((-42.0, -30.0, -40.0))
     size = reference.GetSize()
     ijk = np.stack(np.meshgrid(*(np.arange(n) for n in size), indexing="ij"), axis=-1).reshape(-1, 3)
@@ -165,7 +159,7 @@ def test_a_node_wider_than_the_field_of_view_is_shown_whole(slice_views):
     radius_mm = 40.0
     reference = sitk.Image((150, 140, 24), sitk.sitkInt16)
     reference.SetSpacing((0.8, 0.85, 5.0))  # anisotropic, thick slices, tilted: as for a large lung tumour
-    reference.SetDirection(tuple(rotation("z", 7).ravel()))
+    reference.SetDirection(tuple(rotation(2, 7).ravel()))
     reference.SetOrigin((-58.0, -58.0, -55.0))
     size = reference.GetSize()
     ijk = np.stack(np.meshgrid(*(np.arange(n) for n in size), indexing="ij"), axis=-1).reshape(-1, 3)
