@@ -42,20 +42,19 @@ import os
 import shlex
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
-from sklearn.model_selection import StratifiedGroupKFold
 
 from .errors import InputError, OneLineArgumentParser
 from .fileio import atomic_path, atomic_write_json, atomic_write_text, ensure_folder
 from .metrics import METRIC_NAMES, binary_metrics, bootstrap_ci, json_safe, rank_auc, roc_points
 from .patchset import PatchSet
 from .training import ARCHITECTURE_NAMES, TrainingConfig, _one_fold, train, youden_threshold
+from .training import assign_folds as training_assign_folds
 
 PREDICTION_COLUMNS = (
     "case_id", "patient_id", "label_value", "fold", "probability", "threshold", "prediction", "label",
@@ -70,23 +69,11 @@ SIZE_SCORES = ("short_axis_mm", "long_axis_mm")
 
 
 def assign_folds(patient_ids: Sequence, y: Sequence[int], folds: int = 5, seed: int = 0) -> np.ndarray:
-    """Fold index (0..folds-1) of every node; all nodes of a patient share one fold."""
-    groups = np.asarray(patient_ids).astype(str)
+    """`training.assign_folds` (every patient in one fold) for labelled nodes of both classes only."""
     labels = np.asarray(y).astype(np.int64)
-    if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or folds < 2:
-        raise InputError(f"The number of folds must be a whole number of at least 2, got {folds!r}; use e.g. 5.")
-    n_patients = len(np.unique(groups))
-    if n_patients < folds:
-        raise InputError(f"There are only {n_patients} patients for {folds} folds; use fewer folds or add patients.")
     if labels.size == 0 or labels.sum() in (0, labels.size):
         raise InputError("Cross-validation needs labelled nodes of both classes; label nodes of both classes first.")
-    splitter = StratifiedGroupKFold(n_splits=int(folds), shuffle=True, random_state=int(seed))
-    fold_of = np.full(labels.size, -1, dtype=np.int64)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*least populated class.*")
-        for k, (_, test) in enumerate(splitter.split(np.zeros(labels.size), labels, groups)):
-            fold_of[test] = k
-    return fold_of
+    return training_assign_folds(patient_ids, labels, folds, seed)
 
 
 # --------------------------------------------------------------------------------------------

@@ -79,7 +79,6 @@ from cleanlab.filter import find_label_issues
 from cleanlab.rank import get_label_quality_scores
 from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import QuantileTransformer
 
@@ -90,7 +89,7 @@ from .fileio import atomic_write_json, atomic_write_text, ensure_folder
 from .metrics import json_safe, rank_auc as _rank_auc
 from .node_features import FEATURE_NAMES, feature_matrix
 from .patchset import PatchSet, build_patchset
-from .training import TrainingConfig, _check_patchset, split_by_patient, train
+from .training import TrainingConfig, _check_patchset, assign_folds, check_folds, check_seed, split_by_patient, train
 
 TOP_FRACTION = 0.2  # the share of the ranking a reader is expected to re-check
 VALIDATION_SHARE = 0.2  # of the other folds' nodes, by patient: picks each fold model's epoch
@@ -133,46 +132,6 @@ def rank_auc(y: np.ndarray, p: np.ndarray) -> float:
     """ROC AUC (Mann-Whitney), nan when `y` holds one class only."""
     y = np.asarray(y)
     return _rank_auc(y, np.asarray(p, dtype=np.float64)) if y.size and 0 < int((y == 1).sum()) < y.size else math.nan
-
-
-# --------------------------------------------------------------------------------------------
-# folds
-
-
-def _check_folds(folds) -> int:
-    if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or folds < 2:
-        raise InputError(f"The number of folds must be a whole number of at least 2, got {folds!r}; use e.g. 5.")
-    return int(folds)
-
-
-def _check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise InputError(f"The seed must be a non-negative whole number, got {seed!r}; use e.g. 0.")
-    return int(seed)
-
-
-def assign_folds(patient_ids: Sequence, y: Sequence[int], folds: int = 5, seed: int = 0) -> np.ndarray:
-    """Fold index (0..folds-1) of every node; all nodes of a patient share one fold.
-
-    scikit-learn's StratifiedGroupKFold (shuffled with `seed`) keeps the class balance of the
-    folds close to the whole set's. Raises InputError when there are fewer patients than folds.
-    """
-    folds = _check_folds(folds)
-    seed = _check_seed(seed)
-    groups = np.asarray(patient_ids).astype(str)
-    labels = np.asarray(y).astype(np.int64)
-    if groups.ndim != 1 or groups.shape != labels.shape:
-        raise InputError(f"There are {groups.size} patient ids for {labels.size} labels; pass one patient id per node.")
-    n_patients = len(np.unique(groups))
-    if n_patients < folds:
-        raise InputError(f"There are only {n_patients} patients for {folds} folds; use fewer folds or add patients.")
-    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-    out = np.full(labels.size, -1, dtype=np.int64)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*least populated class.*")
-        for k, (_, members) in enumerate(splitter.split(np.zeros(labels.size), labels, groups)):
-            out[members] = k
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,8 +295,8 @@ def rank_labels(given: np.ndarray, oof_probability: np.ndarray) -> tuple[np.ndar
 
 def _start(patchset: PatchSet, folds, seed, on_event: EventCallback | None) -> tuple[int, int, np.ndarray, EventCallback]:
     """Checked (folds, seed), the patient folds and the JSON-safe event emitter of a search."""
-    folds = _check_folds(folds)
-    seed = _check_seed(seed)
+    folds = check_folds(folds)
+    seed = check_seed(seed)
     counts = np.bincount(patchset.y, minlength=2)
     if counts.min() < folds:
         raise InputError(
@@ -575,8 +534,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file; choose a folder for suspects.csv and suspects.json.")
-    _check_folds(args.folds)
-    config = suspect_config(epochs=args.epochs, seed=_check_seed(args.seed), num_threads=args.threads)
+    check_folds(args.folds)
+    config = suspect_config(epochs=args.epochs, seed=check_seed(args.seed), num_threads=args.threads)
     dataset = Dataset.load(args.dataset)
     start = time.perf_counter()
     patchset = build_patchset(dataset, config.patch_spec(), config.window, cache_dir=args.cache)

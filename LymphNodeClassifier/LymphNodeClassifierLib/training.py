@@ -3,7 +3,8 @@
 - `TrainingConfig`: every choice of a run (preprocessing, architecture, optimisation, augmentation,
   split, seed); validated on creation (`InputError`).
 - `split_by_patient`: train / validation / test indices with scikit-learn's StratifiedGroupKFold,
-  so no patient has nodes in two splits and the class balance is kept roughly equal.
+  so no patient has nodes in two splits and the class balance is kept roughly equal;
+  `assign_folds`: the same for k folds (cross-validation, the suspect finder).
 - `train(patchset, config, on_event, is_cancelled) -> TrainingResult`: eager PyTorch on CPU (or
   whatever device the tensors are on: CPU here), BCEWithLogits + Adam, ReduceLROnPlateau
   (factor 0.5) on the validation loss, early stopping on the validation loss; the weights of the
@@ -136,9 +137,7 @@ class TrainingConfig:
         self.translation_px = _number(self.translation_px, "translation range (pixels)", 0.0, self.patch_size / 2, 10)
         self.patience = _positive_int(self.patience, "early-stopping patience", 8)
         self.lr_patience = _positive_int(self.lr_patience, "learning-rate patience", 3)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
-            raise InputError(f"The seed must be a non-negative whole number, got {self.seed!r}; use e.g. 0.")
-        self.seed = int(self.seed)
+        self.seed = check_seed(self.seed)
         if self.num_threads is not None:
             self.num_threads = _positive_int(self.num_threads, "number of threads", 2)
         self.split_fractions = _check_fractions(self.split_fractions)
@@ -204,6 +203,42 @@ def _check_fractions(fractions: Any) -> tuple[float, float, float]:
 
 # --------------------------------------------------------------------------------------------
 # patient-level split
+
+
+def check_folds(folds) -> int:
+    if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or folds < 2:
+        raise InputError(f"The number of folds must be a whole number of at least 2, got {folds!r}; use e.g. 5.")
+    return int(folds)
+
+
+def check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise InputError(f"The seed must be a non-negative whole number, got {seed!r}; use e.g. 0.")
+    return int(seed)
+
+
+def assign_folds(patient_ids: Sequence, y: Sequence[int], folds: int = 5, seed: int = 0) -> np.ndarray:
+    """Fold index (0..folds-1) of every node; all nodes of a patient share one fold.
+
+    scikit-learn's StratifiedGroupKFold (shuffled with `seed`) keeps the class balance of the
+    folds close to the whole set's. Raises InputError when there are fewer patients than folds.
+    """
+    folds = check_folds(folds)
+    seed = check_seed(seed)
+    groups = np.asarray(patient_ids).astype(str)
+    labels = np.asarray(y).astype(np.int64)
+    if groups.ndim != 1 or groups.shape != labels.shape:
+        raise InputError(f"There are {groups.size} patient ids for {labels.size} labels; pass one patient id per node.")
+    n_patients = len(np.unique(groups))
+    if n_patients < folds:
+        raise InputError(f"There are only {n_patients} patients for {folds} folds; use fewer folds or add patients.")
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    out = np.full(labels.size, -1, dtype=np.int64)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*least populated class.*")
+        for k, (_, members) in enumerate(splitter.split(np.zeros(labels.size), labels, groups)):
+            out[members] = k
+    return out
 
 
 def _one_fold(indices: np.ndarray, y: np.ndarray, groups: np.ndarray, share: float, seed: int) -> np.ndarray:
