@@ -8,9 +8,7 @@ moved into place only when the case succeeded, so a failure never leaves a half-
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib
-import io
 import json
 import os
 import shutil
@@ -24,7 +22,7 @@ import SimpleITK as sitk
 
 from .dataset import Dataset
 from .errors import InputError
-from .fileio import atomic_write_text
+from .fileio import atomic_write_text, csv_text
 from .model import LoadedModel, load_model
 from .pipeline import ClassificationResult, StageTimer, classify_images, window_from_card
 from .segfile import write_segmentation_file
@@ -67,14 +65,6 @@ def node_rows(case_id: str, result: ClassificationResult) -> list[dict]:
     return rows
 
 
-def csv_text(rows: Sequence[dict], columns: Sequence[str]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
 def render_tiles(ct: sitk.Image, result: ClassificationResult, window: tuple[float, float]):
     """Node tiles from real Slicer slice views when slicer-core + trame-slicer are installed, else None.
 
@@ -110,7 +100,7 @@ def write_case_outputs(
     try:
         rows = node_rows(case_id, result)
         with timer.stage("write"):
-            (staging / "nodes.csv").write_text(csv_text(rows, NODE_COLUMNS), encoding="utf-8")
+            (staging / "nodes.csv").write_text(csv_text(rows, NODE_COLUMNS, ignore_extra=True), encoding="utf-8")
             write_segmentation_file(staging / "nodes.seg.nrrd", result.component_image, result.nodes, result.probabilities)
             if result.cam_volume is not None:
                 sitk.WriteImage(result.cam_volume, str(staging / "gradcam.nrrd"), True)
@@ -188,7 +178,7 @@ def classify_dataset(dataset: Dataset, out_dir: Path, model: LoadedModel, with_g
         all_rows.extend(rows)
     progress_bar(len(cases), len(cases), "cases", started)
     print(file=sys.stderr)
-    atomic_write_text(out_dir / "nodes.csv", csv_text(all_rows, ["patient_id", *NODE_COLUMNS, "given_label", "excluded"]))
+    atomic_write_text(out_dir / "nodes.csv", csv_text(all_rows, ["patient_id", *NODE_COLUMNS, "given_label", "excluded"], ignore_extra=True))
     for failure in failures:
         print(f"skipped {failure}", file=sys.stderr)
     labelled = [row for row in all_rows if row["given_label"] != "" and not row["excluded"]]

@@ -35,8 +35,6 @@ set of its own) and `training.command` the exact command line.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import math
 import os
 import shlex
@@ -50,7 +48,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from .errors import InputError, OneLineArgumentParser
-from .fileio import atomic_path, atomic_write_json, atomic_write_text, ensure_folder
+from .fileio import atomic_path, atomic_write_json, atomic_write_text, csv_text, ensure_folder
 from .metrics import METRIC_NAMES, binary_metrics, bootstrap_ci, json_safe, rank_auc, roc_points
 from .patchset import PatchSet
 from .training import ARCHITECTURE_NAMES, TrainingConfig, _one_fold, train, youden_threshold
@@ -269,11 +267,7 @@ def cross_validate(
 
 
 def predictions_csv(result: CrossValResult) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(PREDICTION_COLUMNS), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(result.predictions())  # floats as repr: they read back exactly
-    return buffer.getvalue()
+    return csv_text(result.predictions(), PREDICTION_COLUMNS)
 
 
 def _label(name: str, block: dict) -> str:

@@ -30,8 +30,6 @@ patchset)` runs the model too, `write_evaluation(evaluation, out_dir)` writes th
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import math
 import os
 import sys
@@ -44,7 +42,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from .dataset import Dataset
 from .errors import InputError, OneLineArgumentParser
-from .fileio import atomic_path, atomic_write_json, atomic_write_text, ensure_folder
+from .fileio import atomic_path, atomic_write_json, atomic_write_text, csv_text, ensure_folder
 from .metrics import METRIC_NAMES, binary_metrics, bootstrap_ci, json_safe, roc_points
 from .model import LoadedModel, load_model
 from .patchset import PatchSet, build_patchset
@@ -215,11 +213,7 @@ def evaluate_patchset(
 
 
 def predictions_csv(evaluation: Evaluation) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(PREDICTION_COLUMNS), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(evaluation.predictions())  # floats as repr: they read back exactly
-    return buffer.getvalue()
+    return csv_text(evaluation.predictions(), PREDICTION_COLUMNS)
 
 
 def _fmt(value: Any) -> str:

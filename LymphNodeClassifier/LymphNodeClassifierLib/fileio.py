@@ -7,14 +7,26 @@ target (atomic on POSIX and Windows when both are on one file system).
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping, Sequence
 
 from .errors import InputError
+
+
+def csv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], ignore_extra: bool = False) -> str:
+    """CSV text ("\\n" line ends) of `rows` with a header of `columns`; floats as repr, so they read
+    back exactly. A key outside `columns` is an error unless `ignore_extra`."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n", extrasaction="ignore" if ignore_extra else "raise")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
 
 
 def ensure_folder(folder: str | os.PathLike, is_file_message: str, what: str = "output folder",
