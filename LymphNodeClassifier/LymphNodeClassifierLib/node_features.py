@@ -197,14 +197,13 @@ def feature_matrix(
     rows_of_case: dict[str, list[int]] = {}
     for row, case_id in enumerate(case_ids):
         rows_of_case.setdefault(case_id, []).append(row)
-    cases = {case.case_id: case for case in dataset.cases}
     out = np.full((len(case_ids), len(FEATURE_NAMES)), np.nan)
     for done, (case_id, rows) in enumerate(rows_of_case.items(), start=1):
         if is_cancelled is not None and is_cancelled():
             raise CancelledError("Feature extraction cancelled.")
-        case = cases.get(case_id)
-        if case is None:
+        if not dataset.has_case(case_id):
             raise InputError(f"Case '{case_id}' is not in the dataset; rebuild the node list from the dataset.")
+        case = dataset.case(case_id)
         ct, nodes, component_image = case_nodes(dataset.ct_path(case), dataset.labels_path(case), case)
         by_value = {node.label_value: node for node in nodes}
         for row in rows:

@@ -192,7 +192,7 @@ def _point(values: np.ndarray) -> tuple[float, float, float]:
     return (float(values[0]), float(values[1]), float(values[2]))
 
 
-def _node_corners_lps(node: NodeInfo, bbox_image: sitk.Image) -> np.ndarray:
+def node_corners_lps(node: NodeInfo, bbox_image: sitk.Image) -> np.ndarray:
     """LPS corners (8, 3) of the node's bounding box, voxel boundaries included."""
     i0, j0, k0, i1, j1, k1 = node.bbox_index
     corners = np.array([[i, j, k] for i in (i0 - 0.5, i1 + 0.5) for j in (j0 - 0.5, j1 + 0.5) for k in (k0 - 0.5, k1 + 0.5)])
@@ -250,7 +250,7 @@ def fov_scale(node: NodeInfo, bbox_image: sitk.Image, spec: PatchSpec) -> float:
     """
     if spec.fov_rule == "fixed":
         return 1.0
-    return _grow_factor(np.asarray(node.centroid_lps, dtype=float), _node_corners_lps(node, bbox_image), spec)
+    return _grow_factor(np.asarray(node.centroid_lps, dtype=float), node_corners_lps(node, bbox_image), spec)
 
 
 def _grow_factor(centre_lps: np.ndarray, corners_lps: np.ndarray, spec: PatchSpec) -> float:
@@ -278,7 +278,7 @@ def _extract(
     patches = []
     for node in nodes:
         centre = np.asarray(node.centroid_lps, dtype=float)
-        corners = _node_corners_lps(node, bbox_image)
+        corners = node_corners_lps(node, bbox_image)
         scale = 1.0 if base_spec.fov_rule == "fixed" else _grow_factor(centre, corners, base_spec)
         spec = base_spec if scale == 1.0 else replace(base_spec, spacing_mm=tuple(s * scale for s in base_spec.spacing_mm))
         spacing_x, spacing_y, spacing_z = spec.spacing_mm

@@ -34,8 +34,9 @@ import slicer
 import vtk
 from vtk.util.numpy_support import vtk_to_numpy
 
-from LymphNodeClassifierLib.geometry import continuous_indices_of_physical_points, physical_points_of_indices
+from LymphNodeClassifierLib.geometry import continuous_indices_of_physical_points
 from LymphNodeClassifierLib.nodes import NodeInfo
+from LymphNodeClassifierLib.patches import node_corners_lps
 from LymphNodeClassifierLib.report import CAM_DISPLAY_THRESHOLD
 from LymphNodeClassifierLib.segfile import probability_color, segment_name
 
@@ -237,9 +238,7 @@ def tile_field_of_view_mm(node: NodeInfo, image: sitk.Image, minimum_mm: float) 
     centroid along patient x or y (voxel faces, LPS; so it holds on a tilted CT and for a node whose
     centroid is off its box's centre).
     """
-    i0, j0, k0, i1, j1, k1 = node.bbox_index
-    corners = np.array([[i, j, k] for i in (i0 - 0.5, i1 + 0.5) for j in (j0 - 0.5, j1 + 0.5) for k in (k0 - 0.5, k1 + 0.5)], dtype=float)
-    offsets = physical_points_of_indices(image, corners) - np.asarray(node.centroid_lps, dtype=float)
+    offsets = node_corners_lps(node, image) - np.asarray(node.centroid_lps, dtype=float)
     reach = float(np.abs(offsets[:, :2]).max())
     return max(float(minimum_mm), 2.0 * TILE_FIT_MARGIN * reach)
 
