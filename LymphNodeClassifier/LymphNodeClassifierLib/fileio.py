@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,17 +45,25 @@ def ensure_folder(folder: str | os.PathLike, is_file_message: str, what: str = "
 
 
 @contextmanager
-def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(target: str | os.PathLike, same_name: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside `target`; on success move it over `target` atomically.
 
     For writers that need a file name (SimpleITK, torch.jit.save). On error the temporary file is
-    removed and `target` is left untouched.
+    removed and `target` is left untouched. With `same_name` the temporary file has `target`'s own
+    name, inside a hidden temporary folder beside it: for writers that record the file name in the
+    file (torch.jit.save names the archive's top folder after it).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp" + "".join(target.suffixes), dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    folder = None
+    if same_name:
+        folder = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        tmp = folder / target.name
+        tmp.touch()
+    else:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp" + "".join(target.suffixes), dir=target.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
     # mkstemp makes the file owner-only (0600); give it the permissions a normal write would have.
     os.chmod(tmp, 0o666 & ~_current_umask())
     try:
@@ -66,6 +75,9 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def atomic_write_bytes(target: str | os.PathLike, data: bytes) -> None:

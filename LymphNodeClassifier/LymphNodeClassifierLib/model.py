@@ -506,7 +506,8 @@ def export_torchscript(model: nn.Module, card: dict, path: str | os.PathLike) ->
     if got.shape != expected.shape or not torch.allclose(got, expected, atol=1e-4, rtol=1e-4):
         raise RuntimeError("The exported TorchScript model does not reproduce the eager model's outputs; the model was not written.")
 
-    with atomic_path(path) as tmp, _quiet_jit():
+    # same_name: torch.jit.save names the archive's top folder after the file it writes.
+    with atomic_path(path, same_name=True) as tmp, _quiet_jit():
         torch.jit.save(scripted, str(tmp), _extra_files={CARD_FILE_NAME: json.dumps(card, indent=2)})
     return path
 
