@@ -20,10 +20,12 @@ from .nodes import NodeInfo
 PROBABILITY_TAG = "LymphNodeClassifier.probability"
 NODE_ID_TAG = "LymphNodeClassifier.nodeId"
 
-# SNOMED CT "Anatomical structure" (91723000) / "Lymph node" (59441001), in Slicer's terminology format.
+# SNOMED CT "Tissue" (85756007) / "Lymph node" (59441001): where Slicer's "3D Slicer General Anatomy
+# list" files the lymph node (its terminology selector then matches the segments), in Slicer's
+# terminology-entry string format; no anatomic region (a node may lie anywhere).
 LYMPH_NODE_TERMINOLOGY = (
     "Segmentation category and type - 3D Slicer General Anatomy list"
-    "~SCT^91723000^Anatomical Structure~SCT^59441001^Lymph node~^^"
+    "~SCT^85756007^Tissue~SCT^59441001^Lymph node~^^"
     "~Anatomic codes - DICOM master list~^^~^^"
 )
 
