@@ -80,10 +80,21 @@ def oracle(entries: list[dict]) -> dict:
             record = case_of(state, target["case_id"])
         else:
             record = node_of(state, target["case_id"], target["label_value"])
+        if entry["field"] == "read":  # one reader's read; the line records the dataset label that followed
+            reads = record.setdefault("reads", {})
+            assert reads.get(entry["user"]) == entry["old"], f"journal line {entry['seq']}: old read does not match the state"
+            if entry["new"] is None:
+                del reads[entry["user"]]
+            else:
+                reads[entry["user"]] = entry["new"]
+            record["metastatic"], record["label_source"] = entry["label"], entry["label_source"]
+            continue
         assert record[entry["field"]] == entry["old"], f"journal line {entry['seq']}: old value does not match the state"
         record[entry["field"]] = entry["new"]
         if entry["field"] == "excluded":
             record["exclude_reason"] = entry["reason"] if entry["new"] else ""
+        if entry["field"] == "metastatic" and "label_source" in entry:
+            record["label_source"] = entry["label_source"]
     return state
 
 
@@ -127,7 +138,10 @@ def test_each_edit_is_journalled_then_saved(folder):
     assert lines[1:] == entries
     assert [line["seq"] for line in lines] == list(range(len(lines)))
     for line in lines:
-        assert set(line) == {"seq", "time", "user", "target", "field", "old", "new", "reason"}
+        label_keys = {"label_source"} if line["field"] == "metastatic" else set()  # a label edit says how the label was decided
+        assert set(line) == {"seq", "time", "user", "target", "field", "old", "new", "reason"} | label_keys
+        if label_keys:
+            assert line["label_source"] == "adjudicated by dr.a"
         moment = datetime.fromisoformat(line["time"])
         assert moment.utcoffset().total_seconds() == 0 and before.replace(microsecond=0) <= moment <= datetime.now(timezone.utc)
         assert line["user"] == "dr.a"
@@ -248,6 +262,134 @@ def test_history_filters_by_case_and_node(folder):
         assert [e["new"] for e in session.history()] == ["a", "b", "c"]
         assert [e["new"] for e in session.history("P0001-S1")] == ["a", "b"]
         assert [e["new"] for e in session.history("P0001-S1", 2)] == ["b"]
+
+
+# --------------------------------------------------------------------------------------------
+# several readers
+
+
+def test_two_readers_reads_are_both_kept_and_the_label_follows_the_rule(folder):
+    with CurationSession(folder, user="curator") as session:
+        assert session.label_source("P0001-S1", 2) == "original" and session.reader_labels("P0001-S1", 2) == {}
+        first = session.read_node("P0001-S1", 2, 0, reader="dr.a")  # original label 1
+        assert (first["user"], first["old"], first["new"], first["label"], first["label_source"]) == ("dr.a", None, 0, 0, "single reader dr.a")
+        assert session.read_node("P0001-S1", 2, 0, reader="dr.a") is None  # the same read again: nothing written
+        second = session.read_node("P0001-S1", 2, 1, reader="dr.b")
+        # a tie keeps the label (dr.a's) and asks for adjudication; dr.a's read is not overwritten
+        assert (second["label"], second["label_source"]) == (0, "tie of 2 readers: adjudicate")
+        assert session.reader_labels("P0001-S1", 2) == {"dr.a": 0, "dr.b": 1}
+        third = session.read_node("P0001-S1", 2, 1, reader="dr.c")
+        assert (third["label"], third["label_source"]) == (1, "majority of 3 readers")
+        changed = session.read_node("P0001-S1", 2, 0, reader="dr.b")  # dr.b changes their mind: 2 benign vs 1
+        assert (changed["old"], changed["new"], changed["label"]) == (1, 0, 0)
+        assert session.reader_labels("P0001-S1", 2) == {"dr.a": 0, "dr.b": 0, "dr.c": 1}
+        adjudication = session.adjudicate("P0001-S1", 2, 1, "consensus meeting", reader="dr.chief")
+        assert adjudication["user"] == "dr.chief" and adjudication["label_source"] == "adjudicated by dr.chief"
+        later = session.read_node("P0001-S1", 2, 0, reader="dr.d")  # an adjudication stands
+        assert (later["label"], later["label_source"]) == (1, "adjudicated by dr.chief")
+        assert session.reader_labels("P0001-S1", 2) == {"dr.a": 0, "dr.b": 0, "dr.c": 1, "dr.d": 0}
+        withdrawn = session.read_node("P0001-S1", 2, None, reader="dr.d")
+        assert withdrawn["old"] == 0 and "dr.d" not in session.reader_labels("P0001-S1", 2)
+        # confirming the label a disputed node already has is a decision; on a node nobody read it is a no-op
+        assert session.adjudicate("P0001-S1", 2, 1, reader="dr.other")["label_source"] == "adjudicated by dr.other"
+        assert session.adjudicate("P0001-S1", 2, 1, reader="dr.other") is None
+        assert session.set_node_label("P0001-S1", 1, 0) is None
+
+    data = manifest(folder)
+    node = node_of(data, "P0001-S1", 2)
+    assert node["reads"] == {"dr.a": 0, "dr.b": 0, "dr.c": 1} and node["metastatic"] == 1 and node["label_source"] == "adjudicated by dr.other"
+    untouched = node_of(data, "P0002-S1", 5)
+    assert "reads" not in untouched and "label_source" not in untouched  # old-format nodes stay as they were
+    lines = journal_lines(folder)
+    reads = [(line["user"], line["new"]) for line in lines if line["field"] == "read"]
+    assert reads == [("dr.a", 0), ("dr.b", 1), ("dr.c", 1), ("dr.b", 0), ("dr.d", 0), ("dr.d", None)]  # every read, in order
+    assert data == oracle(lines) == rebuild_manifest(folder).to_dict()
+
+
+def majority_rule(reads: list[tuple[str, int]], start_label):
+    """The label rule written out independently: the reads in order, no adjudication."""
+    label, current = start_label, {}
+    for reader, value in reads:
+        current[reader] = value
+        ones = sum(current.values())
+        if len(current) == 1 or ones * 2 != len(current):
+            label = value if len(current) == 1 else int(ones * 2 > len(current))
+    return label, current
+
+
+def test_random_reads_match_an_independent_majority_rule(folder):
+    rng = random.Random(7)
+    history: dict = {}
+    with CurationSession(folder, user="u") as session:
+        for _ in range(120):
+            case_id, value, reader = rng.choice(CASES), rng.choice(LABELS), rng.choice(["r1", "r2", "r3", "r4"])
+            session.read_node(case_id, value, rng.randrange(2), reader=reader)
+            history.setdefault((case_id, value), []).append((reader, session.reader_labels(case_id, value)[reader]))
+    data = manifest(folder)
+    start = {(n["case_id"], n["label_value"]): n["metastatic"] for n in journal_lines(folder)[0]["new"]["nodes"]}
+    for key, reads in history.items():
+        label, current = majority_rule(reads, start[key])
+        node = node_of(data, *key)
+        assert node["reads"] == current and node["metastatic"] == label, key
+        ones = sum(current.values())
+        expected_source = (f"single reader {next(iter(current))}" if len(current) == 1 else
+                           f"tie of {len(current)} readers: adjudicate" if ones * 2 == len(current) else f"majority of {len(current)} readers")
+        assert node["label_source"] == expected_source
+    assert data == oracle(journal_lines(folder))
+
+
+def test_case_read_status(folder):
+    with CurationSession(folder, user="dr.a") as session:
+        assert session.case_read_status("P0001-S1") == "unread"
+        session.read_node("P0001-S1", 1, 1)
+        session.read_node("P0001-S1", 2, 0)
+        assert session.case_read_status("P0001-S1") == "unread"  # node 5 is still to be read
+        assert session.case_read_status("P0001-S1", "dr.b") == "read by others"
+        session.exclude_node("P0001-S1", 5, "out of the field of view")
+        assert session.case_read_status("P0001-S1") == "read by me"  # every node that counts is read
+        assert session.case_read_status("P0001-S1", "dr.b") == "read by others"
+        session.exclude_case("P0001-S2", "duplicate series")
+        assert session.case_read_status("P0001-S2") == "excluded"
+        for value in LABELS:
+            session.exclude_node("P0002-S1", value, "not nodes")
+        assert session.case_read_status("P0002-S1", "dr.b") == "excluded"
+        with pytest.raises(InputError, match="no case 'nope'"):
+            session.case_read_status("nope")
+
+
+def test_every_edit_carries_its_reader(folder):
+    with CurationSession(folder, user="session-user") as session:
+        entries = [
+            session.set_node_label("P0001-S1", 1, 1, reader="r1"),
+            session.exclude_node("P0001-S1", 2, "blur", reader="r2"),
+            session.include_node("P0001-S1", 2, reader="r3"),
+            session.set_node_note("P0001-S1", 2, "n", reader="r4"),
+            session.exclude_case("P0001-S2", "dup", reader="r5"),
+            session.include_case("P0001-S2", reader="r6"),
+            session.set_case_note("P0001-S2", "c", reader="r7"),
+            session.read_node("P0002-S1", 1, 1, reader="r8"),
+            session.set_node_note("P0002-S1", 1, "by the session's user"),
+        ]
+        with pytest.raises(InputError, match="reader name is empty"):
+            session.read_node("P0002-S1", 1, 0, reader="  ")
+        with pytest.raises(InputError, match="label 2 is not valid"):
+            session.read_node("P0002-S1", 1, 2, reader="r1")
+    assert [entry["user"] for entry in entries] == ["r1", "r2", "r3", "r4", "r5", "r6", "r7", "r8", "session-user"]
+    assert [line["user"] for line in journal_lines(folder)[1:]] == [entry["user"] for entry in entries]
+
+
+def test_old_dataset_without_reader_fields_reads_fine(folder):
+    data = manifest(folder)
+    assert all("reads" not in node and "label_source" not in node for node in data["nodes"])
+    with CurationSession(folder, user="u") as session:
+        assert all(session.label_source(n.case_id, n.label_value) == "original" for n in session.dataset.nodes)
+        assert session.case_read_status("P0001-S1") == "unread"
+    data["nodes"][0]["reads"] = {"dr.a": "yes"}
+    (folder / "dataset.json").write_text(json.dumps(data))
+    with CurationSession(folder, user="u") as session:
+        with pytest.raises(InputError, match="must map reader names to 0 or 1") as error:
+            session.reader_labels(data["nodes"][0]["case_id"], data["nodes"][0]["label_value"])
+        assert "\n" not in str(error.value)
 
 
 # --------------------------------------------------------------------------------------------

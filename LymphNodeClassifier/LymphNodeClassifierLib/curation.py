@@ -19,15 +19,38 @@ Journal fields (`field`, and what replaying the line does):
   `reason`, including clears it;
 - ``exclude_reason`` (node or case): a new reason for something already excluded;
 - ``note`` (node or case): the free-text note;
-- ``manifest`` (target null): `new` is a complete dataset.json snapshot that replaces the state.
+- ``manifest`` (target null): `new` is a complete dataset.json snapshot that replaces the state;
+- ``read`` (node): one reader's read of the node (the line's `user` is the reader): `old` / `new`
+  are that reader's previous and new label (0 / 1, null = no read); the line also holds the
+  dataset label that follows from the reads, `label` (0 / 1 / null), and `label_source`.
+
+Several readers. Each node keeps every reader's current read in its `reads` field
+(``{"dr.a": 1, "dr.b": 0}``; the journal keeps every read ever made) and, beside it, the dataset
+label `metastatic` with `label_source` saying how it was decided. The label follows the reads by
+one rule (`label_from_reads`):
+
+- an explicit label edit (`set_node_label` / `adjudicate`: the panel's relabel, `curate
+  --relabel`, accepted suspect suggestions) is an adjudication: the label is set,
+  `label_source` becomes "adjudicated by X", and later reads do not move it (only another
+  adjudication does); a ``metastatic`` line holds its `label_source`;
+- otherwise one reader's read sets the label ("single reader X"); with two or more readers the
+  strict majority sets it ("majority of N readers"); a tie leaves the label as it was, with
+  `label_source` "tie of N readers: adjudicate" until someone adjudicates.
+
+A node without `label_source` (every dataset before readers existed) reads as "original"; the
+fields are written only for nodes that were read or relabelled, so older tools still read the
+file.
 
 The journal's base is stored in its first line (seq 0): a ``manifest`` line holding dataset.json as
 it was when the journal started. The journal file is created with that line in one atomic write
 (`fileio.atomic_write_text`), so it exists complete or not at all. When dataset.json is found
-changed by something other than a curation session (e.g. cases added by another tool), a new
-``manifest`` line records its state and later lines build on it; the history before stays.
-So the journal alone rebuilds the manifest: start from the last ``manifest`` line and replay the
-edits after it (`rebuild_manifest`).
+changed by something other than a curation session (a hand edit, cases added by another tool),
+by a session or by `curate --rebuild`, nothing in it is lost (`journal_outside_changes`): changed
+labels, exclusions and notes become ordinary edit lines by the user "hand edit of dataset.json";
+anything else (cases or nodes added or removed, other fields) is recorded whole as a new
+``manifest`` line that later lines build on; the history before stays. So the journal alone
+rebuilds the manifest: start from the last ``manifest`` line and replay the edits after it
+(`rebuild_manifest`); an unreadable dataset.json is kept beside the rebuilt one.
 
 Crash safety (a crash or a kill at any moment loses nothing that was reported as saved):
 
@@ -56,20 +79,27 @@ import getpass
 import json
 import os
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
 from .dataset import DATASET_FILE, CaseRecord, Dataset, NodeRecord
 from .errors import InputError
-from .fileio import atomic_write_text
+from .fileio import atomic_write_bytes, atomic_write_text
 
 JOURNAL_FILE = "journal.jsonl"
 LOCK_FILE = "journal.lock"
 ENTRY_KEYS = ("seq", "time", "user", "target", "field", "old", "new", "reason")
-NODE_FIELDS = ("metastatic", "excluded", "exclude_reason", "note")
+NODE_FIELDS = ("metastatic", "excluded", "exclude_reason", "note", "read")
 CASE_FIELDS = ("excluded", "exclude_reason", "note")
 STALE_TEMP_SECONDS = 60.0  # leftovers of a killed atomic write older than this are removed
+READS_KEY = "reads"  # node field: {reader: 0 / 1}, every reader's current read
+SOURCE_KEY = "label_source"  # node field: how the dataset label was decided
+ORIGINAL_SOURCE = "original"  # a node never read nor relabelled
+ADJUDICATED_PREFIX = "adjudicated by "
+READ_STATUSES = ("unread", "read by me", "read by others", "excluded")
+HAND_EDITOR = "hand edit of dataset.json"  # the journal's `user` for changes found in dataset.json
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,9 +177,69 @@ def _apply(dataset: Dataset, entry: dict) -> Dataset:
     if field == "excluded":
         record.excluded = bool(new)
         record.exclude_reason = entry["reason"] if new else ""
+    elif field == "read":
+        if target.get("label_value") is None:
+            raise InputError(f"Line {entry['seq'] + 1} of {JOURNAL_FILE} records a read of a case; restore the journal from a backup.")
+        reads = dict(node_reads(record))
+        if new is None:
+            reads.pop(entry["user"], None)
+        else:
+            reads[entry["user"]] = new
+        record.extra[READS_KEY] = reads
+        record.metastatic = entry["label"]
+        record.extra[SOURCE_KEY] = entry[SOURCE_KEY]
     else:
         setattr(record, field, new)
+        if field == "metastatic" and SOURCE_KEY in entry:  # lines written before readers existed have none
+            record.extra[SOURCE_KEY] = entry[SOURCE_KEY]
     return dataset
+
+
+# --------------------------------------------------------------------------------------------
+# several readers
+
+
+def node_reads(record: NodeRecord) -> dict[str, int]:
+    """{reader: 0 / 1} of a node ({} for a node nobody read, e.g. in a dataset older than readers)."""
+    reads = record.extra.get(READS_KEY, {})
+    if not isinstance(reads, dict) or any(not isinstance(name, str) or isinstance(v, bool) or v not in (0, 1) for name, v in reads.items()):
+        raise InputError(
+            f"Node {record.label_value} of case '{record.case_id}' has '{READS_KEY}' = {reads!r} but it must map reader names to 0 or 1; "
+            f"fix dataset.json or rebuild it from the journal (curate --rebuild)."
+        )
+    return dict(reads)
+
+
+def label_source(record: NodeRecord) -> str:
+    """How the node's dataset label was decided ("original" when it never changed)."""
+    source = record.extra.get(SOURCE_KEY, ORIGINAL_SOURCE)
+    return source if isinstance(source, str) and source else ORIGINAL_SOURCE
+
+
+def label_from_reads(label: int | None, source: str, reads: dict[str, int]) -> tuple[int | None, str]:
+    """(dataset label, label_source) after a change of `reads`, from the current label and source.
+
+    An adjudication stands; no reads leave the label as it is; one reader decides alone; two or
+    more: the strict majority, a tie keeps the label and asks for adjudication.
+    """
+    if source.startswith(ADJUDICATED_PREFIX) or not reads:
+        return label, source
+    if len(reads) == 1:
+        (reader, value), = reads.items()
+        return value, f"single reader {reader}"
+    metastatic = sum(reads.values())
+    benign = len(reads) - metastatic
+    if metastatic == benign:
+        return label, f"tie of {len(reads)} readers: adjudicate"
+    return int(metastatic > benign), f"majority of {len(reads)} readers"
+
+
+def _label_argument(metastatic: Any) -> int | None:
+    if hasattr(metastatic, "item"):  # numpy scalar
+        metastatic = metastatic.item()
+    if metastatic is not None and (isinstance(metastatic, bool) or metastatic not in (0, 1) or not isinstance(metastatic, (int, float))):
+        raise InputError(f"The label {metastatic!r} is not valid; use 1 (metastatic), 0 (benign) or None (not labelled).")
+    return None if metastatic is None else int(metastatic)
 
 
 def replay(entries: list[dict], folder: str | os.PathLike) -> Dataset:
@@ -163,11 +253,27 @@ def replay(entries: list[dict], folder: str | os.PathLike) -> Dataset:
     return dataset
 
 
-def rebuild_manifest(dataset_folder: str | os.PathLike) -> Dataset:
-    """Rebuild dataset.json from the journal alone (last snapshot + the edits after it) and write it.
+@dataclass
+class Rebuild:
+    """What `rebuild` did: the dataset written, the hand edits of dataset.json it journalled first
+    (one description each), and where an unreadable dataset.json was kept (None: none was)."""
 
-    Refused while a session holds the dataset. A torn last journal line is dropped (and cut off
-    the file); returns the rebuilt dataset.
+    dataset: Dataset
+    hand_edits: list[str]
+    kept_unreadable: Path | None
+
+
+def rebuild(dataset_folder: str | os.PathLike) -> Rebuild:
+    """Rebuild dataset.json from the journal (last snapshot + the edits after it) and write it,
+    losing nothing a user wrote into dataset.json by hand:
+
+    - a readable dataset.json that differs from the journal (other than by a crash's one missing
+      edit) holds hand edits: they are journalled first (`journal_outside_changes`), so the rebuilt
+      file keeps them and the history shows them;
+    - an unreadable one (half-written by hand, not JSON) is kept beside it as
+      ``dataset.json.unreadable-<UTC time>`` before the journal's state replaces it.
+
+    Refused while a session holds the dataset. A torn last journal line is dropped (and cut off).
     """
     folder = Path(dataset_folder).resolve()
     with _DatasetLock(folder):
@@ -177,8 +283,143 @@ def rebuild_manifest(dataset_folder: str | os.PathLike) -> Dataset:
         if torn:
             _truncate(folder / JOURNAL_FILE, length)
         dataset = replay(entries, folder)
+        manifest = folder / DATASET_FILE
+        hand_edits: list[str] = []
+        kept = None
+        if manifest.is_file():
+            try:
+                on_disk = Dataset.load(folder)
+            except InputError:
+                kept = folder / f"{DATASET_FILE}.unreadable-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S.%fZ')}"
+                atomic_write_bytes(kept, manifest.read_bytes())
+            else:
+                if not _is_journal_state(on_disk, entries, folder):
+                    dataset, lines, hand_edits = journal_outside_changes(folder, dataset, on_disk, len(entries), _default_user(),
+                                                                         "found in dataset.json by curate --rebuild")
         dataset.save()
-        return dataset
+        return Rebuild(dataset, hand_edits, kept)
+
+
+def rebuild_manifest(dataset_folder: str | os.PathLike) -> Dataset:
+    """`rebuild` and return the dataset it wrote."""
+    return rebuild(dataset_folder).dataset
+
+
+def _is_journal_state(on_disk: Dataset, entries: list[dict], folder: Path) -> bool:
+    """Whether dataset.json is the journal's state, or one edit behind it (a kill between the
+    journal line and the manifest write), i.e. holds nothing the journal does not."""
+    current = on_disk.to_dict()
+    if current == replay(entries, folder).to_dict():
+        return True
+    return len(entries) > 1 and entries[-1]["field"] != "manifest" and current == replay(entries[:-1], folder).to_dict()
+
+
+# --------------------------------------------------------------------------------------------
+# changes made to dataset.json outside a session (by hand or by another tool)
+
+
+def _record_changes(what: str, old: dict, new: dict, fields: tuple[str, ...]) -> tuple[list[tuple[str, Any, Any]], list[str], bool]:
+    """(editable field changes, descriptions, whether anything else changed) of one record."""
+    changes, descriptions, other = [], [], False
+    for key in list(old) + [key for key in new if key not in old]:
+        if old.get(key) == new.get(key):
+            continue
+        descriptions.append(f"{what} {key} {old.get(key)!r} -> {new.get(key)!r}")
+        if key in fields and key in old and key in new:
+            changes.append((key, old[key], new[key]))
+        else:
+            other = True
+    return changes, descriptions, other
+
+
+def outside_changes(before: Dataset, after: Dataset) -> tuple[list[tuple[dict, str, Any, Any, str]], list[str], bool]:
+    """How `after` differs from `before`: (edits as (target, field, old, new, reason or None) for the
+    fields a session edits, one description per difference, whether there is more than those edits, e.g.
+    cases or nodes added, removed or reordered, or other fields)."""
+    old, new = before.to_dict(), after.to_dict()
+    edits: list = []
+    descriptions: list[str] = []
+    structural = False
+    for key in set(old) | set(new):
+        if key not in ("cases", "nodes") and old.get(key) != new.get(key):
+            descriptions.append(f"top-level '{key}' changed")
+            structural = True
+    for kind, fields, key_of, name_of in (
+        ("cases", CASE_FIELDS, lambda r: (r["case_id"], None), lambda k: f"case {k[0]}"),
+        ("nodes", NODE_FIELDS, lambda r: (r["case_id"], r["label_value"]), lambda k: f"{k[0]} node {k[1]}"),
+    ):
+        old_records = {key_of(r): r for r in old[kind]}
+        new_records = {key_of(r): r for r in new[kind]}
+        for key in old_records.keys() - new_records.keys():
+            descriptions.append(f"{name_of(key)} removed")
+        for key in new_records.keys() - old_records.keys():
+            descriptions.append(f"{name_of(key)} added")
+        common = [key for key in old_records if key in new_records]
+        if old_records.keys() != new_records.keys() or common != [key for key in new_records if key in old_records]:
+            structural = True
+        for key in common:
+            changes, text, other = _record_changes(name_of(key), old_records[key], new_records[key], fields)
+            descriptions += text
+            structural |= other
+            target = {"case_id": key[0], "label_value": key[1]}
+            changed = {field for field, _, _ in changes}
+            for field, before_value, after_value in changes:
+                if field == "exclude_reason" and "excluded" in changed:
+                    continue  # the exclusion line sets the reason
+                if field == "excluded" and after_value or field == "exclude_reason":  # replaying the line sets the reason
+                    reason = new_records[key]["exclude_reason"]
+                else:
+                    reason = None
+                edits.append((target, field, before_value, after_value, reason))
+    return edits, descriptions, structural
+
+
+def journal_outside_changes(folder: Path, journal_state: Dataset, on_disk: Dataset, next_seq: int, user: str,
+                            why: str) -> tuple[Dataset, list[dict], list[str]]:
+    """Journal how dataset.json (`on_disk`) differs from the journal's state, so nothing in it is lost.
+
+    Changes of the fields a session edits become ordinary edit lines by "hand edit of
+    dataset.json" (a hand-changed label's `label_source` becomes "adjudicated by hand edit of
+    dataset.json"); anything else (cases or nodes added or removed, other fields) is kept whole as
+    a ``manifest`` snapshot line. Returns (the resulting state, the lines appended, descriptions).
+    """
+    edits, descriptions, structural = outside_changes(journal_state, on_disk)
+    lines = []
+    state = Dataset.from_dict(copy.deepcopy(journal_state.to_dict()), folder)
+    if not structural:
+        for seq, (target, field, old, new, reason) in enumerate(edits, start=next_seq):
+            entry = {"seq": seq, "time": _now_utc(), "user": HAND_EDITOR, "target": target, "field": field, "old": old, "new": new,
+                     "reason": why if reason is None else reason}
+            if field == "metastatic":
+                entry[SOURCE_KEY] = ADJUDICATED_PREFIX + HAND_EDITOR
+            lines.append(entry)
+            state = _apply(state, entry)
+        expected = on_disk.to_dict()
+        for node in expected["nodes"]:
+            if any(e["field"] == "metastatic" and e["target"] == {"case_id": node["case_id"], "label_value": node["label_value"]} for e in lines):
+                node[SOURCE_KEY] = ADJUDICATED_PREFIX + HAND_EDITOR
+        if state.to_dict() != expected:  # e.g. an inclusion that kept its reason: keep the file whole instead
+            structural = True
+    if structural:
+        entry = {"seq": next_seq, "time": _now_utc(), "user": user, "target": None, "field": "manifest", "old": None,
+                 "new": on_disk.to_dict(), "reason": why}
+        lines = [entry]
+        state = _apply(state, entry)
+    for entry in lines:
+        _append_line(folder / JOURNAL_FILE, entry)
+    return state, lines, descriptions
+
+
+def _append_line(path: Path, entry: dict) -> None:
+    """Append one complete journal line and make it durable (flush + fsync) before returning."""
+    line = (json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8")
+    try:
+        with open(path, "ab") as handle:
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as error:
+        raise InputError(f"Cannot write the curation journal {path} ({error.strerror}); check the disk space and permissions.") from None
 
 
 def _truncate(path: Path, length: int) -> None:
@@ -259,7 +500,8 @@ class CurationSession:
     Opening a session recovers from a crash of an earlier one (see the module docstring).
     `recovered` says what was done on opening: "" (nothing), "replayed" (dataset.json lagged the
     journal), "dropped torn line" (possibly both, joined by ", "), "rebased" (dataset.json had
-    been changed by something else: a snapshot line was added) or "started" (new journal).
+    been changed by hand or by another tool: the changes were journalled, `outside_changes`
+    describes them) or "started" (new journal).
     """
 
     def __init__(self, dataset_folder: str | os.PathLike, user: str | None = None) -> None:
@@ -278,6 +520,7 @@ class CurationSession:
         try:
             self._next_seq = 0
             self.recovered = ""
+            self.outside_changes: list[str] = []  # what dataset.json held that the journal did not (now journalled)
             self.dataset = self._open()
             self._remove_stale_temporaries()
         except BaseException:
@@ -311,15 +554,12 @@ class CurationSession:
                     f"{str(error).rstrip('.')}, or rebuild it from the curation journal "
                     f"(python -m LymphNodeClassifierLib curate --dataset {self.folder} --rebuild)."
                 ) from None
-            current = on_disk.to_dict()
-            if current != journal_state.to_dict():
-                without_last = replay(entries[:-1], self.folder).to_dict() if len(entries) > 1 and entries[-1]["field"] != "manifest" else None
-                if current == without_last:  # killed between the journal line and the manifest write
+            if on_disk.to_dict() != journal_state.to_dict():
+                if _is_journal_state(on_disk, entries, self.folder):  # killed between the journal line and the manifest write
                     journal_state.save()
                     notes.append("replayed")
-                else:  # changed by another tool: record its state as the new base
-                    self._append(self._entry(None, "manifest", None, current, "dataset.json was changed outside the curation session"))
-                    journal_state = on_disk
+                else:  # changed by hand or by another tool: journal the changes (nothing in dataset.json is lost)
+                    journal_state = self._journal_outside_changes(journal_state, on_disk)
                     notes.append("rebased")
         self.recovered = ", ".join(notes)
         self._manifest_stat = _stat_key(manifest)
@@ -348,31 +588,44 @@ class CurationSession:
             return
         on_disk = Dataset.load(self.folder)
         if on_disk.to_dict() != self.dataset.to_dict():
-            self._append(self._entry(None, "manifest", None, on_disk.to_dict(), "dataset.json was changed outside the curation session"))
-            self.dataset = on_disk
+            self.dataset = self._journal_outside_changes(self.dataset, on_disk)
         self._manifest_stat = _stat_key(self.folder / DATASET_FILE)
+
+    def _journal_outside_changes(self, journal_state: Dataset, on_disk: Dataset) -> Dataset:
+        state, lines, descriptions = journal_outside_changes(self.folder, journal_state, on_disk, self._next_seq, self.user,
+                                                             "dataset.json was changed outside the curation session")
+        self._next_seq += len(lines)
+        self.outside_changes += descriptions
+        if state.to_dict() != on_disk.to_dict():  # a hand-changed label now names its source
+            state.save()
+        return state
 
     # ---- writing -------------------------------------------------------------------------------
 
-    def _entry(self, target: dict | None, field: str, old: Any, new: Any, reason: str) -> dict:
-        return {"seq": self._next_seq, "time": _now_utc(), "user": self.user, "target": target, "field": field, "old": old, "new": new, "reason": reason}
+    def _entry(self, target: dict | None, field: str, old: Any, new: Any, reason: str, user: str | None = None) -> dict:
+        return {"seq": self._next_seq, "time": _now_utc(), "user": self.user if user is None else user, "target": target,
+                "field": field, "old": old, "new": new, "reason": reason}
+
+    def _reader(self, reader: str | None) -> str:
+        """The name on an edit: `reader`, or the session's user when None."""
+        if reader is None:
+            return self.user
+        name = _text(reader, "reader name").strip()
+        if not name:
+            raise InputError("The reader name is empty; pass the reader's name or leave it out to use the session's user.")
+        return name
 
     def _append(self, entry: dict) -> None:
-        """Append one complete line and make it durable (flush + fsync) before returning."""
-        line = (json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8")
-        try:
-            with open(self.journal_path, "ab") as handle:
-                handle.write(line)
-                handle.flush()
-                os.fsync(handle.fileno())
-        except OSError as error:
-            raise InputError(f"Cannot write the curation journal {self.journal_path} ({error.strerror}); check the disk space and permissions.") from None
+        _append_line(self.journal_path, entry)
         self._next_seq += 1
 
-    def _commit(self, target: dict, field: str, old: Any, new: Any, reason: str) -> dict | None:
-        if old == new:
+    def _commit(self, target: dict, field: str, old: Any, new: Any, reason: str, reader: str | None = None,
+                more: dict | None = None) -> dict | None:
+        """Journal one edit, then save; `more` adds keys to the line (a label's `label_source`)."""
+        if old == new and not more:
             return None
-        entry = self._entry(target, field, old, new, reason)
+        entry = self._entry(target, field, old, new, reason, self._reader(reader))
+        entry.update(more or {})
         self._append(entry)  # (1) the journal line is durable ...
         self.dataset = _apply(self.dataset, entry)
         self.dataset.save()  # (2) ... before dataset.json is replaced
@@ -397,52 +650,112 @@ class CurationSession:
         record = self.dataset.case(_text(case_id, "case id"))
         return record, {"case_id": record.case_id, "label_value": None}
 
-    def _exclude(self, record, target: dict, reason: str, what: str) -> dict | None:
+    def _exclude(self, record, target: dict, reason: str, what: str, reader: str | None) -> dict | None:
         reason = _text(reason, "reason").strip()
         if not reason:
             raise InputError(f"Give a reason for excluding {what} (e.g. 'motion artefact'); it goes into the audit journal.")
         if record.excluded:
-            return self._commit(target, "exclude_reason", record.exclude_reason, reason, reason)
-        return self._commit(target, "excluded", False, True, reason)
+            return self._commit(target, "exclude_reason", record.exclude_reason, reason, reason, reader)
+        return self._commit(target, "excluded", False, True, reason, reader)
 
-    def _include(self, record, target: dict, reason: str) -> dict | None:
-        return self._commit(target, "excluded", record.excluded, False, _text(reason, "reason").strip())
+    def _include(self, record, target: dict, reason: str, reader: str | None) -> dict | None:
+        return self._commit(target, "excluded", record.excluded, False, _text(reason, "reason").strip(), reader)
 
     # ---- edits (each returns the journal entry written, or None for a no-op) ---------------------
+    # `reader` names who made the edit (the journal line's `user`); None: the session's user.
 
-    def set_node_label(self, case_id: str, label_value: int, metastatic: int | None, reason: str = "") -> dict | None:
-        """Label a node 1 (metastatic) or 0 (benign); None marks it not labelled yet."""
+    def set_node_label(self, case_id: str, label_value: int, metastatic: int | None, reason: str = "",
+                       reader: str | None = None) -> dict | None:
+        """Set the dataset label, 1 (metastatic), 0 (benign) or None (not labelled): an adjudication.
+
+        `label_source` becomes "adjudicated by <reader>". Setting the label it already has is a
+        no-op, except on a node with reads whose label was not yet adjudicated by this reader: there
+        confirming the label is a decision, and is journalled.
+        """
         record, target = self._node(case_id, label_value)
-        if hasattr(metastatic, "item"):
-            metastatic = metastatic.item()
-        if metastatic is not None and (isinstance(metastatic, bool) or metastatic not in (0, 1) or not isinstance(metastatic, (int, float))):
-            raise InputError(f"The label {metastatic!r} is not valid; use 1 (metastatic), 0 (benign) or None (not labelled).")
-        new = None if metastatic is None else int(metastatic)
-        return self._commit(target, "metastatic", record.metastatic, new, _text(reason, "reason").strip())
+        new = _label_argument(metastatic)
+        name = self._reader(reader)
+        source = ADJUDICATED_PREFIX + name
+        if new == record.metastatic and (not node_reads(record) or label_source(record) == source):
+            return None
+        return self._commit(target, "metastatic", record.metastatic, new, _text(reason, "reason").strip(), name, {SOURCE_KEY: source})
 
-    def exclude_node(self, case_id: str, label_value: int, reason: str) -> dict | None:
+    adjudicate = set_node_label  # the name for a several-readers workflow
+
+    def read_node(self, case_id: str, label_value: int, metastatic: int | None, reader: str | None = None,
+                  reason: str = "") -> dict | None:
+        """Record `reader`'s read of a node, 1 (metastatic) or 0 (benign); None withdraws the read.
+
+        Every reader's read is kept beside the others; the dataset label follows `label_from_reads`
+        (one reader decides alone, several by majority, an adjudication stands). Returns the line
+        (with the resulting `label` and `label_source`), or None when the reader's read is unchanged.
+        """
         record, target = self._node(case_id, label_value)
-        return self._exclude(record, target, reason, f"node {record.label_value} of case '{record.case_id}'")
+        new = _label_argument(metastatic)
+        name = self._reader(reader)
+        reads = node_reads(record)
+        old = reads.get(name)
+        if old == new:
+            return None
+        if new is None:
+            reads.pop(name)
+        else:
+            reads[name] = new
+        label, source = label_from_reads(record.metastatic, label_source(record), reads)
+        return self._commit(target, "read", old, new, _text(reason, "reason").strip(), name, {"label": label, SOURCE_KEY: source})
 
-    def include_node(self, case_id: str, label_value: int, reason: str = "") -> dict | None:
+    def exclude_node(self, case_id: str, label_value: int, reason: str, reader: str | None = None) -> dict | None:
         record, target = self._node(case_id, label_value)
-        return self._include(record, target, reason)
+        return self._exclude(record, target, reason, f"node {record.label_value} of case '{record.case_id}'", reader)
 
-    def set_node_note(self, case_id: str, label_value: int, note: str) -> dict | None:
+    def include_node(self, case_id: str, label_value: int, reason: str = "", reader: str | None = None) -> dict | None:
         record, target = self._node(case_id, label_value)
-        return self._commit(target, "note", record.note, _text(note, "note"), "")
+        return self._include(record, target, reason, reader)
 
-    def exclude_case(self, case_id: str, reason: str) -> dict | None:
+    def set_node_note(self, case_id: str, label_value: int, note: str, reader: str | None = None) -> dict | None:
+        record, target = self._node(case_id, label_value)
+        return self._commit(target, "note", record.note, _text(note, "note"), "", reader)
+
+    def exclude_case(self, case_id: str, reason: str, reader: str | None = None) -> dict | None:
         record, target = self._case(case_id)
-        return self._exclude(record, target, reason, f"case '{record.case_id}'")
+        return self._exclude(record, target, reason, f"case '{record.case_id}'", reader)
 
-    def include_case(self, case_id: str, reason: str = "") -> dict | None:
+    def include_case(self, case_id: str, reason: str = "", reader: str | None = None) -> dict | None:
         record, target = self._case(case_id)
-        return self._include(record, target, reason)
+        return self._include(record, target, reason, reader)
 
-    def set_case_note(self, case_id: str, note: str) -> dict | None:
+    def set_case_note(self, case_id: str, note: str, reader: str | None = None) -> dict | None:
         record, target = self._case(case_id)
-        return self._commit(target, "note", record.note, _text(note, "note"), "")
+        return self._commit(target, "note", record.note, _text(note, "note"), "", reader)
+
+    # ---- several readers: what the station and the panel show -------------------------------------
+
+    def reader_labels(self, case_id: str, label_value: int) -> dict[str, int]:
+        """{reader: 0 / 1}: every reader's current read of the node (a copy)."""
+        record, _ = self._node(case_id, label_value)
+        return node_reads(record)
+
+    def label_source(self, case_id: str, label_value: int) -> str:
+        """How the node's dataset label was decided: "original", "single reader X", "majority of N
+        readers", "tie of N readers: adjudicate" or "adjudicated by X"."""
+        record, _ = self._node(case_id, label_value)
+        return label_source(record)
+
+    def case_read_status(self, case_id: str, reader: str | None = None) -> str:
+        """'excluded' (the case, or all its nodes), 'read by me' (`reader` read every node that is not
+        excluded), 'read by others' (not all by `reader`, but another reader read some node) or
+        'unread'."""
+        record, _ = self._case(case_id)
+        name = self._reader(reader)
+        nodes = [node for node in self.dataset.nodes_of(record.case_id) if not node.excluded]
+        if record.excluded or (not nodes and self.dataset.nodes_of(record.case_id)):
+            return "excluded"
+        reads = [node_reads(node) for node in nodes]
+        if nodes and all(name in node for node in reads):
+            return "read by me"
+        if any(reader_name != name for node in reads for reader_name in node):
+            return "read by others"
+        return "unread"
 
     # ---- history and lifetime --------------------------------------------------------------------
 
