@@ -13,6 +13,7 @@ from LymphNodeClassifierLib.errors import InputError  # noqa: E402
 from LymphNodeClassifierLogic import ClassificationLogic  # noqa: E402
 from LymphNodeClassifierLogic import scenarios  # noqa: E402
 from LymphNodeClassifierLogic.convert import sitk_image_from_volume_node, update_volume_node_from_sitk_image  # noqa: E402
+from LymphNodeClassifierLogic.module_logics import segmentations_logic  # noqa: E402
 from helpers import export_untrained_model, rotation  # noqa: E402
 
 BUNDLED_MODEL = Path(scenarios.DEFAULT_MODEL_PATH)
@@ -40,6 +41,7 @@ def tilted_case(scene):
     points = (direction @ (ijk * spacing).T).T + np.array(ct.GetOrigin())
     rng = np.random.default_rng(1)
     hu = np.full(len(points), -100.0) + rng.normal(0, 10, len(points))
+    hu[ijk[:, 0] < 4] = -1000.0  # air along one edge, as a CT has (the input check wants HU values)
     labels = np.zeros(len(points), dtype=np.uint16)
     centres = [np.array(ct.TransformContinuousIndexToPhysicalPoint(c)) for c in ((25.0, 25.0, 11.0), (60.0, 30.0, 12.0), (45.0, 60.0, 10.0))]
     for value, (centre, semi_axes) in enumerate(zip(centres, ((6, 4, 5), (5, 5, 6), (8, 5, 6))), start=1):
@@ -75,14 +77,13 @@ def test_tilted_ct_outputs_land_on_the_nodes(untrained_model):
     scenarios.check_nodes_at_label_centroids(outputs, labels_node)
 
     # Each segment, exported back to a label map, sits where its ellipsoid is in physical space.
-    segmentations_logic = slicer.vtkSlicerSegmentationsModuleLogic()
-    segmentations_logic.SetMRMLScene(scene)
+    logic = segmentations_logic(scene)
     segmentation = outputs.segmentation_node.GetSegmentation()
     exported = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
     for node in outputs.nodes:
         ids = vtk.vtkStringArray()
         ids.InsertNextValue(segmentation.GetSegmentIdBySegmentName(scenarios_segment_name(outputs, node)))
-        assert segmentations_logic.ExportSegmentsToLabelmapNode(outputs.segmentation_node, ids, exported, ct_node)
+        assert logic.ExportSegmentsToLabelmapNode(outputs.segmentation_node, ids, exported, ct_node)
         image = sitk_image_from_volume_node(exported)
         centre = physical_centroid(image, sitk.GetArrayFromImage(image) > 0)
         nearest = min(centres, key=lambda c: np.linalg.norm(c - centre))
@@ -120,6 +121,35 @@ def test_rerun_replaces_outputs_and_node_table_without_model(untrained_model):
     assert scene.GetNumberOfNodes() == before
     assert second.table_node is first.table_node is table_node
     assert second.table_node.GetTable().GetColumnByName("probability") is not None
+
+
+def converter_rules() -> list[str]:
+    """The segmentation converter rules registered in this process (Slicer's global factory)."""
+    rules = slicer.vtkSegmentationConverterFactory.GetInstance().GetConverterRules()
+    return sorted(f"{rule.GetName()}" for rule in rules)
+
+
+def test_classifying_again_registers_no_converter_rules_or_node_classes(untrained_model):
+    """Issue 9 item 6: one Segmentations logic, not a new one (and four more converter rules) per Classify."""
+    scene = slicer.vtkMRMLScene()
+    ct_node, labels_node, _ = tilted_case(scene)
+    segmentation_input = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "painted")
+    logic = ClassificationLogic()
+    first = logic.classify(ct_node, labels_node, model_path=untrained_model, device="cpu", gradcam=False)
+    assert segmentations_logic(scene).ImportLabelmapToSegmentationNode(labels_node, segmentation_input)
+    logic.classify(ct_node, segmentation_input, model_path=untrained_model, device="cpu", gradcam=False)
+    rules, classes = converter_rules(), scene.GetNumberOfRegisteredNodeClasses()
+    assert rules, "no converter rule is registered at all"
+    assert len(rules) == len(set(rules)), f"duplicate converter rules: {rules}"
+    for labels in (labels_node, segmentation_input, labels_node):
+        again = logic.classify(ct_node, labels, model_path=untrained_model, device="cpu", gradcam=False)
+        assert again.segmentation_node is first.segmentation_node
+        assert converter_rules() == rules, "classifying again added segmentation converter rules"
+        assert scene.GetNumberOfRegisteredNodeClasses() == classes, "classifying again registered node classes"
+    other_scene = slicer.vtkMRMLScene()  # another scene (and a new ClassificationLogic) adds none either
+    ct_other, labels_other, _ = tilted_case(other_scene)
+    ClassificationLogic().classify(ct_other, labels_other, model_path=untrained_model, device="cpu", gradcam=False)
+    assert converter_rules() == rules
 
 
 def test_window_differing_from_card_is_reported_and_displayed(untrained_model):

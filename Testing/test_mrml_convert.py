@@ -74,6 +74,20 @@ def test_file_read_by_slicer_and_by_simpleitk_agree(tmp_path, scene):
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(node), sitk.GetArrayFromImage(image))
 
 
+def test_loaded_label_map_gets_a_colour_table(tmp_path, scene):
+    """Issue 9 item 6: the Volumes logic is wired to the application's Colors logic, as in Slicer."""
+    labels = sitk.GetImageFromArray(np.arange(7 * 11 * 13, dtype=np.uint8).reshape(7, 11, 13) % 4)
+    path = tmp_path / "labels.nrrd"
+    sitk.WriteImage(labels, str(path))
+    for name in ("labels", "labels again"):  # the second load reuses the scene's logics
+        node = load_volume_node(scene, str(path), name, labelmap=True)
+        assert node.IsA("vtkMRMLLabelMapVolumeNode")
+        display = node.GetDisplayNode()
+        assert display is not None and display.GetColorNodeID(), "the label map has no colour table"
+        color_node = scene.GetNodeByID(display.GetColorNodeID())
+        assert color_node is not None and color_node.IsA("vtkMRMLColorNode") and color_node.GetNumberOfColors() >= 4
+
+
 def test_node_to_sitk_matches_simpleitk_reader(tmp_path, scene):
     image = tilted_image()
     path = tmp_path / "tilted.nrrd"

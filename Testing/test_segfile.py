@@ -16,6 +16,7 @@ slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip
 vtk = pytest.importorskip("vtk")
 
 from LymphNodeClassifierLogic.convert import sitk_image_from_volume_node  # noqa: E402
+from LymphNodeClassifierLogic.module_logics import segmentations_logic  # noqa: E402
 
 
 def two_node_label_image() -> sitk.Image:
@@ -48,8 +49,7 @@ def test_segmentation_file_reads_back_in_slicer(tmp_path):
     assert segmentation.GetNumberOfSegments() == len(nodes) == 2
 
     labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
-    logic = slicer.vtkSlicerSegmentationsModuleLogic()
-    logic.SetMRMLScene(scene)
+    logic = segmentations_logic(scene)
     for index, (node, probability) in enumerate(zip(nodes, probabilities)):
         segment = segmentation.GetSegment(f"node_{node.node_id}")
         assert segment is not None

@@ -68,11 +68,12 @@ def update_volume_node_from_sitk_image(volume_node, image: sitk.Image) -> None:
 
 
 def load_volume_node(scene, path: str, name: str | None = None, labelmap: bool = False):
-    """Read a volume file into the scene through Slicer's own volumes logic (as Slicer's Add Data does)."""
-    volumes_logic = slicer.vtkSlicerVolumesLogic()
-    volumes_logic.SetMRMLScene(scene)
+    """Read a volume file into the scene through Slicer's Volumes module logic (as Slicer's Add Data
+    does; a label map gets the Colors logic's default colour table)."""
+    from .module_logics import volumes_logic
+
     node_name = name or path
-    node = volumes_logic.AddArchetypeVolume(str(path), node_name, 1 if labelmap else 0)
+    node = volumes_logic(scene).AddArchetypeVolume(str(path), node_name, 1 if labelmap else 0)
     if node is None:
         from LymphNodeClassifierLib.errors import InputError
 

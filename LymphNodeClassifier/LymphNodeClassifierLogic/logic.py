@@ -29,6 +29,7 @@ from LymphNodeClassifierLib.segfile import (
 )
 
 from .convert import sitk_image_from_volume_node, update_volume_node_from_sitk_image
+from .module_logics import segmentations_logic
 
 MODULE_DIR = Path(__file__).resolve().parents[1]
 MODELS_DIR = MODULE_DIR / "Resources" / "Models"
@@ -139,9 +140,7 @@ class ClassificationLogic:
             scene = labels_node.GetScene()
             labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__lymph_node_labels_export")
             try:
-                segmentations_logic = slicer.vtkSlicerSegmentationsModuleLogic()
-                segmentations_logic.SetMRMLScene(scene)
-                exported = segmentations_logic.ExportAllSegmentsToLabelmapNode(labels_node, labelmap, 0)  # extent of the reference
+                exported = segmentations_logic(scene).ExportAllSegmentsToLabelmapNode(labels_node, labelmap, 0)  # extent of the reference
                 if not exported or labelmap.GetImageData() is None:
                     raise InputError(f"Segmentation '{labels_node.GetName()}' has no segments to classify; paint the nodes first.")
                 return sitk_image_from_volume_node(labelmap)
@@ -169,9 +168,7 @@ class ClassificationLogic:
         labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__lymph_node_components")
         try:
             update_volume_node_from_sitk_image(labelmap, result.component_image)
-            segmentations_logic = slicer.vtkSlicerSegmentationsModuleLogic()
-            segmentations_logic.SetMRMLScene(scene)
-            if not segmentations_logic.ImportLabelmapToSegmentationNode(labelmap, segmentation_node):
+            if not segmentations_logic(scene).ImportLabelmapToSegmentationNode(labelmap, segmentation_node):
                 raise RuntimeError("Slicer could not import the node label map into the segmentation.")
         finally:
             scene.RemoveNode(labelmap)

@@ -108,9 +108,9 @@ def scenario_segmentation_input(scene=None, model_path=DEFAULT_MODEL_PATH) -> No
     scene = scene or new_scene()
     dataset, case, ct_node, labels_node = load_sample_case(scene)
     segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "painted nodes")
-    segmentations_logic = slicer.vtkSlicerSegmentationsModuleLogic()
-    segmentations_logic.SetMRMLScene(scene)
-    assert segmentations_logic.ImportLabelmapToSegmentationNode(labels_node, segmentation_node)
+    from .module_logics import segmentations_logic  # the module's logic, not a new one per call (issue 9)
+
+    assert segmentations_logic(scene).ImportLabelmapToSegmentationNode(labels_node, segmentation_node)
     segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(ct_node)
     from_labels = ClassificationLogic().classify(ct_node, labels_node, model_path=model_path, device="cpu", gradcam=False)
     from_segments = ClassificationLogic().classify(ct_node, segmentation_node, model_path=model_path, device="cpu", gradcam=False)
