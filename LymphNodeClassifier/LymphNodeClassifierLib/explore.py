@@ -23,17 +23,9 @@ import SimpleITK as sitk
 from .dataset import CaseRecord, Dataset
 from .errors import InputError
 from .fileio import atomic_path, atomic_write_json
-from .geometry import prepare_label_image, same_geometry
 from .nodes import extract_nodes
-
-# A CT has air (about -1000 HU) somewhere in the field of view and soft tissue above 0 HU; an
-# image without values below this floor was probably not rescaled to HU (raw 0..4095 values) or is
-# not a CT at all.
-CT_AIR_CEILING_HU = -500.0
-CT_MAX_PLAUSIBLE_HU = 10000.0
-# Below this short axis a node covers only a few voxels of a 0.79 mm patch: too small to classify.
-MIN_CLASSIFIABLE_SHORT_AXIS_MM = 3.0
-
+from .validate import InputPolicy, add_input_options, check_ct, read_image, size_warnings
+from .validate import labels_on_ct as validate_labels_on_ct
 
 @dataclass
 class Problem:
@@ -58,56 +50,53 @@ class CaseCheck:
 
 
 def _read(path: Path, what: str, case_id: str, problems: list[Problem]) -> sitk.Image | None:
-    if not path.is_file():
-        problems.append(Problem(f"missing_{what}", f"Case {case_id}: the {what} file {path.name} is missing."))
+    if not path.exists():
+        problems.append(Problem(f"missing_{'ct' if what == 'CT' else 'mask'}", f"Case {case_id}: the {what} file {path.name} is missing."))
         return None
     try:
-        return sitk.ReadImage(str(path))
-    except RuntimeError:
-        problems.append(Problem(f"unreadable_{what}", f"Case {case_id}: the {what} file {path.name} cannot be read as an image."))
+        return read_image(path, what)
+    except InputError as error:
+        kind = "incomplete" if "incomplete" in str(error) else "unreadable"
+        problems.append(Problem(f"{kind}_{'ct' if what == 'CT' else 'mask'}", f"Case {case_id}: {error}"))
         return None
 
 
-def check_case(dataset: Dataset, case: CaseRecord) -> CaseCheck:
-    """Read one case and list what is wrong with it (never raises for a bad case)."""
+def check_case(dataset: Dataset, case: CaseRecord, policy: InputPolicy = InputPolicy()) -> CaseCheck:
+    """Read one case and list what is wrong with it (never raises for a bad case).
+
+    The verdicts are `validate`'s, the same every other command gives for this case.
+    """
     check = CaseCheck(case.case_id, case.patient_id)
     problems = check.problems
-    ct = _read(dataset.ct_path(case), "ct", case.case_id, problems)
-    labels = _read(dataset.labels_path(case), "mask", case.case_id, problems)
-    if ct is not None:
+    policy = policy.for_case(case)
+    ct = _read(dataset.ct_path(case), "CT", case.case_id, problems)
+    labels = _read(dataset.labels_path(case), "label", case.case_id, problems)
+    if ct is not None and ct.GetDimension() == 3 and ct.GetNumberOfComponentsPerPixel() == 1:
         array = sitk.GetArrayViewFromImage(ct)
         check.spacing_mm = tuple(float(s) for s in ct.GetSpacing())
         check.size = tuple(int(s) for s in ct.GetSize())
         check.tilted = not np.allclose(np.array(ct.GetDirection()).reshape(3, 3), np.eye(3), atol=1e-6)
-        hu_min, hu_max = float(array.min()), float(array.max())
-        check.hu_min, check.hu_max = hu_min, hu_max
+        check.hu_min, check.hu_max = float(array.min()), float(array.max())
         check.hu_p01, check.hu_p99 = (float(v) for v in np.percentile(array[:: max(1, array.shape[0] // 8)], [1, 99]))
-        if hu_min == hu_max:
-            problems.append(Problem("empty_image", f"Case {case.case_id}: the CT is empty (every voxel is {hu_min:g})."))
+    if ct is not None:
+        try:
+            check_ct(ct, dataset.ct_path(case), policy)
+        except InputError as error:
+            kind = "empty_image" if "empty" in str(error) else "implausible_hu" if "Hounsfield" in str(error) else "bad_image"
+            problems.append(Problem(kind, f"Case {case.case_id}: {error}"))
             ct = None
-        elif hu_min > CT_AIR_CEILING_HU or hu_max > CT_MAX_PLAUSIBLE_HU:
-            problems.append(
-                Problem(
-                    "implausible_hu",
-                    f"Case {case.case_id}: the CT values run from {hu_min:g} to {hu_max:g}, not a CT in HU "
-                    "(no air, or not rescaled); check the rescale slope/intercept or the file.",
-                )
-            )
     if ct is None or labels is None:
         return check
-    if not same_geometry(ct, labels):
-        problems.append(
-            Problem(
-                "geometry_mismatch",
-                f"Case {case.case_id}: the mask's grid differs from the CT's; it is resampled onto the CT (nearest neighbour).",
-            )
-        )
     try:
-        labels_on_ct, _, _ = prepare_label_image(ct, labels)
+        labels_on_ct, notes = validate_labels_on_ct(ct, labels, dataset.labels_path(case), policy)
     except InputError as error:
-        kind = "mask_outside_ct" if "overlap" in str(error) else "empty_mask" if "empty" in str(error) else "bad_mask"
+        text = str(error)
+        kind = ("mask_outside_ct" if "outside the CT" in text or "overlap" in text else "empty_mask" if "empty" in text
+                else "geometry_mismatch" if "strict-geometry" in text else "bad_mask")
         problems.append(Problem(kind, f"Case {case.case_id}: {error}"))
         return check
+    for note in notes:
+        problems.append(Problem("geometry_mismatch", f"Case {case.case_id}: {note}"))
     nodes, _ = extract_nodes(labels_on_ct, per_label_value=True)
     records = {record.label_value: record for record in dataset.nodes_of(case.case_id)}
     for node in nodes:
@@ -127,15 +116,9 @@ def check_case(dataset: Dataset, case: CaseRecord) -> CaseCheck:
             problems.append(
                 Problem("node_without_record", f"Case {case.case_id}: label value {node.label_value} has no node in dataset.json.", node.label_value)
             )
-        if node.short_axis_mm < MIN_CLASSIFIABLE_SHORT_AXIS_MM:
-            problems.append(
-                Problem(
-                    "node_too_small",
-                    f"Case {case.case_id}: node {node.label_value} has a short axis of {node.short_axis_mm:.1f} mm, "
-                    f"below {MIN_CLASSIFIABLE_SHORT_AXIS_MM:g} mm: too small to classify.",
-                    node.label_value,
-                )
-            )
+        for warning in size_warnings(node):
+            kind = "node_too_small" if "too small" in warning else "implausible_node_size"
+            problems.append(Problem(kind, f"Case {case.case_id}: node {node.label_value}: {warning}.", node.label_value))
     present = {node.label_value for node in nodes}
     for label_value in sorted(set(records) - present):
         problems.append(
@@ -149,13 +132,13 @@ def check_case(dataset: Dataset, case: CaseRecord) -> CaseCheck:
 
 
 def explore_dataset(
-    dataset: Dataset, out_dir: str | Path, progress: Callable[[int, int], None] | None = None
+    dataset: Dataset, out_dir: str | Path, progress: Callable[[int, int], None] | None = None, policy: InputPolicy = InputPolicy(),
 ) -> dict:
     """Check every case, write `exploration.json` and `exploration.png` into `out_dir`, return the summary."""
     out_dir = Path(out_dir)
     checks = []
     for index, case in enumerate(dataset.cases):
-        checks.append(check_case(dataset, case))
+        checks.append(check_case(dataset, case, policy))
         if progress:
             progress(index + 1, len(dataset.cases))
     summary = summarise(dataset, checks)
@@ -237,10 +220,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="explore", description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", required=True, help="dataset folder (with dataset.json)")
     parser.add_argument("--out", help="output folder (default: DATASET/exploration)")
+    add_input_options(parser)
     args = parser.parse_args(argv)
     dataset = Dataset.load(args.dataset)
     out_dir = Path(args.out) if args.out else Path(args.dataset) / "exploration"
-    summary = explore_dataset(dataset, out_dir, progress=lambda done, total: print(f"\rchecked {done}/{total} cases", end="", file=sys.stderr))
+    summary = explore_dataset(dataset, out_dir, progress=lambda done, total: print(f"\rchecked {done}/{total} cases", end="", file=sys.stderr),
+                              policy=InputPolicy.from_args(args))
     print(file=sys.stderr)
     print(
         f"{summary['cases']} cases, {summary['nodes']} nodes ({summary['nodes_by_class']['metastatic']} metastatic, "

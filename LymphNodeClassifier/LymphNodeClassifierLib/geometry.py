@@ -146,11 +146,57 @@ def as_label_pixel_type(label: sitk.Image, maximum: float | None = None) -> sitk
     return label if label.GetPixelID() == target else sitk.Cast(label, target)
 
 
-def prepare_label_image(ct: sitk.Image, label: sitk.Image) -> tuple[sitk.Image, bool, str | None]:
-    """Check the CT and the label map and bring the label onto the CT's voxel grid.
+def rotation_degrees(a: sitk.Image, b: sitk.Image) -> float:
+    """The angle (degrees) of the rotation taking `a`'s axes onto `b`'s (0 when the directions agree)."""
+    relative = direction_matrix(a).T @ direction_matrix(b)
+    return float(np.degrees(np.arccos(np.clip((np.trace(relative) - 1.0) / 2.0, -1.0, 1.0))))
 
-    Returns `(label_in_ct_space, resampled, message)`: the label as UInt16/UInt32 on the CT grid,
-    whether it had to be resampled (nearest neighbour, outside = 0), and a message saying so.
+
+def _mm(values) -> str:
+    return "(" + ", ".join(f"{v:.3g}" for v in values) + ")"
+
+
+def describe_grid_difference(ct: sitk.Image, label: sitk.Image) -> str:
+    """What differs between the label's grid and the CT's, in physical terms (origin offset, spacing, rotation, size)."""
+    parts = []
+    offset = np.subtract(label.GetOrigin(), ct.GetOrigin())
+    angle = rotation_degrees(ct, label)
+    spacing_same = np.allclose(label.GetSpacing(), ct.GetSpacing(), rtol=1e-4, atol=0.0)
+    if angle > 0.01:
+        parts.append(f"rotated {angle:.1f} deg")
+    if not spacing_same:
+        parts.append(f"spacing {_mm(label.GetSpacing())} mm vs the CT's {_mm(ct.GetSpacing())} mm")
+    if np.linalg.norm(offset) > 1e-3 * min(ct.GetSpacing()):
+        shift = f"origin offset {_mm(offset)} mm ({np.linalg.norm(offset):.1f} mm)"
+        # On the same axes and spacing, an offset by whole voxels is a crop of the CT grid (harmless).
+        steps = np.linalg.solve(direction_matrix(ct) @ np.diag(ct.GetSpacing()), offset)
+        whole = angle <= 0.01 and spacing_same and np.allclose(steps, np.round(steps), atol=1e-3)
+        parts.append(shift + (f" = {_mm(np.round(steps))} whole CT voxels (a crop of the CT grid)" if whole else ""))
+    if label.GetSize() != ct.GetSize():
+        parts.append(f"size {label.GetSize()} vs {ct.GetSize()}")
+    return ", ".join(parts) or "sub-tolerance differences"
+
+
+def label_voxels_outside(ct: sitk.Image, label: sitk.Image) -> tuple[int, int]:
+    """(label voxels > 0 whose centre lies outside the CT's extent, all label voxels > 0), in physical space."""
+    kji = np.nonzero(sitk.GetArrayViewFromImage(label))
+    if not kji[0].size:
+        return 0, 0
+    points = physical_points_of_indices(label, np.stack(kji[::-1], axis=1).astype(np.float64))
+    ijk = continuous_indices_of_physical_points(ct, points)
+    slack = 1e-3  # voxel units: a centre exactly on the CT's outer face is inside
+    inside = np.all((ijk >= -0.5 - slack) & (ijk <= np.array(ct.GetSize()) - 0.5 + slack), axis=1)
+    return int((~inside).sum()), int(inside.size)
+
+
+def prepare_label_image(ct: sitk.Image, label: sitk.Image, strict_geometry: bool = False) -> tuple[sitk.Image, bool, str | None]:
+    """Check the CT and the label map and bring the label onto the CT's voxel grid (the geometry policy).
+
+    Identical grids (within `same_geometry`'s tolerance) pass unchanged. Another grid whose labelled
+    voxels all lie inside the CT's physical extent is resampled (nearest neighbour) with a message
+    saying exactly what differs; with `strict_geometry` it is refused instead. A label map with
+    labelled voxels outside the CT is refused (a node cut by the CT's edge would be mismeasured).
+    Returns `(label_in_ct_space, resampled, message)`: UInt16/UInt32 on the CT grid.
     """
     check_ct_image(ct)
     label = as_label_pixel_type(label, check_label_image(label))
@@ -160,15 +206,22 @@ def prepare_label_image(ct: sitk.Image, label: sitk.Image) -> tuple[sitk.Image, 
         if not exact:  # remove sub-tolerance differences (this copies the voxels, so only when needed)
             label.CopyInformation(ct)
         return label, False, None
-    resampled = sitk.Resample(label, ct, sitk.Transform(), sitk.sitkNearestNeighbor, 0, label.GetPixelID())
-    stats = sitk.MinimumMaximumImageFilter()
-    stats.Execute(resampled)
-    if stats.GetMaximum() == 0:
+    difference = describe_grid_difference(ct, label)
+    outside, total = label_voxels_outside(ct, label)
+    if outside == total:
         raise InputError(
-            "The label volume does not overlap the CT in physical space; check that the label map belongs to this CT."
+            f"The label volume does not overlap the CT in physical space ({difference}); check that the label map belongs to this CT."
         )
-    message = (
-        "The label volume's geometry (size, spacing, origin or direction) differs from the CT's; "
-        "it was resampled onto the CT grid with nearest-neighbour interpolation."
-    )
+    if outside:
+        raise InputError(
+            f"{outside} of {total} labelled voxels ({100.0 * outside / total:.1f} %) lie outside the CT ({difference}); "
+            "check that the label map belongs to this CT, or export it on the CT's grid."
+        )
+    if strict_geometry:
+        raise InputError(
+            f"The label volume's grid differs from the CT's ({difference}) and --strict-geometry refuses to resample it; "
+            "export the label map on the CT's grid, or leave out --strict-geometry."
+        )
+    resampled = sitk.Resample(label, ct, sitk.Transform(), sitk.sitkNearestNeighbor, 0, label.GetPixelID())
+    message = f"The label map's grid differs from the CT's ({difference}); it was resampled onto the CT grid (nearest neighbour)."
     return resampled, True, message

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
+import hashlib
 import json
 import math
 import os
@@ -506,10 +507,97 @@ def export_torchscript(model: nn.Module, card: dict, path: str | os.PathLike) ->
     if got.shape != expected.shape or not torch.allclose(got, expected, atol=1e-4, rtol=1e-4):
         raise RuntimeError("The exported TorchScript model does not reproduce the eager model's outputs; the model was not written.")
 
+    card["integrity"] = integrity_block(card, weights_digest(scripted))
     # same_name: torch.jit.save names the archive's top folder after the file it writes.
     with atomic_path(path, same_name=True) as tmp, _quiet_jit():
         torch.jit.save(scripted, str(tmp), _extra_files={CARD_FILE_NAME: json.dumps(card, indent=2)})
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# Card integrity: the card records, at export, a digest of the weights, the input shape and a
+# digest binding both to everything inference reads from the card (preprocessing, architecture,
+# decision threshold). A card edited afterwards (patch size, spacing, channels) is refused at load
+# instead of running the network on patches it was never trained on. Descriptive fields (name,
+# description, metrics) stay editable. Cards exported before this check have no `integrity`
+# block: they still get the zero-batch run below.
+
+
+def weights_digest(module: nn.Module) -> str:
+    """sha256 over the state dict's tensors (name, dtype, shape, bytes) in name order: recomputable from a loaded file."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        value = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
+
+
+def card_input_shape(card: dict) -> list[int]:
+    """(channels, size, size) of one patch as the card describes it."""
+    size = int(card["preprocessing"]["patch_size"])
+    return [len(card["preprocessing"]["channels"]), size, size]
+
+
+def _bound_digest(card: dict, weights_sha256: str, input_shape: list[int]) -> str:
+    bound = {
+        "weights_sha256": weights_sha256, "input_shape": input_shape, "preprocessing": card["preprocessing"],
+        "architecture": card["architecture"], "decision_threshold": card["decision_threshold"],
+    }
+    return hashlib.sha256(json.dumps(bound, sort_keys=True).encode()).hexdigest()
+
+
+def integrity_block(card: dict, weights_sha256: str) -> dict:
+    """The card's `integrity` entry for these weights (written by `export_torchscript`)."""
+    shape = card_input_shape(card)
+    return {"weights_sha256": weights_sha256, "input_shape": shape, "card_sha256": _bound_digest(card, weights_sha256, shape)}
+
+
+def check_card_integrity(card: dict, path: Path | str) -> None:
+    """Refuse a card changed after export (InputError, one line); a card without `integrity` passes (older exports)."""
+    block = card.get("integrity")
+    if block is None:
+        return
+    fix = "restore the model file as it was exported, or re-export the model with LymphNodeClassifier"
+    if not (isinstance(block, dict) and isinstance(block.get("weights_sha256"), str) and isinstance(block.get("card_sha256"), str)
+            and isinstance(block.get("input_shape"), list)):
+        raise InputError(f"The model card of '{path}' has a damaged integrity entry; {fix}.")
+    shape = card_input_shape(card)
+    if shape != block["input_shape"]:
+        raise InputError(
+            f"The model card of '{path}' was changed after export: it describes {' x '.join(map(str, shape))} patches, "
+            f"the network was exported for {' x '.join(map(str, block['input_shape']))}; {fix}."
+        )
+    if _bound_digest(card, block["weights_sha256"], block["input_shape"]) != block["card_sha256"]:
+        raise InputError(
+            f"The model card of '{path}' was changed after export (its preprocessing, architecture or decision threshold, "
+            f"e.g. spacing_mm or the window, differ from what was exported); {fix}."
+        )
+
+
+def check_network_fits_card(module: torch.jit.ScriptModule, card: dict, path: Path | str, device: torch.device) -> None:
+    """The recorded weights digest, then one run on a zero batch of the card's shape: the network must take it and return one logit."""
+    block = card.get("integrity")
+    if isinstance(block, dict) and weights_digest(module) != block.get("weights_sha256"):
+        raise InputError(
+            f"The weights of '{path}' are not the ones its model card was exported with; restore the model file as it was exported, or re-export it."
+        )
+    shape = card_input_shape(card)
+    try:
+        with torch.no_grad():
+            out = module(torch.zeros((1, *shape), device=device))
+    except Exception as exc:  # noqa: BLE001 - any failure means the card does not describe this network's input
+        detail = next((line.strip() for line in str(exc).splitlines() if line.strip() and "Traceback" not in line), type(exc).__name__)
+        raise InputError(
+            f"The model card of '{path}' does not fit its network: it runs on {' x '.join(map(str, shape))} patches "
+            f"({card['preprocessing']['views']} views, mask channel {card['preprocessing']['mask_channel']}) but the network refuses them "
+            f"({detail[:150]}); restore the card the model was exported with, or re-export it."
+        ) from None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1,):
+        raise InputError(
+            f"The network of '{path}' returns {tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__} for one patch, "
+            "not one logit; export the model with LymphNodeClassifier."
+        )
 
 
 def _not_a_model(path: Path, detail: str = "") -> InputError:
@@ -531,7 +619,9 @@ def _parse_card(raw: bytes | str, path: Path) -> dict:
         card = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise InputError(f"The model card of '{path}' is not valid JSON; re-export the model with LymphNodeClassifier.") from None
-    return validate_card(card, source=path)
+    card = validate_card(card, source=path)
+    check_card_integrity(card, path)
+    return card
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:
@@ -551,6 +641,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> L
         if not hasattr(module, method):
             raise _not_a_model(path, f"no exported '{method}' method")
     module.eval()
+    check_network_fits_card(module, card, path, dev)
     return LoadedModel(module=module, card=card, device=dev, path=path)
 
 

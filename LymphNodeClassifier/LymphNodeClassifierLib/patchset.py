@@ -1,7 +1,7 @@
 """Training arrays from a dataset: every labelled, non-excluded node as one patch.
 
 For each non-excluded case: read the CT and the label map (SimpleITK), bring the label onto the
-CT grid (`geometry.prepare_label_image`), split it into one node per label value
+CT grid (`validate.read_case`: completeness, HU, geometry policy), split it into one node per label value
 (`nodes.extract_nodes(..., per_label_value=True)`) and sample the patches
 (`patches.extract_patches`) with a `PatchSpec` and a window. Each patch is matched to its
 `NodeRecord` by `(case_id, label_value)`.
@@ -40,9 +40,9 @@ import SimpleITK as sitk
 from .dataset import CaseRecord, Dataset
 from .errors import CancelledError, InputError
 from .fileio import atomic_path
-from .geometry import prepare_label_image
 from .nodes import NodeInfo, extract_nodes
 from .patches import PatchSpec, extract_patches
+from .validate import InputPolicy, read_case
 
 CACHE_VERSION = 1
 _GENERATOR_KEYS = ("name", "seed", "cases", "label_noise", "phantom_version")  # summarised in the card
@@ -135,6 +135,8 @@ def data_fingerprint(dataset: Dataset, spec: PatchSpec, window: tuple[float, flo
     cases = []
     for case in dataset.cases:
         entry = [case.case_id, case.patient_id, case.ct, case.labels, case.excluded]
+        if case.node_definition != "label_value":  # the default keeps older fingerprints and caches valid
+            entry.append(case.node_definition)
         if not case.excluded:
             entry += _file_stamp(dataset.ct_path(case), case, "CT") + _file_stamp(dataset.labels_path(case), case, "label")
         cases.append(entry)
@@ -153,24 +155,18 @@ def data_fingerprint(dataset: Dataset, spec: PatchSpec, window: tuple[float, flo
 # extraction
 
 
-def _read_image(path: Path, case: CaseRecord, what: str) -> sitk.Image:
-    if not path.is_file():
-        raise InputError(f"The {what} image of case '{case.case_id}' ({path}) does not exist; restore the file or exclude the case.")
-    try:
-        return sitk.ReadImage(str(path))
-    except RuntimeError:
-        raise InputError(f"The {what} image of case '{case.case_id}' ({path}) cannot be read; replace it with a readable NRRD/NIfTI file or exclude the case.") from None
+def case_nodes(ct_path: Path, labels_path: Path, case: CaseRecord, policy: InputPolicy = InputPolicy()) -> tuple[sitk.Image, list[NodeInfo], sitk.Image]:
+    """(CT, its NodeInfos, component image on the CT grid) of a dataset case; errors name the case. The nodes
+    follow the case's `node_definition` (one per label value, or per connected component), as `classify` does.
 
-
-def case_nodes(ct_path: Path, labels_path: Path, case: CaseRecord) -> tuple[sitk.Image, list[NodeInfo], sitk.Image]:
-    """(CT, one NodeInfo per label value, component image on the CT grid) of a dataset case; errors name the case."""
-    ct = _read_image(ct_path, case, "CT")
-    labels = _read_image(labels_path, case, "label")
+    Read and checked by `validate.read_case`, as every command does (the case's own `not_hu_ok` kept).
+    """
     try:
-        labels_on_ct, _, _ = prepare_label_image(ct, labels)
+        checked = read_case(ct_path, labels_path, policy.for_case(case))
     except InputError as error:
         raise InputError(f"Case '{case.case_id}': {error}") from None
-    infos, component_image = extract_nodes(labels_on_ct, per_label_value=True)
+    ct, labels_on_ct = checked.ct, checked.labels_on_ct
+    infos, component_image = extract_nodes(labels_on_ct, per_label_value=case.per_label_value)
     return ct, infos, component_image
 
 

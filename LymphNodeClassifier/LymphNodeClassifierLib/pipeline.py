@@ -16,12 +16,12 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import CancelledError
-from .geometry import prepare_label_image
 from .gradcam import cam_to_volume, gradcam
 from .inference import predict
 from .model import LoadedModel
 from .nodes import NodeInfo, extract_nodes
 from .patches import DEFAULT_FOV_MARGIN, NodePatch, PatchSpec, extract_patches
+from .validate import InputPolicy, check_ct, labels_on_ct, node_warnings
 
 ProgressCallback = Callable[[float, str], None]
 
@@ -36,7 +36,8 @@ class ClassificationResult:
     component_image: sitk.Image
     cams: np.ndarray | None = None
     cam_volume: sitk.Image | None = None
-    messages: list[str] = field(default_factory=list)
+    messages: list[str] = field(default_factory=list)  # notes on the case (e.g. how the label map was resampled)
+    warnings: list[list[str]] = field(default_factory=list)  # per node (same order as nodes): reasons not to trust its probability
 
 
 class StageTimer:
@@ -82,8 +83,12 @@ def classify_images(
     timer: StageTimer | None = None,
     progress: ProgressCallback | None = None,
     is_cancelled: Callable[[], bool] | None = None,
+    policy: InputPolicy = InputPolicy(),
 ) -> ClassificationResult:
-    """Classify every node of `labels` (a label map on or around `ct`) with `model`."""
+    """Classify every node of `labels` (a label map on or around `ct`) with `model`.
+
+    The CT and label map are checked by `validate` (HU, geometry policy) under `policy`.
+    """
     timer = timer or StageTimer()
     report = progress or (lambda fraction, message: None)
 
@@ -95,10 +100,10 @@ def classify_images(
     checkpoint(0.0, "Checking the label volume")
     messages: list[str] = []
     with timer.stage("nodes"):
-        labels_on_ct, _, resample_message = prepare_label_image(ct, labels)
-        if resample_message:
-            messages.append(resample_message)
-        nodes, component_image = extract_nodes(labels_on_ct, per_label_value=per_label_value)
+        check_ct(ct, policy=policy)
+        labels_image, notes = labels_on_ct(ct, labels, policy=policy)
+        messages.extend(notes)
+        nodes, component_image = extract_nodes(labels_image, per_label_value=per_label_value)
 
     checkpoint(0.2, f"Cropping {len(nodes)} node patches")
     with timer.stage("patches"):
@@ -111,6 +116,8 @@ def classify_images(
             f"{', ...' if len(grown) > 10 else ''}) were sampled "
             "at a coarser spacing so each fits whole in its patch (fov_rule grow_to_fit, as in training)."
         )
+
+    warnings = node_warnings(model.card, nodes, patches)
 
     checkpoint(0.4, "Running the model")
     with timer.stage("model"):
@@ -136,4 +143,5 @@ def classify_images(
         cams=cams,
         cam_volume=cam_volume,
         messages=messages,
+        warnings=warnings,
     )

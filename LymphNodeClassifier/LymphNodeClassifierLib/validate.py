@@ -1,0 +1,414 @@
+"""One input check, one verdict: every command and the Slicer logic read and check inputs here.
+
+- `read_image(path, what, series_uid)`: an image file or a DICOM series folder. A compressed file
+  is checked to be complete first (SimpleITK reads a truncated .nii.gz without error and fills the
+  missing slices with 0), so a truncated or corrupt file is refused instead of read as zeros.
+- `check_ct(ct, source, policy)`: 3D, one grey value per voxel, finite, not blank
+  (`geometry.check_ct_image`) and in Hounsfield units: some voxels must lie in the air / lung
+  range, which a CT stored as HU + 1024 or an MR image has none of (override: `--not-hu-ok`).
+- `labels_on_ct(ct, labels, source, policy)`: the label map checked and brought onto the CT grid
+  by the geometry policy of `geometry.prepare_label_image` (docs/ARCHITECTURE.md).
+- `read_case(ct_path, labels_path, policy)`: the three above in order, as every command runs them.
+- `node_warnings(...)`: per node, what a radiologist should know before trusting the probability:
+  a size no single lymph node has, a node smaller than the model can see, and a node or patch
+  outside the training data the model card describes (`experience`).
+
+Messages are one line naming the file, what was seen and what to do (errors.InputError).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+from .geometry import check_ct_image, prepare_label_image
+
+# A CT in HU has air (-1000) or lung (-900..-500) somewhere; a CT stored without its rescale
+# intercept (HU + 1024) or an MR image has no voxel in this range.
+HU_AIR_RANGE = (-1200.0, -200.0)
+MIN_AIR_FRACTION = 1e-4  # of the voxels: a few stray voxels are not air
+# Node size plausibility (radiology): nodal short axes above ~10 mm are enlarged and bulky nodal
+# masses reach 50-60 mm; beyond 60 mm short axis (or 250 mL) the mask is a conglomerate, an organ
+# or a mis-drawn region, not one lymph node. Below 3 mm short axis a node covers only a few voxels
+# of a 0.79 mm patch: too small to classify.
+MAX_PLAUSIBLE_SHORT_AXIS_MM = 60.0
+MAX_PLAUSIBLE_VOLUME_MM3 = 250_000.0
+MIN_CLASSIFIABLE_SHORT_AXIS_MM = 3.0
+# Patch intensity: a node whose patch mean lies this many training standard deviations outside
+# the training range looks unlike anything the model was trained on.
+PATCH_MEAN_TOLERANCE_SD = 1.0
+NOT_HU_OPTION = "--not-hu-ok"
+STRICT_GEOMETRY_OPTION = "--strict-geometry"
+SERIES_UID_OPTION = "--series-uid"
+_CHUNK = 1 << 22
+
+
+@dataclass(frozen=True)
+class InputPolicy:
+    """How strict the input check is: the same two options in every command."""
+
+    strict_geometry: bool = False  # refuse a label map on another grid instead of resampling it
+    not_hu_ok: bool = False  # accept a CT without any voxel in the air / lung HU range
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "InputPolicy":
+        return cls(bool(getattr(args, "strict_geometry", False)), bool(getattr(args, "not_hu_ok", False)))
+
+    def for_case(self, case) -> "InputPolicy":
+        """A dataset case imported with --not-hu-ok keeps that verdict in every command (`not_hu_ok` on the case)."""
+        extra = getattr(case, "extra", None) or {}
+        return InputPolicy(self.strict_geometry, self.not_hu_ok or bool(extra.get("not_hu_ok", False)))
+
+
+def add_input_options(parser: argparse.ArgumentParser, series_uid: bool = False) -> None:
+    """The input-policy options, named the same in every command."""
+    parser.add_argument(STRICT_GEOMETRY_OPTION, action="store_true",
+                        help="refuse a label map whose grid differs from the CT's instead of resampling it")
+    parser.add_argument(NOT_HU_OPTION, action="store_true",
+                        help="accept a CT with no voxel in the air/lung range (-1200..-200 HU), e.g. a tight soft-tissue crop")
+    if series_uid:
+        parser.add_argument(SERIES_UID_OPTION, default=None,
+                            help="SeriesInstanceUID to read when the CT folder holds several DICOM series")
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+
+
+def read_image(path: str | os.PathLike, what: str = "CT", series_uid: str | None = None) -> sitk.Image:
+    """Read an image file (checked complete first) or, for a folder, its DICOM series."""
+    path = Path(path)
+    if path.is_dir():
+        return read_dicom_series(path, what, series_uid)
+    if not path.is_file():
+        raise InputError(f"The {what} file {path} does not exist; check the path.")
+    if series_uid is not None:
+        raise InputError(f"{SERIES_UID_OPTION} applies to a DICOM series folder, but the {what} {path} is a file; leave it out.")
+    check_complete(path, what)
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as error:
+        raise InputError(
+            f"The {what} file {path} cannot be read as an image ({_first_line(error)}); use NRRD, NIfTI, MHA or a DICOM series folder."
+        ) from None
+
+
+def _first_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else type(error).__name__)[:120]
+
+
+def _expected_bytes(path: Path) -> int | None:
+    """Voxel bytes the header announces (size x components x component size), None if unknown."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None  # the real read reports it
+    component = sitk.Image([1] * reader.GetDimension(), reader.GetPixelID()).GetSizeOfPixelComponent()
+    return int(np.prod(reader.GetSize(), dtype=np.int64)) * reader.GetNumberOfComponents() * component
+
+
+def _incomplete(path: Path, what: str, detail: str) -> InputError:
+    return InputError(f"The {what} file {path} is incomplete or corrupt ({detail}); copy the file again from its source.")
+
+
+def _inflate(path: Path, what: str, offset: int, wbits: int) -> int:
+    """Decompress the stream from `offset` to its end marker (checksum verified); its length in bytes."""
+    inflater = zlib.decompressobj(wbits)
+    total = 0
+    with open(path, "rb") as stream:
+        stream.seek(offset)
+        try:
+            while not inflater.eof:
+                chunk = stream.read(_CHUNK)
+                if not chunk:
+                    raise _incomplete(path, what, f"the compressed data ends after {total} bytes without its end marker: a truncated copy?")
+                total += len(inflater.decompress(chunk))
+                while inflater.unconsumed_tail and not inflater.eof:
+                    total += len(inflater.decompress(inflater.unconsumed_tail))
+        except zlib.error as error:
+            raise _incomplete(path, what, f"compressed data error: {error}") from None
+    return total
+
+
+def _gzip_trailer_size(path: Path, offset: int = 0) -> int | None:
+    """ISIZE, the uncompressed length mod 2**32 that ends a gzip stream, when the data at `offset` is gzip; else None."""
+    with open(path, "rb") as stream:
+        stream.seek(offset)
+        if stream.read(2) != b"\x1f\x8b":
+            return None
+        stream.seek(-4, os.SEEK_END)
+        return int.from_bytes(stream.read(4), "little")
+
+
+def _nifti_data_offset(path: Path) -> int | None:
+    """vox_offset of a .nii.gz (NIfTI-1 or -2 header), read from the first bytes of the stream."""
+    try:
+        with gzip.open(path, "rb") as stream:
+            head = stream.read(540)
+    except (OSError, EOFError, zlib.error):
+        return None
+    for order in ("<", ">"):
+        if len(head) >= 348 and int(np.frombuffer(head[:4], f"{order}i4")[0]) == 348:
+            return int(np.frombuffer(head[108:112], f"{order}f4")[0])
+        if len(head) >= 540 and int(np.frombuffer(head[:4], f"{order}i4")[0]) == 540:
+            return int(np.frombuffer(head[168:176], f"{order}i8")[0])
+    return None
+
+
+def _full_gzip_pass(path: Path, what: str) -> int:
+    try:
+        with gzip.open(path, "rb") as stream:
+            total = 0
+            while chunk := stream.read(_CHUNK):
+                total += len(chunk)
+    except EOFError:
+        raise _incomplete(path, what, "the gzip stream ends before its end marker: a truncated copy?") from None
+    except (OSError, zlib.error) as error:
+        raise _incomplete(path, what, f"gzip error: {error}") from None
+    return total
+
+
+def check_complete(path: str | os.PathLike, what: str = "CT") -> None:
+    """Refuse a compressed image whose stream is cut short or corrupt, or a raw one shorter than its header says.
+
+    Cheap first: a gzip stream's trailer records its uncompressed length, which must equal what the
+    header announces (a truncated file ends in compressed data instead); MetaImage records its
+    compressed size; raw data is checked by the file's size. Only when that does not settle it is
+    the whole stream decompressed (end marker and checksum verified), so a complete file costs a
+    few reads, not a second decompression.
+    """
+    path = Path(path)
+    name = path.name.lower()
+    expected = _expected_bytes(path)
+    if name.endswith(".gz"):
+        offset = _nifti_data_offset(path) if name.endswith(".nii.gz") else None
+        if expected is not None and offset is not None and _gzip_trailer_size(path) == (offset + expected) % 2**32:
+            return
+        total = _full_gzip_pass(path, what)
+        if expected is not None and offset is not None and total < offset + expected:
+            raise _incomplete(path, what, f"{total - offset} voxel bytes, the header announces {expected}")
+        return
+    if name.endswith(".nrrd"):
+        header_end, fields = _text_header(path, b"\n\n", ":")
+        if header_end is None or fields.get("data file") or fields.get("datafile"):
+            return  # detached data or no header: the reader reports what is wrong
+        encoding = fields.get("encoding", "raw")
+        if encoding in ("gzip", "gz"):
+            if expected is not None and _gzip_trailer_size(path, header_end) == expected % 2**32:
+                return
+            total = _inflate(path, what, header_end, 47)
+        elif encoding == "raw":
+            total = path.stat().st_size - header_end
+        else:
+            return
+    elif name.endswith(".mha"):
+        header_end, fields = _text_header(path, b"ElementDataFile = LOCAL\n", "=")
+        if header_end is None:
+            return
+        if fields.get("compresseddata", "false").lower() == "true":
+            recorded = fields.get("compresseddatasize", "")
+            if recorded.isdigit() and path.stat().st_size - header_end == int(recorded):
+                return
+            total = _inflate(path, what, header_end, 47)
+        else:
+            total = path.stat().st_size - header_end
+    elif name.endswith(".nii"):
+        if expected is None:
+            return
+        total = path.stat().st_size - 352
+    else:
+        return
+    if expected is not None and total < expected:
+        raise _incomplete(path, what, f"{total} voxel bytes, the header announces {expected}")
+
+
+def _text_header(path: Path, end: bytes, separator: str) -> tuple[int | None, dict[str, str]]:
+    """(byte offset where the data starts, lower-cased header fields) of a text-header image file."""
+    with open(path, "rb") as stream:
+        head = stream.read(1 << 16)
+    position = head.find(end)
+    if position < 0:
+        return None, {}
+    fields = {}
+    for line in head[:position + len(end)].decode("latin-1").splitlines():
+        if separator in line and not line.startswith("#"):
+            key, value = line.split(separator, 1)
+            fields[key.strip().lower()] = value.strip().lower() if key.strip().lower() != "data file" else value.strip()
+    return position + len(end), fields
+
+
+def dicom_series(folder: str | os.PathLike) -> dict[str, list[str]]:
+    """SeriesInstanceUID -> its files ordered by slice position (GDCM's sorter), for one folder."""
+    folder = str(folder)
+    return {uid: list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, uid)) for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)}
+
+
+def _series_description(files: Sequence[str]) -> str:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(files[0])
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return ""
+    return reader.GetMetaData("0008|103e").strip() if reader.HasMetaDataKey("0008|103e") else ""
+
+
+def read_dicom_series(folder: Path, what: str = "CT", series_uid: str | None = None) -> sitk.Image:
+    """One DICOM series of `folder` as a 3D image: slices ordered by position, rescale slope/intercept applied (GDCM)."""
+    series = dicom_series(folder)
+    if not series:
+        raise InputError(f"The {what} folder {folder} holds no DICOM series; give a folder of DICOM files or an image file (NRRD, NIfTI, MHA).")
+    if series_uid is None and len(series) > 1:
+        listing = "; ".join(f"{uid} ({len(files)} files{', ' + d if (d := _series_description(files)) else ''})" for uid, files in series.items())
+        raise InputError(f"The {what} folder {folder} holds {len(series)} DICOM series: {listing}; choose one with {SERIES_UID_OPTION}.")
+    if series_uid is not None and series_uid not in series:
+        raise InputError(f"The {what} folder {folder} has no DICOM series {series_uid}; its series are: {', '.join(series)}.")
+    files = series[series_uid] if series_uid is not None else next(iter(series.values()))
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    try:
+        return reader.Execute()
+    except RuntimeError as error:
+        raise InputError(f"The DICOM series in {folder} cannot be read ({_first_line(error)}); check that its files are complete.") from None
+
+
+# --------------------------------------------------------------------------------------------
+# checks
+
+
+def check_ct(ct: sitk.Image, source: str | os.PathLike = "", policy: InputPolicy = InputPolicy()) -> None:
+    """Raise InputError unless `ct` is a usable 3D CT in HU (see the module docstring)."""
+    where = f" {source}" if str(source) else ""
+    try:
+        check_ct_image(ct)
+    except InputError as error:
+        raise InputError(f"{error} ({source})" if where else str(error)) from None
+    if policy.not_hu_ok:
+        return
+    array = sitk.GetArrayViewFromImage(ct)
+    low, high = HU_AIR_RANGE
+    step = max(1, array.shape[0] // 16)  # a sample of slices first; the full volume before refusing
+    for sample in (array[::step], array) if step > 1 else (array,):
+        if np.count_nonzero((sample >= low) & (sample <= high)) >= max(1, MIN_AIR_FRACTION * sample.size):
+            return
+    lowest, p50, highest = (float(v) for v in np.percentile(array[::step], [0, 50, 100]))
+    raise InputError(
+        f"The CT{where} does not look like a CT in Hounsfield units: values {lowest:g}..{highest:g} (median {p50:g}) "
+        f"with no voxel in the air/lung range {low:g}..{high:g} HU (is the rescale slope/intercept applied? is it an MR image?); "
+        f"use the CT in HU, or pass {NOT_HU_OPTION} if it is in HU but holds no air."
+    )
+
+
+def labels_on_ct(ct: sitk.Image, labels: sitk.Image, source: str | os.PathLike = "", policy: InputPolicy = InputPolicy()) -> tuple[sitk.Image, list[str]]:
+    """The label map checked and on the CT grid (geometry policy), and the notes saying what was done."""
+    try:
+        on_ct, _, note = prepare_label_image(ct, labels, strict_geometry=policy.strict_geometry)
+    except InputError as error:
+        raise InputError(f"{error} ({source})" if str(source) else str(error)) from None
+    return on_ct, [note] if note else []
+
+
+@dataclass
+class CheckedCase:
+    ct: sitk.Image
+    labels_on_ct: sitk.Image
+    notes: list[str]
+
+
+def read_case(
+    ct_path: str | os.PathLike, labels_path: str | os.PathLike, policy: InputPolicy = InputPolicy(), series_uid: str | None = None,
+) -> CheckedCase:
+    """Read and check a CT (file or DICOM folder) and its label map the way every command does."""
+    ct = read_image(ct_path, "CT", series_uid)
+    check_ct(ct, ct_path, policy)
+    labels = read_image(labels_path, "label")
+    on_ct, notes = labels_on_ct(ct, labels, labels_path, policy)
+    return CheckedCase(ct, on_ct, notes)
+
+
+# --------------------------------------------------------------------------------------------
+# per-node warnings
+
+
+def size_warnings(node) -> list[str]:
+    """What the node's size alone says: not one lymph node, or too small to classify."""
+    out = []
+    if node.short_axis_mm > MAX_PLAUSIBLE_SHORT_AXIS_MM or node.volume_mm3 > MAX_PLAUSIBLE_VOLUME_MM3:
+        out.append(
+            f"implausible size for one lymph node (short axis {node.short_axis_mm:.0f} mm, volume {node.volume_mm3 / 1000:.0f} mL; "
+            f"bulky nodes stay below {MAX_PLAUSIBLE_SHORT_AXIS_MM:g} mm): check the mask (a conglomerate, an organ?); the probability is not meaningful"
+        )
+    elif node.short_axis_mm < MIN_CLASSIFIABLE_SHORT_AXIS_MM:
+        out.append(f"short axis {node.short_axis_mm:.1f} mm, below {MIN_CLASSIFIABLE_SHORT_AXIS_MM:g} mm: too small to classify reliably")
+    return out
+
+
+def patch_means(images: np.ndarray, channels: int | None = None) -> np.ndarray:
+    """Per-patch mean of the image channels (mask channel left out), `images` (N, C, H, W) in [0, 1]."""
+    images = np.asarray(images)
+    return images[:, :channels].reshape(len(images), -1).mean(axis=1) if len(images) else np.zeros(0)
+
+
+def training_experience(short_axis_mm: np.ndarray, long_axis_mm: np.ndarray, images: np.ndarray, image_channels: int, source: str) -> dict:
+    """The card's `experience` block: the training nodes' size range and patch intensity statistics."""
+    means = patch_means(images, image_channels)
+    if not len(means):
+        raise InputError("There are no training patches to describe; train on a dataset with labelled nodes.")
+
+    def value_range(values) -> list[float]:
+        return [round(float(np.min(values)), 3), round(float(np.max(values)), 3)]
+
+    return {
+        "nodes": int(len(means)),
+        "source": source,
+        "short_axis_mm": value_range(short_axis_mm),
+        "long_axis_mm": value_range(long_axis_mm),
+        "patch_mean": {
+            "range": value_range(means),
+            "mean": round(float(means.mean()), 4),
+            "sd": round(float(means.std()), 4),
+            "p01": round(float(np.percentile(means, 1)), 4),
+            "p99": round(float(np.percentile(means, 99)), 4),
+        },
+        "patch_mean_channels": int(image_channels),
+    }
+
+
+def experience_warnings(card: dict, node, patch_image: np.ndarray | None) -> list[str]:
+    """A node larger or smaller than every training node, or a patch far from the training intensities."""
+    experience = card.get("experience")
+    if not isinstance(experience, dict):
+        return []
+    out = []
+    low, high = experience.get("short_axis_mm", [None, None])
+    if low is not None and not low <= node.short_axis_mm <= high:
+        out.append(f"short axis {node.short_axis_mm:.1f} mm is outside the model's training range {low:g}..{high:g} mm")
+    stats = experience.get("patch_mean")
+    if isinstance(stats, dict) and patch_image is not None:
+        mean = float(patch_means(patch_image[None], experience.get("patch_mean_channels"))[0])
+        lo, hi = stats["range"]
+        margin = PATCH_MEAN_TOLERANCE_SD * float(stats["sd"])
+        if not lo - margin <= mean <= hi + margin:
+            out.append(
+                f"patch intensity {mean:.2f} (window units) is far from the training patches ({lo:.2f}..{hi:.2f}): "
+                "a different body region, window or scanner than the model knows"
+            )
+    return out
+
+
+def node_warnings(card: dict, nodes, patches) -> list[list[str]]:
+    """One list of warnings per node (same order as `nodes`)."""
+    images = {patch.node.node_id: patch.image for patch in patches}
+    return [size_warnings(node) + experience_warnings(card, node, images.get(node.node_id)) for node in nodes]
