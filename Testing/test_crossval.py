@@ -106,6 +106,19 @@ def test_metrics_equal_sklearn_from_predictions_csv(run):
         assert low <= block["auc"] <= high
     assert m["size_rules"]["long_axis_mm"]["model_minus_rule_auc"]["difference"] == pytest.approx(
         m["auc"] - m["size_rules"]["long_axis_mm"]["auc"], abs=1e-12)
+    # calibration of the pooled OOF probabilities, recomputed from the file with scikit-learn
+    from sklearn.calibration import calibration_curve
+    from sklearn.metrics import brier_score_loss
+
+    cal = m["calibration"]
+    assert cal["brier"] == pytest.approx(brier_score_loss(y, p), abs=1e-12)
+    prob_true, prob_pred = calibration_curve(y, p, n_bins=cal["n_bins"], strategy="uniform")
+    counts = np.array(cal["reliability"]["counts"])
+    assert counts.sum() == y.size
+    assert cal["ece"] == pytest.approx(float(np.sum(counts[counts > 0] * np.abs(prob_true - prob_pred)) / y.size), abs=1e-12)
+    low, high = cal["ci95"]["ece"]
+    assert low <= cal["ece"] <= high
+    assert m["threshold_rule"] == "youden" and "Youden" in m["prediction_rule"]
 
 
 def test_assign_folds_is_seeded_and_refuses_too_few_patients():
@@ -135,3 +148,32 @@ def test_command_writes_outputs_and_exports_a_model_with_cv_card(cohort, tmp_pat
     assert card["training"]["command"].startswith("python -m LymphNodeClassifierLib crossval ")
     assert card["label_definition"] == "test labels" and card["name"] == "cv test"
     assert math.isfinite(card["decision_threshold"])
+    assert card["metrics"]["cross_validation"]["calibration"]["ece"] == metrics["calibration"]["ece"]
+    assert card["training"]["threshold_rule"] == "youden"
+
+
+def test_sensitivity_threshold_rule_reaches_its_target_on_each_inner_validation_part(cohort):
+    config = TrainingConfig(**SMALL, threshold_rule="sensitivity:0.9")
+    patchset = build_patchset(cohort, config.patch_spec(), config.window)
+    seen = []
+    original = crossval.train
+
+    def spying_train(*args, **kwargs):
+        seen.append(original(*args, **kwargs))
+        return seen[-1]
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(crossval, "train", spying_train)
+    try:
+        result = cross_validate(patchset, config, folds=FOLDS, seed=3, inner_val_fraction=0.5, n_boot=0)
+    finally:
+        mp.undo()
+    assert result.metrics["threshold_rule"] == "sensitivity:0.9" and "90%" in result.metrics["prediction_rule"]
+    assert len(seen) == FOLDS
+    for fold in seen:
+        y_val = patchset.y[fold.splits["validation"]]
+        if 0 < y_val.sum() < y_val.size:
+            assert "90%" in fold.threshold_method
+            assert np.mean(fold.probabilities["validation"][y_val == 1] >= fold.decision_threshold) >= 0.9
+    with pytest.raises(InputError, match="threshold rule"):
+        TrainingConfig(**SMALL, threshold_rule="best")

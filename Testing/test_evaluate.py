@@ -150,6 +150,23 @@ def test_roc_png_is_written(evaluated):
     assert not list(evaluated.glob(".*"))  # no temporaries left by the atomic writes
 
 
+def test_calibration_and_reliability_png_agree_with_scikit_learn(evaluated):
+    from sklearn.calibration import calibration_curve
+    from sklearn.metrics import brier_score_loss
+
+    columns = read_predictions(evaluated)
+    y, p = columns["label"], columns["probability"]
+    m = json.loads((evaluated / "metrics.json").read_text())
+    cal = m["calibration"]
+    assert cal["brier"] == pytest.approx(brier_score_loss(y, p), abs=1e-12)
+    prob_true, prob_pred = calibration_curve(y, p, n_bins=cal["n_bins"], strategy="uniform")
+    counts = np.array(cal["reliability"]["counts"])
+    assert cal["ece"] == pytest.approx(float(np.sum(counts[counts > 0] * np.abs(prob_true - prob_pred)) / y.size), abs=1e-12)
+    assert m["threshold_rule"]  # how the card's threshold was chosen is stated
+    image = matplotlib.image.imread(evaluated / "reliability.png")
+    assert image.shape[0] > 500 and image[..., :3].std() > 0.05
+
+
 def test_threshold_override_and_exclusions(model_path, cohort, cache, tmp_path):
     folder = tmp_path / "ds"
     shutil.copytree(cohort, folder)

@@ -23,8 +23,10 @@
 Outputs (each written atomically; metrics.json last): `DIR/predictions.csv` (case_id,
 patient_id, label_value, fold, probability, threshold, prediction, label, short_axis_mm,
 long_axis_mm; numbers at full precision, so every metric can be recomputed from it exactly),
-`DIR/roc.png` (pooled OOF ROC curves of the model and both size rules, per-fold AUCs) and
-`DIR/metrics.json`.
+`DIR/roc.png` (pooled OOF ROC curves of the model and both size rules, per-fold AUCs),
+`DIR/reliability.png` (reliability diagram of the pooled OOF probabilities) and `DIR/metrics.json`
+(with `calibration`: Brier score, expected calibration error, the reliability curve, patient-level
+bootstrap CIs; and `threshold_rule`, how each fold's threshold was chosen: `--threshold-rule`).
 
 `--export-model M.pt` then trains the same configuration on ALL nodes (inner validation split for
 early stopping and the threshold only) and writes it with its card; the card's
@@ -49,16 +51,16 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from .errors import InputError, OneLineArgumentParser
 from .fileio import atomic_path, atomic_write_json, atomic_write_text, csv_text, ensure_folder
-from .metrics import METRIC_NAMES, binary_metrics, bootstrap_ci, json_safe, rank_auc, roc_points
+from .metrics import METRIC_NAMES, binary_metrics, bootstrap_ci, calibration, group_members, json_safe, parse_threshold_rule, plot_reliability, rank_auc, roc_points
 from .patchset import PatchSet
-from .training import ARCHITECTURE_NAMES, TrainingConfig, _one_fold, train, youden_threshold
+from .training import ARCHITECTURE_NAMES, TrainingConfig, _one_fold, train
 from .training import assign_folds as training_assign_folds
 
 PREDICTION_COLUMNS = (
     "case_id", "patient_id", "label_value", "fold", "probability", "threshold", "prediction", "label",
     "short_axis_mm", "long_axis_mm",
 )
-OUTPUT_FILES = ("metrics.json", "predictions.csv", "roc.png")
+OUTPUT_FILES = ("metrics.json", "predictions.csv", "roc.png", "reliability.png")
 SIZE_SCORES = ("short_axis_mm", "long_axis_mm")
 
 
@@ -100,17 +102,12 @@ def size_rule_predictions(y: np.ndarray, score: np.ndarray, fold_of: np.ndarray)
     return prediction, cutoff
 
 
-def _cluster_members(groups: np.ndarray) -> list[np.ndarray]:
-    _, inverse = np.unique(groups, return_inverse=True)
-    return [np.flatnonzero(inverse == g) for g in range(int(inverse.max()) + 1)]
-
-
 def paired_auc_difference(y: np.ndarray, a: np.ndarray, b: np.ndarray, groups: np.ndarray, n_boot: int = 1000, seed: int = 0,
                           confidence: float = 0.95) -> dict:
     """AUC(a) - AUC(b) on the same nodes with its patient-level paired bootstrap CI and the share
     of resamples in which a does not beat b (a one-sided bootstrap p-value)."""
     point = _auc(y, a) - _auc(y, b)
-    members = _cluster_members(groups)
+    members = group_members(groups)
     rng = np.random.default_rng(seed)
     diffs = []
     for _ in range(int(n_boot)):
@@ -142,7 +139,7 @@ def _block(y: np.ndarray, score: np.ndarray, prediction: np.ndarray, groups: np.
 
 def cv_metrics(
     y: np.ndarray, probability: np.ndarray, prediction: np.ndarray, fold_of: np.ndarray, patient_ids: np.ndarray,
-    short_axis_mm: np.ndarray, long_axis_mm: np.ndarray, n_boot: int = 1000, seed: int = 0,
+    short_axis_mm: np.ndarray, long_axis_mm: np.ndarray, n_boot: int = 1000, seed: int = 0, threshold_rule: str = "youden",
 ) -> dict:
     """The metrics.json content (JSON-safe) of out-of-fold predictions (see the module docstring)."""
     y = np.asarray(y, dtype=np.int64)
@@ -151,7 +148,12 @@ def cv_metrics(
     folds = sorted(int(k) for k in np.unique(fold_of))
     out = _block(y, probability, np.asarray(prediction), groups, n_boot, seed)
     out["roc"] = roc_points(y, probability)
-    out["prediction_rule"] = "probability >= the fold's threshold (Youden's J on the fold's inner validation part)"
+    rule = parse_threshold_rule(threshold_rule)
+    chosen_by = "Youden's J" if rule["rule"] == "youden" else f"the highest threshold with sensitivity >= {rule['target_sensitivity']:.0%}"
+    out["prediction_rule"] = f"probability >= the fold's threshold ({chosen_by} on the fold's inner validation part)"
+    out["threshold_rule"] = str(threshold_rule)
+    # pooled OOF probabilities of k fold models: the calibration a user of any one of them would see
+    out["calibration"] = calibration(y, probability, n_boot=n_boot, seed=seed, groups=groups)
     rules = {}
     for name, score in (("short_axis_mm", short_axis_mm), ("long_axis_mm", long_axis_mm)):
         score = np.asarray(score, dtype=np.float64)
@@ -253,7 +255,8 @@ def cross_validate(
             "test_auc": _auc(y[test], probability[test]), "seconds": round(result.seconds, 1),
         }))
     prediction = (probability >= threshold).astype(np.int64)
-    metrics = cv_metrics(y, probability, prediction, fold_of, groups, patchset.short_axis_mm, patchset.long_axis_mm, n_boot=n_boot, seed=seed)
+    metrics = cv_metrics(y, probability, prediction, fold_of, groups, patchset.short_axis_mm, patchset.long_axis_mm, n_boot=n_boot, seed=seed,
+                         threshold_rule=config.threshold_rule)
     metrics["fold_details"] = fold_info
     metrics["inner_val_fraction"] = float(inner_val_fraction)
     metrics["config"] = config.to_dict()
@@ -321,11 +324,13 @@ def plot_roc(result: CrossValResult, path: str | os.PathLike, title: str = "") -
 
 
 def write_crossval(result: CrossValResult, out_dir: str | os.PathLike, title: str = "") -> dict[str, Path]:
-    """predictions.csv, roc.png, then metrics.json (each atomically) into `out_dir`."""
+    """predictions.csv, roc.png, reliability.png, then metrics.json (each atomically) into `out_dir`."""
     out_dir = ensure_folder(out_dir, f"--out {out_dir} is a file; give a folder for the cross-validation outputs.")
     paths = {name: out_dir / name for name in OUTPUT_FILES}
     atomic_write_text(paths["predictions.csv"], predictions_csv(result))
     plot_roc(result, paths["roc.png"], title)
+    plot_reliability([("CNN (out-of-fold)", result.patchset.y, result.probability)], paths["reliability.png"],
+                     f"{title + chr(10) if title else ''}reliability of the pooled out-of-fold probabilities")
     atomic_write_json(paths["metrics.json"], {**result.metrics, "seconds": round(result.seconds, 1)})
     return paths
 
@@ -333,7 +338,7 @@ def write_crossval(result: CrossValResult, out_dir: str | os.PathLike, title: st
 def card_summary(metrics: dict) -> dict:
     """The compact cross-validation block for a model card (metrics.cross_validation)."""
     keys = ("n", "n_positive", "n_negative", "patients", "folds", *METRIC_NAMES, "tn", "fp", "fn", "tp", "ci95",
-            "per_fold_auc", "per_fold_nodes", "prediction_rule", "bootstrap", "inner_val_fraction", "best_size_rule")
+            "per_fold_auc", "per_fold_nodes", "prediction_rule", "threshold_rule", "calibration", "bootstrap", "inner_val_fraction", "best_size_rule")
     out = {key: metrics[key] for key in keys if key in metrics}
     out["method"] = f"{metrics['folds']}-fold StratifiedGroupKFold by patient; out-of-fold predictions pooled"
     out["size_rules"] = {
@@ -412,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rotation", type=float, default=d.rotation_degrees)
     p.add_argument("--translation", type=float, default=d.translation_px)
     p.add_argument("--no-flips", action="store_true")
+    p.add_argument("--threshold-rule", default=d.threshold_rule, help="each fold's decision threshold on its inner validation part: youden (default) or sensitivity:0.9")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--cache", default=None, help="folder for cached patch arrays")
     p.add_argument("--export-model", default=None, metavar="MODEL.pt", help="then train on the whole set and write this model with the CV metrics in its card")
@@ -429,7 +435,7 @@ def config_from_args(args: argparse.Namespace) -> TrainingConfig:
         window=tuple(args.window), patch_size=args.patch_size, spacing_mm=(args.spacing,) * 3, epochs=args.epochs,
         batch_size=args.batch_size, learning_rate=args.lr, weight_decay=args.weight_decay, patience=args.patience,
         lr_patience=args.lr_patience, rotation_degrees=args.rotation, translation_px=args.translation,
-        flips=not args.no_flips, seed=args.seed, num_threads=args.threads,
+        flips=not args.no_flips, seed=args.seed, num_threads=args.threads, threshold_rule=args.threshold_rule,
     )
 
 
@@ -468,6 +474,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ci = (block.get("ci95") or {}).get("auc")
         print(f"{name:<14} OOF AUC {_f(block['auc'])}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
               + f"  acc {_f(block['accuracy'])}  sens {_f(block['sensitivity'])}  spec {_f(block['specificity'])}")
+    cal = m["calibration"]
+    print(f"calibration (pooled OOF): Brier {_f(cal['brier'])}  ECE {_f(cal['ece'])} ({cal['n_bins']} bins); threshold rule {m['threshold_rule']}", flush=True)
     print(f"per-fold AUC: {', '.join(_f(v) for v in m['per_fold_auc'])}; {result.seconds:.0f} s; wrote {args.out}", flush=True)
     if args.export_model:
         final = train_final_model(patchset, config, args.inner_val, on_event=lambda e: show({**e, "fold": "all"}))

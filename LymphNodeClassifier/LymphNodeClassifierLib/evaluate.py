@@ -10,6 +10,10 @@ listed under `skipped`) with the model card's preprocessing (`pipeline.patch_spe
   are written at full precision so the metrics can be recomputed from this file exactly.
 - `DIR/roc.png`: ROC curves of the model and of the size rule (AUC and 95 % CI in the legend,
   operating points marked) and the confusion matrices of both at their thresholds.
+- `DIR/reliability.png`: the reliability diagram (fraction metastatic against mean predicted
+  probability in 10 equal-width bins, nodes per bin); `metrics.json` holds the same under
+  `calibration` with the Brier score and the expected calibration error (ECE) and their
+  patient-level bootstrap CIs, and `threshold_rule` says how the card's threshold was chosen.
 - `DIR/metrics.json` (written last): the model's metrics at the threshold (`metrics.binary_metrics`:
   auc, accuracy, sensitivity, specificity, ppv, npv, n, n_positive, confusion matrix, ...), their
   percentile bootstrap 95 % CIs (`metrics.bootstrap_ci`, patient-level resampling) under `ci95`,
@@ -43,13 +47,13 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from .dataset import Dataset
 from .errors import InputError, OneLineArgumentParser
 from .fileio import atomic_path, atomic_write_json, atomic_write_text, csv_text, ensure_folder
-from .metrics import METRIC_NAMES, binary_metrics, bootstrap_ci, json_safe, roc_points
+from .metrics import METRIC_NAMES, binary_metrics, bootstrap_ci, calibration, json_safe, plot_reliability, roc_points
 from .model import LoadedModel, load_model
 from .patchset import PatchSet, build_patchset
 
 SIZE_RULE_THRESHOLD_MM = 10.0  # short axis >= 10 mm: enlarged, called metastatic
 PREDICTION_COLUMNS = ("case_id", "patient_id", "label_value", "probability", "prediction", "label", "short_axis_mm")
-OUTPUT_FILES = ("metrics.json", "predictions.csv", "roc.png")
+OUTPUT_FILES = ("metrics.json", "predictions.csv", "roc.png", "reliability.png")
 
 
 @dataclass
@@ -134,6 +138,7 @@ def evaluate_predictions(
     out = binary_metrics(y, p, threshold)
     out["ci95"] = _ci(y, p, out["threshold"], n_boot, seed, groups, confidence)
     out["roc"] = roc_points(y, p)
+    out["calibration"] = calibration(y, p, n_boot=n_boot, seed=seed, groups=groups, confidence=confidence)
 
     # The size rule through a strictly increasing map of the short axis into [0, 1):
     # s / (s + T) >= 0.5 exactly when s >= T, and the ranks (hence the AUC) are those of s.
@@ -196,6 +201,7 @@ def evaluate_patchset(
     probability = predict(model, patchset.x, batch_size=batch_size)
     metrics = evaluate_predictions(patchset, probability, threshold, n_boot=n_boot, seed=seed, size_threshold_mm=size_threshold_mm)
     metrics["threshold_source"] = source
+    metrics["threshold_rule"] = threshold_rule_of(model.card) if threshold is None else "given on the command line"
     metrics["model"] = {
         "path": None if model.path is None else str(model.path),
         "name": model.card.get("name", ""),
@@ -206,6 +212,15 @@ def evaluate_patchset(
     metrics["dataset"] = patchset.summary()
     metrics["skipped"] = list(patchset.problems)
     return Evaluation(metrics=metrics, probability=probability, patchset=patchset)
+
+
+def threshold_rule_of(card: dict) -> str:
+    """How the card's decision threshold was chosen ('youden', 'sensitivity:0.9', or the card's own words)."""
+    training = card.get("training") or {}
+    if training.get("threshold_rule"):
+        return str(training["threshold_rule"])
+    method = str(training.get("threshold_method", ""))
+    return "youden" if "youden" in method.lower() else (method or "not recorded in the card")
 
 
 # --------------------------------------------------------------------------------------------
@@ -280,11 +295,14 @@ def plot_evaluation(evaluation: Evaluation, path: str | os.PathLike) -> None:
 
 
 def write_evaluation(evaluation: Evaluation, out_dir: str | os.PathLike) -> dict[str, Path]:
-    """Write predictions.csv, roc.png and then metrics.json (each atomically) into `out_dir`."""
+    """Write predictions.csv, roc.png, reliability.png and then metrics.json (each atomically) into `out_dir`."""
     out_dir = ensure_folder(out_dir, f"--out {out_dir} is a file; give a folder for the evaluation outputs.")
     paths = {name: out_dir / name for name in OUTPUT_FILES}
     atomic_write_text(paths["predictions.csv"], predictions_csv(evaluation))
     plot_evaluation(evaluation, paths["roc.png"])
+    name = (evaluation.metrics.get("model") or {}).get("name", "") or "model"
+    plot_reliability([(name, evaluation.patchset.y, evaluation.probability)], paths["reliability.png"],
+                     f"Reliability of {name}, {evaluation.metrics['n']} nodes")
     atomic_write_json(paths["metrics.json"], evaluation.metrics)
     return paths
 
@@ -364,8 +382,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         rates = "  ".join(f"{key} {_fmt(block[key])}" for key in METRIC_NAMES if key != "auc")
         return f"{name:<10} AUC {auc}  {rates}"
 
-    print(f"{m['n']} nodes ({m['n_positive']} metastatic) of {m['patients']} patients; threshold {m['threshold']:g} ({m['threshold_source']})")
+    print(f"{m['n']} nodes ({m['n_positive']} metastatic) of {m['patients']} patients; threshold {m['threshold']:g} "
+          f"({m['threshold_source']}, rule: {m['threshold_rule']})")
     print(line("model", m))
     print(line(f"size>={m['size_rule']['threshold_mm']:g}mm", m["size_rule"]))
+    cal = m["calibration"]
+    print(f"calibration: Brier {_fmt(cal['brier'])}  ECE {_fmt(cal['ece'])} ({cal['n_bins']} equal-width bins)")
     print(f"wrote {', '.join(str(Path(args.out) / name) for name in OUTPUT_FILES)}")
     return 0

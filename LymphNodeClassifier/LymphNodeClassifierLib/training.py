@@ -48,14 +48,14 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedGroupKFold
 
 from . import __version__
 from .cli import exit_code
 from .errors import CancelledError, InputError, OneLineArgumentParser
 from .inference import deterministic
-from .metrics import binary_metrics, bootstrap_ci, json_safe
+from .metrics import binary_metrics, bootstrap_ci, calibration, choose_threshold, json_safe, threshold_rule_name, youden_threshold  # noqa: F401 (youden_threshold: public here too)
 from .model import build_model, export_torchscript, new_card
 from .patches import FOV_RULES, VIEW_MODES, PatchSpec
 from .patchset import PatchSet, build_patchset
@@ -112,6 +112,7 @@ class TrainingConfig:
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
     num_threads: int | None = None  # torch threads for the run; None = leave torch's setting
     fov_rule: str = "fixed"  # "fixed" or "grow_to_fit" (patches.py): nodes larger than the view
+    threshold_rule: str = "youden"  # decision threshold on the validation set: "youden" or "sensitivity:0.9"
 
     def __post_init__(self) -> None:
         arch = str(self.architecture).strip().lower()
@@ -141,6 +142,7 @@ class TrainingConfig:
         if self.num_threads is not None:
             self.num_threads = _positive_int(self.num_threads, "number of threads", 2)
         self.split_fractions = _check_fractions(self.split_fractions)
+        self.threshold_rule = threshold_rule_name(self.threshold_rule)
         try:
             low, high = (float(v) for v in self.window)
         except (TypeError, ValueError):
@@ -395,17 +397,6 @@ def _auc(y: np.ndarray, p: np.ndarray) -> float:
     return float(roc_auc_score(y, p)) if y.size and 0 < y.sum() < y.size else math.nan
 
 
-def youden_threshold(y: np.ndarray, probability: np.ndarray) -> tuple[float, str]:
-    """The threshold maximising sensitivity + specificity - 1 on (y, probability), and how it was found."""
-    y = np.asarray(y)
-    if y.size == 0 or y.sum() in (0, y.size):
-        return 0.5, "0.5 (the validation set has only one class, so Youden's J is undefined)"
-    fpr, tpr, thresholds = roc_curve(y, probability)
-    j = tpr - fpr
-    best = 1 + int(np.argmax(j[1:]))  # thresholds[0] is +inf (nothing positive)
-    return float(min(1.0, max(0.0, thresholds[best]))), "Youden's J maximal on the validation set"
-
-
 def evaluate(probability: np.ndarray, patchset: PatchSet, threshold: float, n_boot: int = 1000, seed: int = 0) -> dict:
     """Metrics of `probability` on `patchset` at `threshold`, with patient-level bootstrap CIs.
 
@@ -415,6 +406,7 @@ def evaluate(probability: np.ndarray, patchset: PatchSet, threshold: float, n_bo
     out = binary_metrics(patchset.y, probability, threshold)
     out["ci95"] = bootstrap_ci(patchset.y, probability, threshold, n_boot=n_boot, seed=seed, groups=patchset.patient_ids)
     out["ci_resampling"] = "patient"
+    out["calibration"] = calibration(patchset.y, probability, n_boot=n_boot, seed=seed, groups=patchset.patient_ids)
     out["size_rule_auc"] = _auc(patchset.y, patchset.short_axis_mm)
     out["patients"] = int(len(set(patchset.patient_ids.tolist())))
     if patchset.has_truth:
@@ -521,7 +513,7 @@ def _train(patchset, config, on_event, is_cancelled, splits) -> TrainingResult:
         if test_idx.size:
             probabilities["test"] = predict_probabilities(model, x[test_idx])
 
-    threshold, method = youden_threshold(patchset.y[val_idx], probabilities["validation"])
+    threshold, method = choose_threshold(patchset.y[val_idx], probabilities["validation"], config.threshold_rule)
     metrics = {
         "validation": evaluate(probabilities["validation"], patchset.subset(val_idx), threshold, seed=config.seed),
         "test": evaluate(probabilities["test"], patchset.subset(test_idx), threshold, seed=config.seed) if test_idx.size else None,
@@ -580,6 +572,7 @@ def build_card(
         "seconds": round(result.seconds, 1),
         "software": {"LymphNodeClassifierLib": __version__, "torch": torch.__version__},
         "threshold_method": result.threshold_method,
+        "threshold_rule": config.threshold_rule,
     }
     metrics = {"validation": result.metrics["validation"], "test": result.metrics["test"], "held_out": json_safe(held_out or {})}
     return new_card(
@@ -674,6 +667,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--translation", type=float, default=defaults.translation_px, help="random shift range in pixels")
     parser.add_argument("--no-flips", action="store_true", help="no random flips")
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--threshold-rule", default=defaults.threshold_rule, help="decision threshold on the validation set: youden (default) or sensitivity:0.9")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's setting)")
     parser.add_argument("--workers", type=int, default=1, help="processes for patch extraction")
     parser.add_argument("--cache", default=None, help="folder for cached patch arrays (reused while the data are unchanged)")
@@ -706,7 +700,7 @@ def run(args: argparse.Namespace, command: str) -> int:
         architecture=args.architecture, views=args.views, mask_channel=args.mask_channel, epochs=args.epochs,
         patch_size=args.patch_size, spacing_mm=(args.spacing,) * 3, batch_size=args.batch_size, learning_rate=args.lr, weight_decay=args.weight_decay, patience=args.patience, lr_patience=args.lr_patience,
         rotation_degrees=args.rotation, translation_px=args.translation, flips=not args.no_flips, seed=args.seed,
-        num_threads=args.threads, fov_rule=args.fov_rule,
+        num_threads=args.threads, fov_rule=args.fov_rule, threshold_rule=args.threshold_rule,
     )
     out = Path(args.out)
     if out.exists() and out.is_dir():
