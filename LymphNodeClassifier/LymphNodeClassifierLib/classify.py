@@ -3,6 +3,16 @@
 Per case it writes `nodes.csv`, `nodes.seg.nrrd` (opens colour-coded in Slicer), `gradcam.nrrd` (on
 the CT's voxel grid) and `report.png`. Outputs are first written into a hidden staging folder and
 moved into place only when the case succeeded, so a failure never leaves a half-written result.
+
+- The output folder is checked (a folder, writable) before any work.
+- A rerun replaces the previous run's outputs as a whole: a case folder of `--dataset` is swapped
+  for the new one (`fileio.replace_folder`; a symbolic link there is replaced, never followed),
+  and `--ct` removes the output files of an earlier run that this run does not write (e.g.
+  `report.png` after `--no-report`). A staging folder left by a killed run is removed by the next.
+- Case folders are named by the case id, which the dataset format keeps safe (`fileio.name_problem`);
+  a folder holding anything but a previous run's outputs is never replaced.
+- Nodes of a dataset case follow its `node_definition` (one node per label value, or per component),
+  as in `evaluate` and `train`; `--ct/--labels` splits connected components.
 """
 
 from __future__ import annotations
@@ -13,19 +23,22 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
 
 import SimpleITK as sitk
 
+from .cli import ProgressLine
 from .dataset import Dataset
-from .errors import InputError
-from .fileio import atomic_write_text, csv_text
+from .errors import InputError, OneLineArgumentParser
+from .fileio import (atomic_write_text, check_writable_folder, csv_text, path_inside, remove_stale_staging, replace_folder,
+                     staging_folder)
 from .model import LoadedModel, load_model
+from .model_registry import bundled_models, choose_model
 from .pipeline import ClassificationResult, StageTimer, classify_images, window_from_card
 from .segfile import write_segmentation_file
+from .validate import InputPolicy, add_input_options, read_image
 
 MODULE_DIR = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL_PATH = MODULE_DIR / "Resources" / "Models" / "lymph_node_phantom.pt"
@@ -33,25 +46,20 @@ SAMPLE_DATASET = MODULE_DIR / "Resources" / "SampleData"
 
 NODE_COLUMNS = [
     "case_id", "node_id", "label_value", "centroid_R_mm", "centroid_A_mm", "centroid_S_mm",
-    "volume_mm3", "short_axis_mm", "long_axis_mm", "touches_edge", "probability", "prediction",
+    "volume_mm3", "short_axis_mm", "long_axis_mm", "touches_edge", "probability", "prediction", "warnings", "notes",
 ]
+OUTPUT_FILES = ("nodes.csv", "nodes.seg.nrrd", "gradcam.nrrd", "report.png", "patches.png")  # every file a run may write
 TILE_FIELD_OF_VIEW_MM = 60.0  # a node plus its surroundings, as a radiologist would zoom
 TIMING_STAGES = ("read", "nodes", "patches", "model", "gradcam", "write", "report", "total")
 
 
-def read_image(path: str | os.PathLike, what: str) -> sitk.Image:
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"The {what} file {path} does not exist; check the path.")
-    try:
-        return sitk.ReadImage(str(path))
-    except RuntimeError as error:
-        raise InputError(f"The {what} file {path} cannot be read as an image ({str(error).strip().splitlines()[-1][:120]}); use NRRD, NIfTI or MHA.") from error
 
 
 def node_rows(case_id: str, result: ClassificationResult) -> list[dict]:
     rows = []
-    for node, probability, prediction in zip(result.nodes, result.probabilities, result.predictions):
+    notes = " | ".join(result.messages)  # case-level (geometry policy, field of view), the same on each row
+    warnings = result.warnings or [[] for _ in result.nodes]
+    for node, probability, prediction, node_warnings in zip(result.nodes, result.probabilities, result.predictions, warnings):
         rows.append(
             {
                 "case_id": case_id, "node_id": node.node_id, "label_value": node.label_value,
@@ -59,7 +67,7 @@ def node_rows(case_id: str, result: ClassificationResult) -> list[dict]:
                 "centroid_S_mm": round(node.centroid_ras[2], 3), "volume_mm3": round(node.volume_mm3, 2),
                 "short_axis_mm": round(node.short_axis_mm, 2), "long_axis_mm": round(node.long_axis_mm, 2),
                 "touches_edge": int(node.touches_edge), "probability": round(float(probability), 6),
-                "prediction": int(prediction),
+                "prediction": int(prediction), "warnings": " | ".join(node_warnings), "notes": notes,
             }
         )
     return rows
@@ -93,14 +101,19 @@ def write_case_outputs(
     model: LoadedModel,
     timer: StageTimer,
     with_report: bool = True,
+    whole_folder: bool = False,
 ) -> list[dict]:
-    """Write one case's outputs into `out_dir` all-or-nothing; returns its node rows."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
+    """Write one case's outputs into `out_dir` all-or-nothing, replacing an earlier run's outputs
+    there; returns its node rows. With `whole_folder` `out_dir` is the case's own folder and is
+    replaced as a whole (`fileio.replace_folder`), else only the `OUTPUT_FILES` in it change."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    if not whole_folder:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    staging = staging_folder(out_dir.parent if whole_folder else out_dir)
     try:
         rows = node_rows(case_id, result)
         with timer.stage("write"):
-            (staging / "nodes.csv").write_text(csv_text(rows, NODE_COLUMNS, ignore_extra=True), encoding="utf-8")
+            atomic_write_text(staging / "nodes.csv", csv_text(rows, NODE_COLUMNS, ignore_extra=True))
             write_segmentation_file(staging / "nodes.seg.nrrd", result.component_image, result.nodes, result.probabilities)
             if result.cam_volume is not None:
                 sitk.WriteImage(result.cam_volume, str(staging / "gradcam.nrrd"), True)
@@ -123,8 +136,14 @@ def write_case_outputs(
                     field_of_view_mm=TILE_FIELD_OF_VIEW_MM,
                     notes=result.messages,
                 )
-        for produced in staging.iterdir():
-            os.replace(produced, out_dir / produced.name)
+        if whole_folder:
+            replace_folder(staging, out_dir)
+        else:
+            produced = {path.name for path in staging.iterdir()}
+            for name in produced:
+                os.replace(staging / name, out_dir / name)
+            for name in set(OUTPUT_FILES) - produced:  # an earlier run's outputs that this run did not make
+                (out_dir / name).unlink(missing_ok=True)
         return rows
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -132,40 +151,69 @@ def write_case_outputs(
 
 def classify_case_files(
     ct_path, labels_path, out_dir, model: LoadedModel, case_id: str = "case", with_gradcam: bool = True,
-    with_report: bool = True, timer: StageTimer | None = None,
+    with_report: bool = True, timer: StageTimer | None = None, policy: InputPolicy = InputPolicy(), series_uid: str | None = None,
+    *, per_label_value: bool = False, whole_folder: bool = False, note=None,
 ) -> tuple[list[dict], ClassificationResult]:
+    """Read, classify and write one case; `note(text)` prints the pipeline's notes (default: stderr)."""
     timer = timer or StageTimer()
     with timer.stage("read"):
-        ct = read_image(ct_path, "CT")
+        ct = read_image(ct_path, "CT", series_uid)
         labels = read_image(labels_path, "label")
-    result = classify_images(ct, labels, model, with_gradcam=with_gradcam, timer=timer)
+    try:
+        result = classify_images(ct, labels, model, with_gradcam=with_gradcam, per_label_value=per_label_value, timer=timer, policy=policy)
+    except InputError as error:  # the checks see images only: name the files
+        raise InputError(f"{str(error).rstrip('.')} (CT {ct_path}, labels {labels_path}).") from None
     for message in result.messages:
-        print(f"note: {case_id}: {message}", file=sys.stderr)
-    return write_case_outputs(Path(out_dir), case_id, ct, result, model, timer, with_report), result
+        (note or (lambda text: print(text, file=sys.stderr)))(f"note: {case_id}: {message}")
+    for node, warnings in zip(result.nodes, result.warnings):
+        for warning in warnings:
+            (note or (lambda text: print(text, file=sys.stderr)))(f"warning: {case_id}: node {node.node_id} (label {node.label_value}): {warning}")
+    return write_case_outputs(Path(out_dir), case_id, ct, result, model, timer, with_report, whole_folder), result
 
 
-def progress_bar(done: int, total: int, label: str, started: float) -> None:
-    width = 30
-    filled = int(width * done / max(total, 1))
-    elapsed = time.perf_counter() - started
-    print(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label} {elapsed:5.0f} s", end="", file=sys.stderr, flush=True)
+def _only_outputs(folder: Path) -> bool:
+    """Whether `folder` holds nothing but a classify run's outputs (and staging leftovers)."""
+    try:
+        return all(entry.name in OUTPUT_FILES or entry.name.startswith(".") for entry in folder.iterdir())
+    except OSError:
+        return False
 
 
-def classify_dataset(dataset: Dataset, out_dir: Path, model: LoadedModel, with_gradcam: bool, with_report: bool, timer: StageTimer) -> list[dict]:
-    """Classify every non-excluded case; each case gets its own folder, plus one combined nodes.csv."""
+def _case_folder(out_dir: Path, case_id: str) -> Path:
+    """The case's output folder, refused when the name is unsafe or the place holds other files."""
+    folder = path_inside(out_dir, case_id)
+    if folder.is_dir() and not folder.is_symlink() and not _only_outputs(folder):
+        raise InputError(f"{folder} holds files that a classify run did not write, and would be replaced by case '{case_id}'s outputs; "
+                         "choose an empty --out folder.")
+    return folder
+
+
+def classify_dataset(dataset: Dataset, out_dir: Path, model: LoadedModel, with_gradcam: bool, with_report: bool, timer: StageTimer,
+                     policy: InputPolicy = InputPolicy()) -> list[dict]:
+    """Classify every non-excluded case; each case gets its own folder, plus one combined nodes.csv.
+
+    A case that fails is skipped (listed at the end) and its folder from an earlier run removed, as
+    is an excluded case's; when every case fails nothing is written and the run is an error."""
     cases = [case for case in dataset.cases if not case.excluded]
     if not cases:
         raise InputError(f"The dataset {dataset.folder} has no case that is not excluded; include at least one case.")
+    folders = {case.case_id: _case_folder(out_dir, case.case_id) for case in dataset.cases}  # refuse before any work
+    missing = [dataset.missing_file(case) for case in cases]
+    if all(missing):
+        raise InputError(f"None of the {len(cases)} cases can be read: {missing[0]}" + (f" (and {len(cases) - 1} more)" if len(cases) > 1 else "") + ".")
     records = {record.key: record for record in dataset.nodes}
     all_rows: list[dict] = []
-    started = time.perf_counter()
     failures = []
-    for index, case in enumerate(cases):
-        progress_bar(index, len(cases), "cases", started)
+    progress = ProgressLine("cases", len(cases))
+    for index, (case, missing_file) in enumerate(zip(cases, missing)):
+        progress.update(index)
         try:
+            if missing_file:
+                raise InputError(missing_file[0].upper() + missing_file[1:] + ".")
             rows, _ = classify_case_files(
-                dataset.ct_path(case), dataset.labels_path(case), out_dir / case.case_id, model,
-                case_id=case.case_id, with_gradcam=with_gradcam, with_report=with_report, timer=timer,
+                dataset.ct_path(case), dataset.labels_path(case), folders[case.case_id], model,
+                case_id=case.case_id, with_gradcam=with_gradcam, with_report=with_report, timer=timer, policy=policy.for_case(case),
+                per_label_value=case.per_label_value, whole_folder=True, note=progress.note,
             )
         except InputError as error:
             failures.append(f"{case.case_id}: {error}")
@@ -176,11 +224,17 @@ def classify_dataset(dataset: Dataset, out_dir: Path, model: LoadedModel, with_g
             row["given_label"] = "" if record is None or record.metastatic is None else record.metastatic
             row["excluded"] = "" if record is None else int(record.excluded)
         all_rows.extend(rows)
-    progress_bar(len(cases), len(cases), "cases", started)
-    print(file=sys.stderr)
-    atomic_write_text(out_dir / "nodes.csv", csv_text(all_rows, ["patient_id", *NODE_COLUMNS, "given_label", "excluded"], ignore_extra=True))
+    progress.update(len(cases))
+    progress.done()
     for failure in failures:
         print(f"skipped {failure}", file=sys.stderr)
+    if len(failures) == len(cases):
+        raise InputError(f"All {len(cases)} cases were skipped (listed above); nothing was written. Fix the inputs and rerun.")
+    classified = {row["case_id"] for row in all_rows} | {case.case_id for case in cases if case.case_id not in {f.split(":", 1)[0] for f in failures}}
+    for case_id, folder in folders.items():  # an earlier run's results of cases without one now
+        if case_id not in classified and folder.is_dir() and not folder.is_symlink() and _only_outputs(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+    atomic_write_text(out_dir / "nodes.csv", csv_text(all_rows, ["patient_id", *NODE_COLUMNS, "given_label", "excluded"], ignore_extra=True))
     labelled = [row for row in all_rows if row["given_label"] != "" and not row["excluded"]]
     if labelled and len({row["given_label"] for row in labelled}) == 2:
         from sklearn.metrics import roc_auc_score
@@ -191,17 +245,19 @@ def classify_dataset(dataset: Dataset, out_dir: Path, model: LoadedModel, with_g
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="classify", description="Classify lymph nodes on CT (headless).")
+    parser = OneLineArgumentParser(prog="python -m LymphNodeClassifierLib classify", description="Classify lymph nodes on CT (headless).")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--ct", help="CT volume file (NRRD, NIfTI, MHA)")
+    source.add_argument("--ct", help="CT volume file (NRRD, NIfTI, MHA) or DICOM series folder")
     source.add_argument("--dataset", help="dataset folder (dataset.json) to classify every case of")
     parser.add_argument("--labels", help="label volume masking the nodes (with --ct)")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--model", help=f"TorchScript model with a model card (default: {DEFAULT_MODEL_PATH.name})")
+    parser.add_argument("--model", help="TorchScript model file with a model card, or a bundled model's name "
+                        f"({', '.join(bundled_models())}); default: the active model, else {DEFAULT_MODEL_PATH.stem}")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--no-gradcam", action="store_true", help="skip Grad-CAM (faster)")
     parser.add_argument("--no-report", action="store_true", help="skip report.png")
     parser.add_argument("--timings", action="store_true", help="print per-stage seconds as a JSON line last")
+    add_input_options(parser, series_uid=True)
     return parser
 
 
@@ -209,16 +265,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.ct and not args.labels:
         raise InputError("--ct needs --labels (the label volume masking the nodes).")
+    if args.labels and not args.ct:
+        raise InputError("--labels goes with --ct (one case); a --dataset names its label maps itself, so leave --labels out.")
     timer = StageTimer()
     started = time.perf_counter()
+    dataset = Dataset.load(args.dataset) if args.dataset else None
+    model_path = choose_model(args.model)
+    out_dir = check_writable_folder(args.out)  # before any work: a bad --out must not cost a run
+    remove_stale_staging(out_dir, depth=2 if dataset is not None else 1)
     with timer.stage("model"):
-        model = load_model(args.model or DEFAULT_MODEL_PATH, args.device)
-    out_dir = Path(args.out)
-    if args.dataset:
-        rows = classify_dataset(Dataset.load(args.dataset), out_dir, model, not args.no_gradcam, not args.no_report, timer)
+        model = load_model(model_path, args.device)
+    if dataset is not None:
+        rows = classify_dataset(dataset, out_dir, model, not args.no_gradcam, not args.no_report, timer, InputPolicy.from_args(args))
     else:
         case_id = Path(args.ct).name.split(".")[0]
-        rows, _ = classify_case_files(args.ct, args.labels, out_dir, model, case_id, not args.no_gradcam, not args.no_report, timer)
+        rows, _ = classify_case_files(args.ct, args.labels, out_dir, model, case_id, not args.no_gradcam, not args.no_report, timer,
+                                      InputPolicy.from_args(args), args.series_uid)
         print_case_summary(rows, out_dir, args.no_gradcam, args.no_report)
     timer.seconds["total"] = time.perf_counter() - started
     if args.timings:
@@ -242,14 +304,15 @@ def demo_main(argv: Sequence[str] | None = None) -> int:
     """`demo`: classify the bundled sample case into demo-output/, with the node patch montage."""
     from .report import patch_montage
 
-    parser = argparse.ArgumentParser(prog="demo", description="Classify the bundled sample case.")
+    parser = OneLineArgumentParser(prog="python -m LymphNodeClassifierLib demo", description="Classify the bundled sample case.")
     parser.add_argument("--out", default="demo-output")
     args = parser.parse_args(argv)
     timer = StageTimer()
     started = time.perf_counter()
     dataset = Dataset.load(SAMPLE_DATASET)
     case = dataset.cases[0]
-    out_dir = Path(args.out)
+    out_dir = check_writable_folder(args.out)
+    remove_stale_staging(out_dir, depth=1)
     with timer.stage("model"):
         model = load_model(DEFAULT_MODEL_PATH, "auto")
     rows, result = classify_case_files(dataset.ct_path(case), dataset.labels_path(case), out_dir, model, case.case_id, timer=timer)

@@ -7,9 +7,12 @@ turns user errors into one line on stderr (exit 2) instead of a traceback.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+import time
 from typing import Callable, Sequence
 
+from . import __version__
 from .errors import CancelledError, InputError
 
 # command -> (module, function, one-line help)
@@ -24,6 +27,8 @@ COMMANDS = {
     "evaluate": ("evaluate", "main", "evaluate a model on a dataset: metrics.json, predictions.csv, roc.png"),
     "import": ("importer", "main", "import a CSV of image / mask / label rows as a dataset"),
     "crossval": ("crossval", "main", "patient-grouped k-fold cross-validation: out-of-fold metrics vs the size rules"),
+    # needs slicer-core and trame-slicer, so it lives in the MRML logic package (a dotted name is absolute)
+    "review": ("LymphNodeClassifierLogic.review_app", "main", "serve a dataset to a browser for reading and relabelling (real Slicer views)"),
 }
 
 
@@ -39,26 +44,90 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0 if argv else 2
+    if argv[0] == "--version":
+        print(f"LymphNodeClassifierLib {__version__}")
+        return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        print(f"error: unknown command '{command}'; choose one of: {', '.join(COMMANDS)}.", file=sys.stderr)
+        print(f"error: unknown command '{command}'; choose one of: {', '.join(COMMANDS)} (see --help).", file=sys.stderr)
         return 2
     module_name, function_name, _ = COMMANDS[command]
-    function = getattr(importlib.import_module(f"{__package__}.{module_name}"), function_name)
+    module_path = module_name if "." in module_name else f"{__package__}.{module_name}"
+    function = getattr(importlib.import_module(module_path), function_name)
     return exit_code(lambda: function(rest))
 
 
 def exit_code(command: Callable[[], int | None]) -> int:
-    """Run `command()` and return its exit code; a user's error becomes one line on stderr and 2,
-    a cancel 130 (for commands that are also called directly, not only through `main`)."""
+    """Run `command()` and return its exit code, for `main` and for the commands also called directly
+    (train, suspects, phantoms). A user's error becomes one line on stderr, "error: <problem>; <what
+    to do>", and exit 2 (bad options too: every parser is an errors.OneLineArgumentParser); an OS
+    error on a named file (no space, read-only, no permission) the same; a cancel 130; a reader that
+    closed the pipe (`... | head -1`) ends the run quietly."""
     try:
         return int(command() or 0)
     except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
+        _error_line(f"error: {error}")
         return 2
+    except BrokenPipeError:
+        # Python would print a traceback when it flushes stdout at exit; point stdout at /dev/null first.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141  # what a shell reports for a process ended by SIGPIPE
     except CancelledError as error:
-        print(f"cancelled: {error}", file=sys.stderr)
+        _error_line(f"cancelled: {error}")
         return 130
     except KeyboardInterrupt:
-        print("cancelled.", file=sys.stderr)
+        _error_line("cancelled.")
         return 130
+    except OSError as error:
+        if error.filename is None:
+            raise
+        reason = error.strerror or type(error).__name__
+        _error_line(f"error: cannot use {error.filename} ({reason}); check that the path exists and is writable, and the free space.")
+        return 2
+
+
+def _error_line(text: str) -> None:
+    ProgressLine.end_open()
+    print(text, file=sys.stderr, flush=True)
+
+
+class ProgressLine:
+    """A progress line on stderr: redrawn in place on a terminal, one line per `every` steps elsewhere
+    (logs, pipes). The line is always ended (newline) before anything else is printed: `note()`,
+    `done()`, or the command line's error path (`end_open`)."""
+
+    _open: "ProgressLine | None" = None
+
+    def __init__(self, label: str, total: int, every: int | None = None, stream=None) -> None:
+        self.label, self.total = label, max(int(total), 0)
+        self.stream = stream if stream is not None else sys.stderr
+        self.terminal = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.every = every if every is not None else max(1, self.total // 10)
+        self.started = time.perf_counter()
+
+    def update(self, done: int) -> None:
+        elapsed = time.perf_counter() - self.started
+        width = 30
+        filled = int(width * done / max(self.total, 1))
+        text = f"[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} {self.label} {elapsed:5.0f} s"
+        if self.terminal:
+            print(f"\r{text}", end="", file=self.stream, flush=True)
+            ProgressLine._open = self
+        elif done == self.total or done % self.every == 0:
+            print(text, file=self.stream, flush=True)
+
+    def note(self, text: str) -> None:
+        """Print `text` (one line on stderr) after ending the progress line."""
+        ProgressLine.end_open()
+        print(text, file=self.stream, flush=True)
+
+    def done(self) -> None:
+        ProgressLine.end_open()
+
+    @classmethod
+    def end_open(cls) -> None:
+        if cls._open is not None:
+            print(file=cls._open.stream, flush=True)
+            cls._open = None

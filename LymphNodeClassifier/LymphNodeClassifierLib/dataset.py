@@ -12,6 +12,13 @@
 ```
 
 - Image paths are relative to the dataset folder (`ct_path` / `labels_path` resolve them).
+- A case id is also the name of the case's output folder (`classify --dataset`): no path
+  separator, control character or leading dot (`fileio.name_problem`).
+- `node_definition` (per case) says what one node of its label map is, for every command
+  (`classify`, `evaluate`, `train`, `explore`, ...): "label_value" (the default: all voxels of one
+  label value, however many connected components they form, e.g. an imported file that holds one
+  lesion) or "component" (each 26-connected component is its own node). A case without the key
+  means "label_value" (the key is written only when set, e.g. by `import`).
 - A node is identified by `(case_id, label_value)`; its label value is its voxel value in the
   case's label map.
 - `metastatic` is 0, 1 or null (not yet labelled); `true_metastatic` and `label_flipped` exist
@@ -36,14 +43,15 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import InputError
-from .fileio import atomic_write_json
+from .fileio import atomic_write_json, name_problem
 
 FORMAT_NAME = "LymphNodeClassifier-dataset"
 FORMAT_VERSION = 1
 DATASET_FILE = "dataset.json"
 
 _TOP_FIELDS = ("format", "version", "name", "created", "generator", "cases", "nodes")
-_CASE_FIELDS = ("case_id", "patient_id", "ct", "labels", "excluded", "exclude_reason", "note")
+_CASE_FIELDS = ("case_id", "patient_id", "ct", "labels", "excluded", "exclude_reason", "note", "node_definition")
+NODE_DEFINITIONS = ("label_value", "component")  # what one node of a case's label map is
 _NODE_FIELDS = ("case_id", "label_value", "metastatic", "excluded", "exclude_reason", "note", "true_metastatic", "label_flipped")
 _MAX_LABEL_VALUE = 65535  # label maps are stored as uint16
 
@@ -120,10 +128,17 @@ class CaseRecord:
     excluded: bool = False
     exclude_reason: str = ""
     note: str = ""
+    node_definition: str | None = None  # one of NODE_DEFINITIONS; None (not in the file) means "label_value"
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know
 
+    @property
+    def per_label_value(self) -> bool:
+        """`nodes.extract_nodes`' mode for this case's label map (see `node_definition`)."""
+        return self.node_definition in (None, "label_value")
+
     def to_dict(self) -> dict[str, Any]:
-        out = {key: getattr(self, key) for key in _CASE_FIELDS}
+        # node_definition is written only when set, so files without it read back byte for byte
+        out = {key: getattr(self, key) for key in _CASE_FIELDS if key != "node_definition" or self.node_definition is not None}
         out.update(self.extra)
         return out
 
@@ -131,7 +146,13 @@ class CaseRecord:
     def from_dict(cls, record: Any, where: str = "a case") -> "CaseRecord":
         record = _as_dict(record, where)
         case_id = _check_str(_require(record, "case_id", where), "case_id", where, allow_empty=False)
+        problem = name_problem(case_id)
+        if problem is not None:
+            raise InputError(f"{where} has the case id {case_id!r}, which cannot name its output folder ({problem}); rename the case.")
         where = f"case '{case_id}'"
+        node_definition = record.get("node_definition")
+        if node_definition is not None and node_definition not in NODE_DEFINITIONS:
+            raise InputError(f"{where} has 'node_definition' = {node_definition!r} but it must be one of: {', '.join(NODE_DEFINITIONS)}; {_fix_hint()}.")
         return cls(
             case_id=case_id,
             patient_id=_check_str(_require(record, "patient_id", where), "patient_id", where, allow_empty=False),
@@ -140,6 +161,7 @@ class CaseRecord:
             excluded=_check_bool(record.get("excluded", False), "excluded", where),
             exclude_reason=_check_str(record.get("exclude_reason", ""), "exclude_reason", where),
             note=_check_str(record.get("note", ""), "note", where),
+            node_definition=node_definition,
             extra={key: value for key, value in record.items() if key not in _CASE_FIELDS},
         )
 
@@ -374,6 +396,16 @@ class Dataset:
         record = self.case(case) if isinstance(case, str) else case
         return self._absolute(record.labels)
 
+    def missing_file(self, case: CaseRecord | str) -> str | None:
+        """None when the case's CT and label files exist, else one sentence naming the missing one
+        (image paths are relative to the dataset folder, so a moved image folder shows here)."""
+        record = self.case(case) if isinstance(case, str) else case
+        for what, path in (("CT", self.ct_path(record)), ("label", self.labels_path(record))):
+            if not path.is_file():
+                return (f"the {what} file {path} of case '{record.case_id}' does not exist (dataset.json's path {getattr(record, 'ct' if what == 'CT' else 'labels')!r} "
+                        f"is relative to {self.folder}); move the images back or fix the paths")
+        return None
+
     def patient_groups(self) -> dict[str, list[str]]:
         """patient_id -> the case ids of that patient (first-seen order), e.g. for grouped splits."""
         groups: dict[str, list[str]] = {}
@@ -393,6 +425,7 @@ class Dataset:
         excluded: bool = False,
         exclude_reason: str = "",
         note: str = "",
+        node_definition: str | None = None,
         **extra: Any,
     ) -> CaseRecord:
         """Add a case (image paths absolute or relative to the folder; stored relative). Call save() after."""
@@ -405,6 +438,7 @@ class Dataset:
                 "excluded": excluded,
                 "exclude_reason": exclude_reason,
                 "note": note,
+                "node_definition": node_definition,
                 **extra,
             },
             f"new case {case_id!r}",

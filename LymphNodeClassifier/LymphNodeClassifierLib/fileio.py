@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -42,6 +43,129 @@ def ensure_folder(folder: str | os.PathLike, is_file_message: str, what: str = "
     except OSError as error:
         raise InputError(f"Cannot create the {what} {folder} ({error.strerror}); {advice}.") from None
     return folder
+
+
+def check_writable_folder(folder: str | os.PathLike, option: str = "--out", what: str = "output folder") -> Path:
+    """`ensure_folder` plus proof that a file can be created in it, so that an unwritable output
+    location (a read-only mount, no permission) is refused before any work, in one line."""
+    folder = ensure_folder(folder, f"{option} {folder} is a file, not a folder; give {option} a folder for the outputs.", what=what,
+                           advice=f"give {option} a writable folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise InputError(f"Cannot write into the {what} {folder} ({error.strerror}); give {option} a writable folder.") from None
+    return folder
+
+
+def check_writable_file(path: str | os.PathLike, option: str = "--out", example: str = "model.pt") -> Path:
+    """The folder of the output file `path` exists (created if needed) and is writable, and `path`
+    is not a folder. Called before long work (training) so that its result is never lost."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{option} {path} is a folder; give a file name such as {path / example}.")
+    check_writable_folder(path.parent, option, what="folder of the output file")
+    return path
+
+
+_UNSAFE_NAME_CHARACTERS = re.compile(r"[/\\\x00-\x1f\x7f]")
+
+
+def name_problem(name: str) -> str | None:
+    """Why `name` (a case id, a file name from a table) cannot be one file or folder name inside an
+    output folder, or None when it can: a path separator, a control character, a leading dot ('.',
+    '..', hidden names and the staging prefix) or nothing but spaces."""
+    if not isinstance(name, str) or not name.strip():
+        return "it is empty"
+    if _UNSAFE_NAME_CHARACTERS.search(name):
+        return "it holds a path separator or a control character"
+    if name.startswith("."):
+        return "it starts with a dot"
+    return None
+
+
+def safe_file_name(text: str, replacement: str = "_", fallback: str = "case") -> str:
+    """`text` reduced to letters, digits, '.', '_' and '-' (any other run becomes `replacement`),
+    without leading or trailing dots or replacements: one safe name, never a path."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", replacement, str(text)).strip("." + replacement)
+    return cleaned or fallback
+
+
+def path_inside(folder: str | os.PathLike, name: str) -> Path:
+    """`folder / name`, refused (InputError) unless `name` is one safe name (`name_problem`): then the
+    path is a direct child of `folder`. Write there only through `replace_folder` or `os.replace`,
+    which replace a symbolic link found at that name instead of writing through it."""
+    problem = name_problem(name)
+    if problem is not None:
+        raise InputError(f"The name {name!r} cannot be used for an output in {folder} ({problem}); rename it, e.g. {safe_file_name(name)!r}.")
+    return Path(folder) / name
+
+
+# --------------------------------------------------------------------------------------------
+# staging folders: outputs are built in `.staging-<pid>-*` and moved into place once complete
+
+STAGING_PREFIX = ".staging-"
+
+
+def staging_folder(parent: str | os.PathLike) -> Path:
+    """A new hidden folder in `parent` named after this process, so that a later run can tell a
+    kill's leftover (its process is gone) from a live run's folder (`remove_stale_staging`)."""
+    return Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=parent))
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def remove_stale_staging(folder: str | os.PathLike, depth: int = 2) -> list[Path]:
+    """Remove the staging folders that runs whose process no longer exists (killed, crashed) left in
+    `folder` and its sub-folders (`depth` levels; symbolic links are not followed); returns them."""
+    folder = Path(folder)
+    removed: list[Path] = []
+    try:
+        entries = list(folder.iterdir()) if folder.is_dir() else []
+    except OSError:
+        return removed
+    for entry in entries:
+        if entry.is_symlink() or not entry.is_dir():
+            continue
+        if entry.name.startswith(STAGING_PREFIX):
+            pid_text = entry.name[len(STAGING_PREFIX):].split("-", 1)[0]
+            if not pid_text.isdigit() or not _process_alive(int(pid_text)):
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
+        elif depth > 1:
+            removed += remove_stale_staging(entry, depth - 1)
+    return removed
+
+
+def replace_folder(staging: Path, target: Path) -> None:
+    """Put the finished folder `staging` at its sibling `target`, replacing whatever was there (an
+    old run's folder, a file, a symbolic link: replaced, never followed), so new outputs replace the
+    old ones as a whole. The old entry is first renamed to a staging name: a kill in between leaves
+    a leftover that the next run removes, never a mixture of two runs."""
+    old = None
+    if target.is_symlink() or target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-old-", dir=target.parent))
+        os.rmdir(old)
+        os.replace(target, old)
+    os.replace(staging, target)
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
 
 
 @contextmanager

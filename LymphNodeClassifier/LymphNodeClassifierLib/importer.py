@@ -11,14 +11,19 @@ Each CSV row is one case: a CT image and a mask on the same voxel grid (paths in
   (label value 1), however many connected components the mask has: one file = one lesion.
   With `--components` each 26-connected component is its own node, label values 1..n in the
   order of `nodes.extract_nodes` (first voxel in memory order). All nodes of a row get the
-  row's label.
+  row's label. The choice is recorded on each case (`node_definition`: "label_value" when merging,
+  "component" with `--components`), and every command (`classify`, `evaluate`, `train`, ...) follows it.
 - Labels: a `--label-col` value equal to `--positive` is metastatic/malignant (1); one of the
   `--negative` values (repeatable) is benign (0); matching ignores case and surrounding spaces.
-  Any other value, an empty one included, is an unknown label and the row is skipped. Without
-  `--label-col` the nodes are imported unlabelled (`metastatic` null, to be labelled later).
+  Any other value, an empty one included, is an unknown label and the row is skipped; a
+  `--positive` or `--negative` value that matches no row is an error (a typo would otherwise make a
+  dataset without positives). Without `--label-col` the nodes are imported unlabelled (`metastatic`
+  null, to be labelled later).
 - Ids: `case_id` comes from `--case-col` (else the image file name without its extension);
   `patient_id` from `--patient-col` (else the case id: every case its own patient, which a
-  patient-level split cannot then group).
+  patient-level split cannot then group). A case id names the case's output folder later, so one
+  with a path separator, a control character or a leading dot (`../../escaped`) is made safe
+  (`fileio.safe_file_name`: `escaped`) and the table's text kept as `source_case_id`.
 - Files (default: reference): the dataset points at the original images; paths are stored
   relative to the dataset folder (the dataset format's rule), so keep the dataset folder and the
   source folder where they are relative to each other. `--copy` copies the image and mask into
@@ -27,7 +32,8 @@ Each CSV row is one case: a CT image and a mask on the same voxel grid (paths in
   component); otherwise the relabelled map is written to `DATASET/labels/<case>_labels.nrrd`
   (NRRD keeps the grid exactly).
 - Skipped rows, never silently: a missing or unreadable file, an image that is not a usable CT,
-  a mask that is not a label map, an image/mask grid mismatch (`geometry.same_geometry`), an empty
+  a mask that is not a label map, a mask outside the image or, with `--strict-geometry`, on another grid (the `validate` verdicts
+  every command gives; a mask on another grid inside the image is kept and listed as a note), an empty
   mask, an unknown label or a duplicate / empty case id. They are written to
   `DATASET/import_report.csv` (`row`: 1-based data row, the header not counted; `case_id`;
   `reason`) and summarised on stdout.
@@ -58,10 +64,11 @@ import SimpleITK as sitk
 
 from .dataset import _NODE_FIELDS, DATASET_FILE, Dataset, _now_iso
 from .errors import InputError, OneLineArgumentParser
-from .fileio import atomic_path, atomic_write_text
-from .geometry import as_label_pixel_type, check_ct_image, check_label_image, same_geometry
+from .fileio import atomic_path, atomic_write_text, check_writable_folder, name_problem, safe_file_name
+from .geometry import as_label_pixel_type, check_label_image
 from .nodes import NodeInfo, extract_nodes
 from .patches import PatchSpec, fov_scale
+from .validate import InputPolicy, add_input_options, check_ct, labels_on_ct, read_image
 
 REPORT_FILE = "import_report.csv"
 FILE_MODES = ("reference", "copy", "link")
@@ -95,6 +102,7 @@ class ImportResult:
     skipped: list[SkippedRow] = field(default_factory=list)
     nodes: list[ImportedNode] = field(default_factory=list)
     report_path: Path | None = None
+    notes: list[str] = field(default_factory=list)  # e.g. a mask on another grid, resampled onto the CT by every command
 
     def reason_counts(self) -> dict[str, int]:
         """Skip reasons grouped by their kind (the text before the first colon)."""
@@ -176,10 +184,6 @@ def _parse_value(text: str) -> Any:
     return text
 
 
-def _safe_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "case"
-
-
 def _suffix(path: Path) -> str:
     name = path.name.lower()
     for double in _NIFTI_OR_DOUBLE_SUFFIXES:
@@ -202,12 +206,13 @@ class _Skip(Exception):
 
 
 def _read(path: Path, what: str) -> sitk.Image:
-    if not path.is_file():
+    """`validate.read_image` (complete files; an image cell may name a DICOM series folder), as a skip reason."""
+    if not path.exists():
         raise _Skip(f"missing file: the {what} {path} does not exist")
     try:
-        return sitk.ReadImage(str(path))
-    except RuntimeError:
-        raise _Skip(f"unreadable file: the {what} {path} cannot be read as an image") from None
+        return read_image(path, what)
+    except InputError as error:
+        raise _Skip(_reason("incomplete file" if "incomplete" in str(error) else "unreadable file", error)) from None
 
 
 def _reason(kind: str, error: InputError) -> str:
@@ -286,6 +291,7 @@ def import_table(
     merge_components: bool = True,
     files: str = "reference",
     name: str | None = None,
+    policy: InputPolicy = InputPolicy(),
 ) -> ImportResult:
     """Import the rows of `labels_csv` into a new dataset in `out` (see the module docstring).
 
@@ -321,11 +327,10 @@ def import_table(
         raise InputError(f"The label table {labels_csv} has no data rows; add one row per case.")
     consumed = {c for c in (image_col, mask_col, patient_col, case_col) if c is not None}
     extra_columns = [c for c in columns if c not in consumed]
+    if label_col is not None:
+        _check_label_values_occur(rows, label_col, positive, negative)
 
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise InputError(f"Cannot create the dataset folder {out} ({error.strerror}); choose a writable folder.") from None
+    check_writable_folder(out, what="dataset folder")
     generator = {
         "name": "import",
         "labels_csv": str(labels_csv.resolve()),
@@ -334,6 +339,7 @@ def import_table(
         "negative": list(negative), "patient_col": patient_col, "case_col": case_col,
         "merge_components": bool(merge_components), "files": files,
     }
+    node_definition = "label_value" if merge_components else "component"
     dataset = Dataset(out, name=name if name is not None else _stem(labels_csv), created=_now_iso(), generator=generator)
     result = ImportResult(dataset=dataset, rows=len(rows), imported_rows=0)
     used_names: set[str] = set()
@@ -341,6 +347,9 @@ def import_table(
     for number, row in enumerate(rows, start=1):
         image_text, mask_text = row.get(image_col, ""), row.get(mask_col, "")
         case_id = row.get(case_col, "") if case_col is not None else (_stem(Path(image_text)) if image_text else "")
+        source_case_id = case_id
+        if case_id and name_problem(case_id) is not None:
+            case_id = safe_file_name(case_id)
         try:
             if not case_id:
                 raise _Skip("no case id: the case id is empty" if case_col else "no case id: the image cell is empty")
@@ -356,25 +365,35 @@ def import_table(
             mask_path = Path(mask_text) if Path(mask_text).is_absolute() else root / mask_text
             ct = _read(image_path, "image")
             mask = _read(mask_path, "mask")
+            # The verdicts of validate, the same as every later command's (geometry policy, HU).
+            not_hu = False
             try:
-                check_ct_image(ct)
+                check_ct(ct, image_path)
             except InputError as error:
-                raise _Skip(_reason("bad image", error)) from None
-            if not same_geometry(ct, mask):
-                raise _Skip(
-                    f"grid mismatch: the mask's grid (size {mask.GetSize()}, spacing {_fmt(mask.GetSpacing())}, origin {_fmt(mask.GetOrigin())}) "
-                    f"differs from the image's (size {ct.GetSize()}, spacing {_fmt(ct.GetSpacing())}, origin {_fmt(ct.GetOrigin())})"
-                )
+                if not (policy.not_hu_ok and "Hounsfield" in str(error)):
+                    raise _Skip(_reason("bad image", error)) from None
+                not_hu = True  # recorded on the case, so every command accepts it the same way
             label_map, infos, n_components, rewrite = _components(mask, merge_components)
+            try:
+                _, geometry_notes = labels_on_ct(ct, mask, mask_path, policy)
+            except InputError as error:
+                raise _Skip(_reason("outside the CT" if "outside the CT" in str(error) or "overlap" in str(error) else "grid mismatch", error)) from None
+            result.notes.extend(f"row {number} ({case_id}): {note}" for note in geometry_notes)
         except _Skip as skip:
             result.skipped.append(SkippedRow(number, case_id, str(skip)))
             continue
 
-        base = _safe_name(case_id)
+        base = safe_file_name(case_id)
         if base in used_names:
             base = f"{base}_row{number}"
         used_names.add(base)
-        ct_stored = _place(image_path, out / "images", f"{base}_ct{_suffix(image_path)}", files)
+        if image_path.is_dir() and files != "reference":  # a DICOM series is copied as one NRRD volume
+            ct_stored = out / "images" / f"{base}_ct.nrrd"
+            ct_stored.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(ct_stored) as tmp:
+                sitk.WriteImage(ct, str(tmp), True)
+        else:
+            ct_stored = _place(image_path, out / "images", f"{base}_ct{_suffix(image_path)}", files)
         if rewrite:
             labels_stored = out / "labels" / f"{base}_labels.nrrd"
             labels_stored.parent.mkdir(parents=True, exist_ok=True)
@@ -382,7 +401,9 @@ def import_table(
                 sitk.WriteImage(label_map, str(tmp), True)
         else:
             labels_stored = _place(mask_path, out / "images", f"{base}_mask{_suffix(mask_path)}", files)
-        dataset.add_case(case_id, patient_id, ct_stored.absolute(), labels_stored.absolute(), source_row=number)
+        origin = {"source_case_id": source_case_id} if source_case_id != case_id else {}
+        dataset.add_case(case_id, patient_id, ct_stored.absolute(), labels_stored.absolute(), node_definition=node_definition,
+                         source_row=number, **origin, **({"not_hu_ok": True} if not_hu else {}))
         extras = {}
         for column in extra_columns:
             key = f"csv_{column}" if column in _NODE_FIELDS or column in ("source_row", "mask_components") else column
@@ -406,8 +427,13 @@ def import_table(
     return result
 
 
-def _fmt(values: Sequence[float]) -> str:
-    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
+def _check_label_values_occur(rows: Sequence[dict[str, str]], label_col: str, positive: str | None, negative: Sequence[str]) -> None:
+    """Every --positive / --negative value matches at least one row (same matching as `_label_of`)."""
+    seen = {row.get(label_col, "").strip().casefold(): row.get(label_col, "").strip() for row in rows}
+    for option, value in [("--positive", positive)] + [("--negative", value) for value in negative]:
+        if value is not None and value.strip().casefold() not in seen:
+            shown = ", ".join(repr(v) for v in sorted(v for v in seen.values() if v)[:10]) or "none"
+            raise InputError(f"{option} {value!r} matches no row of column '{label_col}' (its values: {shown}); give one of those values.")
 
 
 def _write_report(path: Path, skipped: list[SkippedRow]) -> None:
@@ -449,6 +475,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="copy images and masks into DATASET/images (default: reference the originals by relative path)")
     files.add_argument("--link", dest="files", action="store_const", const="link", help="symbolic links in DATASET/images instead of copies")
     parser.add_argument("--name", default=None, help="dataset name (default: the CSV's file name)")
+    add_input_options(parser)
     return parser
 
 
@@ -458,10 +485,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = import_table(
         args.labels, args.root, args.out, image_col=args.image_col, mask_col=args.mask_col, label_col=args.label_col,
         positive=args.positive, negative=args.negative, patient_col=args.patient_col, case_col=args.case_col,
-        merge_components=args.merge, files=args.files, name=args.name,
+        merge_components=args.merge, files=args.files, name=args.name, policy=InputPolicy.from_args(args),
     )
     for line in result.summary_lines():
         print(line)
+    for note in result.notes:
+        print(f"  note: {note}")
     for skip in result.skipped[:10]:
         print(f"  row {skip.row} ({skip.case_id or 'no id'}): {skip.reason}")
     if len(result.skipped) > 10:

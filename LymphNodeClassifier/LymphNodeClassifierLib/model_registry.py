@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -36,14 +35,13 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError
-from .fileio import atomic_write_json, ensure_folder
+from .fileio import atomic_write_json, ensure_folder, safe_file_name
 
 ENV_VAR = "LYMPHNODECLASSIFIER_MODELS"
 APP_NAME = "LymphNodeClassifier"
 ACTIVE_FILE = "active_model.json"
 MODEL_SUFFIX = ".pt"
 BUNDLED_MODELS_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Models"
-_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,8 +243,7 @@ def _now() -> str:
 
 def safe_name(name: str) -> str:
     """`name` with every character other than letters, digits, '.', '_' and '-' replaced by '-'."""
-    cleaned = _SAFE_NAME.sub("-", str(name)).strip(".-")
-    return cleaned or "model"
+    return safe_file_name(name, replacement="-", fallback="model")
 
 
 def unique_model_path(folder: str | os.PathLike, stem: str) -> Path:
@@ -323,3 +320,33 @@ def install_model(
     if make_active:
         set_active_model(folder, target)
     return target
+
+
+# --------------------------------------------------------------------------------------------
+# a command's --model
+
+
+def bundled_models(bundled_dir: str | os.PathLike | None = BUNDLED_MODELS_DIR) -> dict[str, Path]:
+    """Bundled model name (file stem, e.g. "lung_nodule_lidc") -> its file."""
+    return {path.stem: path for path in sorted(_model_files(Path(bundled_dir) if bundled_dir else None))}
+
+
+def choose_model(choice: str | os.PathLike | None, folder: str | os.PathLike | None = None,
+                 bundled_dir: str | os.PathLike | None = BUNDLED_MODELS_DIR, option: str = "--model") -> Path:
+    """The model file that a command's `--model` means: a model file's path, or a bundled model's
+    name (`lung_nodule_lidc`, `.pt` optional; a file of that path wins); no choice means the active
+    model, else the bundled default (`resolve_model`), as in the Slicer panel."""
+    bundled = bundled_models(bundled_dir)
+    if choice is None or str(choice).strip() == "":
+        path = resolve_model(folder, bundled_dir)
+        if path is None:
+            raise InputError(f"No model is active and the bundled default model is missing; give {option} a model file (.pt) or reinstall the extension.")
+        return path
+    path = Path(choice).expanduser()
+    if path.is_file():
+        return path
+    name = path.name[: -len(MODEL_SUFFIX)] if path.name.endswith(MODEL_SUFFIX) else path.name
+    if str(choice) in (name, name + MODEL_SUFFIX) and name in bundled:
+        return bundled[name]
+    raise InputError(f"{option} {choice}: there is no such file and no bundled model of that name; "
+                     f"give a model file (.pt) or one of: {', '.join(bundled) or '(no bundled models)'}.")

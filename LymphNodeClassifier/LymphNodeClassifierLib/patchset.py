@@ -135,7 +135,7 @@ def data_fingerprint(dataset: Dataset, spec: PatchSpec, window: tuple[float, flo
     cases = []
     for case in dataset.cases:
         entry = [case.case_id, case.patient_id, case.ct, case.labels, case.excluded]
-        if case.node_definition != "label_value":  # the default keeps older fingerprints and caches valid
+        if not case.per_label_value:  # the default (label_value) keeps older fingerprints and caches valid
             entry.append(case.node_definition)
         if not case.excluded:
             entry += _file_stamp(dataset.ct_path(case), case, "CT") + _file_stamp(dataset.labels_path(case), case, "label")
