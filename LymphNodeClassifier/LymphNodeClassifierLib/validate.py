@@ -192,6 +192,8 @@ def check_complete(path: str | os.PathLike, what: str = "CT") -> None:
     path = Path(path)
     name = path.name.lower()
     expected = _expected_bytes(path)
+    if expected is None:
+        return  # no readable header: not an image at all, which the reader itself reports
     if name.endswith(".gz"):
         offset = _nifti_data_offset(path) if name.endswith(".nii.gz") else None
         if expected is not None and offset is not None and _gzip_trailer_size(path) == (offset + expected) % 2**32:

@@ -17,7 +17,7 @@ import vtk
 
 from LymphNodeClassifierLib.errors import InputError
 from LymphNodeClassifierLib.model import LoadedModel, load_model
-from LymphNodeClassifierLib.geometry import prepare_label_image
+from LymphNodeClassifierLib.validate import InputPolicy, labels_on_ct
 from LymphNodeClassifierLib.nodes import NodeInfo, extract_nodes
 from LymphNodeClassifierLib.pipeline import ClassificationResult, StageTimer, classify_images, window_from_card
 from LymphNodeClassifierLib.segfile import (
@@ -85,6 +85,7 @@ class ClassificationLogic:
         gradcam: bool = True,
         progress: ProgressCallback | None = None,
         timer: StageTimer | None = None,
+        policy: InputPolicy = InputPolicy(),
     ) -> ClassificationOutputs:
         """Run the pipeline and create or update the segmentation, table and Grad-CAM nodes.
 
@@ -95,7 +96,8 @@ class ClassificationLogic:
         ct_image, labels_image = self._input_images(ct_volume_node, labels_node)
         scene = ct_volume_node.GetScene()
         model = self.load_model(model_path, device)
-        result = classify_images(ct_image, labels_image, model, with_gradcam=gradcam, timer=timer, progress=progress)
+        # The same input checks as every command (validate: HU, geometry policy); notes/warnings land in the result.
+        result = classify_images(ct_image, labels_image, model, with_gradcam=gradcam, timer=timer, progress=progress, policy=policy)
         if window is not None:
             show_ct_window(ct_volume_node, window)
             model_window = window_from_card(model.card)
@@ -119,8 +121,8 @@ class ClassificationLogic:
     def extract_node_table(self, ct_volume_node, labels_node):
         """The nodes' geometry (no model): volume, centroid, short/long axis, edge flag, in a table node."""
         ct_image, labels_image = self._input_images(ct_volume_node, labels_node)
-        labels_on_ct, _, _ = prepare_label_image(ct_image, labels_image)
-        nodes, _ = extract_nodes(labels_on_ct)
+        labels_image, _ = labels_on_ct(ct_image, labels_image)
+        nodes, _ = extract_nodes(labels_image)
         scene = ct_volume_node.GetScene()
         table_node = self._output_node(scene, ct_volume_node, TABLE_REFERENCE, "vtkMRMLTableNode", "lymph node table")
         fill_node_table(table_node, nodes)
