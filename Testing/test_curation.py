@@ -494,18 +494,259 @@ def test_rebuild_without_journal_and_stale_temporaries(folder, tmp_path):
     assert not stale.exists() and fresh.exists()  # a fresh one may belong to a writer still running
 
 
+def curate(folder: Path, *args: str) -> int:
+    return cli.main(["curate", "--dataset", str(folder), *args])
+
+
 def test_curate_command(folder, capsys):
     with CurationSession(folder, user="dr.b") as session:
         session.set_node_label("P0001-S1", 1, 1, "biopsy")
     expected = manifest(folder)
     (folder / "dataset.json").write_text("{ half")
-    assert cli.main(["curate", "--dataset", str(folder), "--history"]) == 2
+    assert curate(folder, "--note", "x", "--case", "P0001-S1") == 2
     assert "rebuild it from the curation journal" in capsys.readouterr().err
-    assert cli.main(["curate", "--dataset", str(folder), "--rebuild"]) == 0
-    assert manifest(folder) == expected
-    assert cli.main(["curate", "--dataset", str(folder), "--history"]) == 0
+    assert curate(folder, "--history") == 0  # the history needs the journal only (and no lock: works beside an open session)
+    assert "dr.b: P0001-S1 node 1 metastatic 0 -> 1 (biopsy) [adjudicated by dr.b]" in capsys.readouterr().out
+    assert curate(folder, "--rebuild") == 0
     out = capsys.readouterr().out
-    assert "dr.b: P0001-S1 node 1 metastatic 0 -> 1 (biopsy)" in out
+    assert manifest(folder) == expected
+    kept = list(folder.glob("dataset.json.unreadable-*"))
+    assert len(kept) == 1 and kept[0].read_text() == "{ half" and str(kept[0]) in out  # a broken hand edit is kept, not lost
+
+
+def test_curate_edits_from_the_command_line(folder, capsys):
+    assert curate(folder, "--read", "benign", "--case", "P0001-S1", "--node", "2", "--reader", "dr.a") == 0
+    assert curate(folder, "--read", "m", "--case", "P0001-S1", "--node", "2", "--reader", "dr.b", "--reason", "spiculated") == 0
+    assert curate(folder, "--read", "1", "--case", "P0001-S1", "--node", "2", "--reader", "dr.c") == 0
+    assert curate(folder, "--relabel", "benign", "--case", "P0002-S1", "--node", "5", "--reason", "biopsy", "--reader", "dr.chief") == 0
+    assert curate(folder, "--exclude", "--case", "P0001-S1", "--node", "5", "--reason", "motion", "--reader", "dr.a") == 0
+    assert curate(folder, "--exclude", "--case", "P0001-S2", "--reason", "duplicate series") == 0
+    assert curate(folder, "--include", "--case", "P0001-S2", "--reason", "not a duplicate") == 0
+    assert curate(folder, "--note", "check the hilum", "--case", "P0002-S1", "--node", "1", "--reader", "dr.b") == 0
+    assert curate(folder, "--note", "late phase", "--case", "P0002-S1") == 0
+    out = capsys.readouterr().out
+    assert "dr.c: P0001-S1 node 2 read None -> 1 [dataset label 1: majority of 3 readers]" in out
+    assert "dr.chief: P0002-S1 node 5 metastatic 0 -> 0" not in out and "nothing changed" in out  # node 5 (index 2) is benign already
+    lines = journal_lines(folder)[1:]
+    got = [(line["user"], line["target"]["case_id"], line["target"]["label_value"], line["field"], line["old"], line["new"], line["reason"])
+           for line in lines]
+    me = getpass.getuser()
+    assert got == [
+        ("dr.a", "P0001-S1", 2, "read", None, 0, ""),
+        ("dr.b", "P0001-S1", 2, "read", None, 1, "spiculated"),
+        ("dr.c", "P0001-S1", 2, "read", None, 1, ""),
+        ("dr.a", "P0001-S1", 5, "excluded", False, True, "motion"),
+        (me, "P0001-S2", None, "excluded", False, True, "duplicate series"),
+        (me, "P0001-S2", None, "excluded", True, False, "not a duplicate"),
+        ("dr.b", "P0002-S1", 1, "note", "", "check the hilum", ""),
+        (me, "P0002-S1", None, "note", "", "late phase", ""),
+    ]
+    data = manifest(folder)
+    assert node_of(data, "P0001-S1", 2)["reads"] == {"dr.a": 0, "dr.b": 1, "dr.c": 1} and node_of(data, "P0001-S1", 2)["metastatic"] == 1
+    assert node_of(data, "P0001-S1", 5)["exclude_reason"] == "motion" and case_of(data, "P0002-S1")["note"] == "late phase"
+    assert data == oracle(journal_lines(folder))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--exclude", "--case", "P0001-S1", "--node", "1"], "Give a reason"),
+        (["--read", "benign", "--case", "P0001-S1"], "add --node"),
+        (["--relabel", "maybe", "--case", "P0001-S1", "--node", "1"], "'maybe' is not a label"),
+        (["--relabel", "1", "--node", "1"], "needs --case"),
+        (["--relabel", "1", "--case", "P0001-S1", "--node", "x"], "invalid int value"),
+        (["--relabel", "1", "--case", "P0001-S1", "--node", "9"], "no node 9"),
+        (["--note", "x", "--case", "P0001-S1", "--top", "3"], "--top does not go with --note"),
+        (["--history", "--predictions", "p.csv"], "--predictions does not go with --history"),
+        (["--apply-suggestions", "s.csv"], "needs --top"),
+        (["--read", "b", "--case", "P0001-S1", "--node", "1", "--reader", " "], "name is empty"),
+        (["--relabel", "1", "--exclude", "--case", "P0001-S1"], "not allowed with argument"),
+    ],
+)
+def test_curate_bad_options_are_one_line_and_write_nothing(folder, capsys, args, message):
+    assert curate(folder, "--note", "first", "--case", "P0001-S1") == 0  # a journal exists
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    capsys.readouterr()
+    assert curate(folder, *args) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and captured.err.count("\n") == 1 and captured.err.startswith("error: ") and captured.out == ""
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
+
+
+SUSPECT_COLUMNS = ["rank", "case_id", "patient_id", "label_value", "given_label", "oof_probability", "suspicion", "cleanlab_issue",
+                   "suggested_label", "fold", "true_label", "label_flipped"]  # what `suspects` writes (suspects.CSV_COLUMNS)
+
+
+def write_suspects(path: Path, rows: list[tuple]) -> None:
+    """rows: (rank, case_id, label_value, given_label, suggested_label), in any order."""
+    lines = [",".join(SUSPECT_COLUMNS)]
+    for rank, case_id, value, given, suggested in rows:
+        lines.append(f"{rank},{case_id},{case_id.split('-')[0]},{value},{given},0.5,0.9,True,{suggested},0,,")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_apply_suggestions_of_the_top_k(folder, capsys):
+    with CurationSession(folder, user="u") as session:
+        session.set_node_label("P0002-S1", 2, None)  # relabelled after the ranking (ranked as 1)
+        session.exclude_node("P0001-S2", 1, "artefact")
+    # node labels: value 1 -> 0, 2 -> 1, 5 -> 0 (make_dataset)
+    write_suspects(folder / "suspects.csv", [
+        (3, "P0002-S1", 2, 1, 0),  # relabelled since the ranking: left alone
+        (8, "P0002-S1", 5, 1, 0),  # ranked as 1 but 0 now, and 0 is the suggestion: already done (beyond the top 5)
+        (1, "P0001-S1", 2, 1, 0),
+        (2, "P0001-S2", 1, 0, 1),  # excluded: left alone
+        (5, "P0001-S1", 5, 0, 1),
+        (4, "P0002-S1", 1, 0, 0),  # already has the suggested label
+        (6, "P0001-S2", 5, 0, 1),  # beyond the top 5
+        (7, "P9999-S1", 1, 0, 1),  # not in the dataset, but beyond the top 5: harmless
+    ])
+    assert curate(folder, "--apply-suggestions", str(folder / "suspects.csv"), "--top", "5", "--reader", "dr.s") == 0
+    out = capsys.readouterr().out
+    assert "relabelled 2 of the top 5 suspects" in out and "rank 3: P0002-S1 node 2 left as it is (relabelled since the ranking" in out
+    edits = [line for line in journal_lines(folder) if line["user"] == "dr.s"]
+    assert [(e["target"]["case_id"], e["target"]["label_value"], e["old"], e["new"], e["reason"], e["label_source"]) for e in edits] == [
+        ("P0001-S1", 2, 1, 0, "suspects rank 1", "adjudicated by dr.s"),
+        ("P0001-S1", 5, 0, 1, "suspects rank 5", "adjudicated by dr.s"),
+    ]
+    data = manifest(folder)
+    assert node_of(data, "P0001-S2", 1)["metastatic"] == 0 and node_of(data, "P0001-S2", 5)["metastatic"] == 0
+    assert node_of(data, "P0002-S1", 2)["metastatic"] is None
+    capsys.readouterr()
+    assert curate(folder, "--apply-suggestions", str(folder / "suspects.csv"), "--top", "8", "--reader", "dr.s") == 2  # rank 7 is unknown
+    write_suspects(folder / "later.csv", [(1, "P0002-S1", 5, 1, 0)])
+    assert curate(folder, "--apply-suggestions", str(folder / "later.csv"), "--top", "3") == 0
+    assert "rank 1: P0002-S1 node 5 left as it is (already labelled 0)" in capsys.readouterr().out
+    assert data == oracle(journal_lines(folder))
+    # a node the dataset lacks inside the top K: one line, and nothing is changed (not even the nodes before it)
+    journal = (folder / JOURNAL_FILE).read_bytes()
+    assert curate(folder, "--apply-suggestions", str(folder / "suspects.csv"), "--top", "7") == 2
+    assert "ranks as 7 node 1 of case 'P9999-S1', which the dataset does not have" in capsys.readouterr().err
+    assert (folder / JOURNAL_FILE).read_bytes() == journal
+    write_suspects(folder / "bad.csv", [(1, "P0001-S1", 1, 0, 2)])
+    assert curate(folder, "--apply-suggestions", str(folder / "bad.csv"), "--top", "1") == 2
+    assert "suggests the label 2" in capsys.readouterr().err
+    assert curate(folder, "--apply-suggestions", str(folder / "missing.csv"), "--top", "1") == 2
+    assert "run the suspects command first" in capsys.readouterr().err
+    assert curate(folder, "--apply-suggestions", str(folder / "suspects.csv"), "--top", "0") == 2
+    assert (folder / JOURNAL_FILE).read_bytes() == journal
+
+
+def hand_edit(folder: Path, change) -> None:
+    data = manifest(folder)
+    change(data)
+    (folder / "dataset.json").write_text(json.dumps(data, indent=1))
+
+
+def test_rebuild_journals_hand_edits_instead_of_dropping_them(folder, capsys):
+    with CurationSession(folder, user="dr.a") as session:
+        session.set_node_note("P0001-S1", 1, "from the session")
+        session.read_node("P0001-S1", 2, 0)
+
+    def by_hand(data):
+        node_of(data, "P0002-S1", 2)["metastatic"] = 0
+        node_of(data, "P0001-S2", 5).update(excluded=True, exclude_reason="calcified")
+        case_of(data, "P0002-S1")["note"] = "typed into the file"
+
+    hand_edit(folder, by_hand)
+    expected = manifest(folder)
+    assert curate(folder, "--rebuild") == 0
+    out = capsys.readouterr().out
+    assert "kept 4 change(s) made to dataset.json by hand" in out and "P0002-S1 node 2 metastatic 1 -> 0" in out and "case P0002-S1 note '' -> 'typed into the file'" in out
+    data = manifest(folder)
+    node_of(expected, "P0002-S1", 2)["label_source"] = "adjudicated by hand edit of dataset.json"  # the label now says how it was set
+    assert data == expected
+    lines = journal_lines(folder)
+    hand = [line for line in lines if line["user"] == "hand edit of dataset.json"]
+    assert sorted((line["field"], line["new"]) for line in hand) == [("excluded", True), ("metastatic", 0), ("note", "typed into the file")]
+    assert next(line for line in hand if line["field"] == "excluded")["reason"] == "calcified"
+    assert data == oracle(lines) == rebuild_manifest(folder).to_dict()  # and a second rebuild finds nothing new
+    assert len(journal_lines(folder)) == len(lines)
+    assert curate(folder, "--history", "--case", "P0002-S1") == 0
+    assert "hand edit of dataset.json: P0002-S1 node 2 metastatic 1 -> 0" in capsys.readouterr().out
+
+    # a hand edit that is not a field edit (a case added) is kept whole, as a snapshot line
+    def add_case(data):
+        data["cases"].append({"case_id": "P0003-S1", "patient_id": "P0003", "ct": "images/c.nrrd", "labels": "images/l.nrrd"})
+        data["nodes"].append({"case_id": "P0003-S1", "label_value": 4, "metastatic": 1})
+        node_of(data, "P0001-S1", 1)["note"] = "changed as well"
+
+    hand_edit(folder, add_case)
+    assert curate(folder, "--rebuild") == 0
+    out = capsys.readouterr().out
+    assert "case P0003-S1 added" in out and "P0003-S1 node 4 added" in out and "P0001-S1 node 1 note" in out
+    data = manifest(folder)
+    assert node_of(data, "P0003-S1", 4)["metastatic"] == 1 and node_of(data, "P0001-S1", 1)["note"] == "changed as well"
+    lines = journal_lines(folder)
+    assert lines[-1]["field"] == "manifest" and lines[-1]["new"] == data == oracle(lines)
+
+
+def test_rebuild_after_a_crash_adds_nothing(folder):
+    with CurationSession(folder, user="u") as session:
+        session.set_node_note("P0001-S1", 1, "first")
+        before = (folder / "dataset.json").read_bytes()
+        session.set_node_note("P0001-S1", 1, "second")
+    (folder / "dataset.json").write_bytes(before)  # killed between the journal line and the manifest write
+    lines = journal_lines(folder)
+    assert node_of(rebuild_manifest(folder).to_dict(), "P0001-S1", 1)["note"] == "second"
+    assert journal_lines(folder) == lines  # the lagging manifest is not taken for a hand edit
+
+
+def test_session_journals_hand_edits_as_edits(folder):
+    with CurationSession(folder, user="u") as session:
+        session.set_node_note("P0001-S1", 1, "a")
+    hand_edit(folder, lambda data: node_of(data, "P0001-S1", 1).update(metastatic=1))
+    with CurationSession(folder, user="u") as session:
+        assert session.recovered == "rebased" and session.outside_changes == ["P0001-S1 node 1 metastatic 0 -> 1"]
+        assert session.label_source("P0001-S1", 1) == "adjudicated by hand edit of dataset.json"
+        # and while a session is open
+        hand_edit(folder, lambda data: case_of(data, "P0002-S1").update(note="by hand"))
+        session.set_node_note("P0001-S1", 2, "b")
+    lines = journal_lines(folder)
+    assert [(line["user"], line["field"]) for line in lines[2:]] == [
+        ("hand edit of dataset.json", "metastatic"), ("hand edit of dataset.json", "note"), ("u", "note")]
+    assert manifest(folder) == oracle(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# a reader that stops reading: `curate --history | head -1`
+
+
+@pytest.fixture()
+def long_history(folder) -> Path:
+    with CurationSession(folder, user="u") as session:
+        for i in range(80):  # ~2 kB a line: far more than a pipe's buffer (64 kB), so the writer meets the closed pipe
+            session.set_node_note(CASES[i % 3], LABELS[i % 3], f"note {i} " + "x" * 2000)
+    return folder
+
+
+def cli_env() -> dict:
+    return dict(os.environ, PYTHONPATH=str(MODULE_DIR) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def test_history_into_a_closed_pipe_gives_no_traceback(long_history):
+    writer = subprocess.Popen([sys.executable, "-m", "LymphNodeClassifierLib", "curate", "--dataset", str(long_history), "--history"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env())
+    first = writer.stdout.readline()
+    writer.stdout.close()  # what `head -1` does after its line
+    stderr = writer.stderr.read().decode()
+    writer.wait(timeout=60)
+    assert b"u: P0001-S1 node 1 note '' -> 'note 0 x" in first
+    assert stderr == "" and writer.returncode not in (0, 1, 2)  # quiet, and not "success" for a truncated listing
+
+
+def test_history_piped_to_head_in_a_shell(long_history, tmp_path):
+    command = f"{sys.executable} -m LymphNodeClassifierLib curate --dataset {long_history} --history | head -1"
+    done = subprocess.run(["bash", "-c", command], capture_output=True, env=cli_env(), timeout=60)
+    assert done.returncode == 0 and done.stderr == b""
+    assert done.stdout.count(b"\n") == 1 and b"note 0" in done.stdout
+    short = tmp_path / "short"  # a history that fits in the pipe's buffer: the error would come at exit, when Python flushes
+    make_dataset(short)
+    with CurationSession(short, user="u") as session:
+        session.set_node_note("P0001-S1", 1, "one")
+        session.set_node_note("P0001-S1", 1, "two")
+    done = subprocess.run(["bash", "-c", f"{sys.executable} -m LymphNodeClassifierLib curate --dataset {short} --history | (sleep 0; exec 0<&-)"],
+                          capture_output=True, env=cli_env(), timeout=60)
+    assert done.stderr == b""
 
 
 # --------------------------------------------------------------------------------------------

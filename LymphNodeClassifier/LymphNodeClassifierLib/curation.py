@@ -74,10 +74,13 @@ one dict per problem, ready for a list in the GUI.
 
 from __future__ import annotations
 
+import argparse
 import copy
+import csv
 import getpass
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -85,7 +88,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .dataset import DATASET_FILE, CaseRecord, Dataset, NodeRecord
-from .errors import InputError
+from .errors import InputError, OneLineArgumentParser
 from .fileio import atomic_write_bytes, atomic_write_text
 
 JOURNAL_FILE = "journal.jsonl"
@@ -507,7 +510,7 @@ class CurationSession:
     def __init__(self, dataset_folder: str | os.PathLike, user: str | None = None) -> None:
         self.user = _default_user() if user is None else _text(user, "user name").strip()
         if not self.user:
-            raise InputError("The user name is empty; pass the curator's name or leave it out to use the login name.")
+            raise InputError("The user name is empty; pass the reader's name or leave it out to use the login name.")
         folder = Path(dataset_folder)
         if folder.name == DATASET_FILE:
             folder = folder.parent
@@ -761,18 +764,7 @@ class CurationSession:
 
     def history(self, case_id: str | None = None, label_value: int | None = None) -> list[dict]:
         """The journal's edit lines (oldest first), optionally of one case (and one of its nodes)."""
-        entries, _, _ = read_journal(self.folder)
-        out = []
-        for entry in entries:
-            target = entry["target"]
-            if target is None:
-                continue
-            if case_id is not None and target["case_id"] != case_id:
-                continue
-            if label_value is not None and target["label_value"] != label_value:
-                continue
-            out.append(entry)
-        return out
+        return journal_history(self.folder, case_id, label_value)
 
     def _check_open(self) -> None:
         if self._lock._handle is None:
@@ -786,6 +778,100 @@ class CurationSession:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def journal_history(dataset_folder: str | os.PathLike, case_id: str | None = None, label_value: int | None = None) -> list[dict]:
+    """The journal's edit lines (oldest first), optionally of one case (and one of its nodes).
+
+    Reads the journal only (no lock), so it works while a session (the panel, the station) is open.
+    """
+    out = []
+    for entry in read_journal(dataset_folder)[0]:
+        target = entry["target"]
+        if target is None:
+            continue
+        if case_id is not None and target["case_id"] != case_id:
+            continue
+        if label_value is not None and target["label_value"] != label_value:
+            continue
+        out.append(entry)
+    return out
+
+
+def format_entry(entry: dict) -> str:
+    """One journal line as text: seq, time, who: what field old -> new (why) [how the label was decided]."""
+    target = entry["target"]
+    what = target["case_id"] + ("" if target["label_value"] is None else f" node {target['label_value']}")
+    why = f" ({entry['reason']})" if entry["reason"] else ""
+    if entry["field"] == "read":
+        label = f" [dataset label {entry['label']!r}: {entry[SOURCE_KEY]}]"
+    else:
+        label = f" [{entry[SOURCE_KEY]}]" if SOURCE_KEY in entry else ""
+    return f"{entry['seq']:>6} {entry['time']} {entry['user']}: {what} {entry['field']} {entry['old']!r} -> {entry['new']!r}{why}{label}"
+
+
+# --------------------------------------------------------------------------------------------
+# suspect suggestions
+
+
+def apply_suggestions(session: CurationSession, suspects_csv: str | os.PathLike, top: int, reader: str | None = None) -> list[dict]:
+    """Set the suggested label of the `top` highest-ranked nodes of a suspects.csv (`suspects`
+    command), each an adjudication journalled with the reason "suspects rank N".
+
+    The whole list is checked before any edit (a node the dataset does not have is an error). A
+    node is left as it is, and says why, when it is excluded, already has the suggested label, or
+    was relabelled since the ranking (its label is no longer the list's `given_label`). Returns one
+    dict per row taken: `rank`, `case_id`, `label_value`, `suggested_label`, `entry` (the journal
+    line, or None) and `skipped` (why not, or "").
+    """
+    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+        raise InputError(f"--top {top!r} must be a whole number of at least 1 (how many of the most suspect nodes to relabel).")
+    path = Path(suspects_csv)
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader_ = csv.DictReader(handle)
+            columns = set(reader_.fieldnames or [])
+            records = list(reader_)
+    except FileNotFoundError:
+        raise InputError(f"The suspects list {path} does not exist; run the suspects command first (suspects --dataset D --out D).") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise InputError(f"Cannot read the suspects list {path} ({error}); run the suspects command again.") from None
+    missing = {"rank", "case_id", "label_value", "given_label", "suggested_label"} - columns
+    if missing:
+        raise InputError(f"{path} has no {', '.join(sorted(missing))} column; pass a suspects.csv written by the suspects command.")
+    rows = []
+    for number, record in enumerate(records, start=2):
+        try:
+            row = {"rank": int(record["rank"]), "case_id": record["case_id"], "label_value": int(record["label_value"]),
+                   "given_label": int(record["given_label"]), "suggested_label": int(record["suggested_label"])}
+        except (TypeError, ValueError):
+            raise InputError(f"Row {number} of {path} has no whole-number rank, label_value, given_label or suggested_label; run the suspects command again.") from None
+        if row["suggested_label"] not in (0, 1):
+            raise InputError(f"Row {number} of {path} suggests the label {row['suggested_label']}; a label is 0 or 1: run the suspects command again.")
+        rows.append(row)
+    rows = sorted(rows, key=lambda row: row["rank"])[:top]
+    for row in rows:  # every node first: nothing is changed when one of them is not in the dataset
+        try:
+            session.dataset.node(row["case_id"], row["label_value"])
+        except InputError:
+            raise InputError(
+                f"{path} ranks as {row['rank']} node {row['label_value']} of case '{row['case_id']}', which the dataset does not have; "
+                "run the suspects command again on this dataset."
+            ) from None
+    out = []
+    for row in rows:
+        node = session.dataset.node(row["case_id"], row["label_value"])
+        skipped = ""
+        if node.excluded or session.dataset.case(node.case_id).excluded:
+            skipped = "excluded"
+        elif node.metastatic == row["suggested_label"]:
+            skipped = f"already labelled {row['suggested_label']}"
+        elif node.metastatic != row["given_label"]:
+            skipped = f"relabelled since the ranking (ranked as {row['given_label']}, now {node.metastatic!r})"
+        entry = None if skipped else session.set_node_label(
+            node.case_id, node.label_value, row["suggested_label"], f"suspects rank {row['rank']}", reader=reader)
+        out.append({**{key: row[key] for key in ("rank", "case_id", "label_value", "suggested_label")}, "entry": entry, "skipped": skipped})
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -826,35 +912,153 @@ def review_list(dataset: Dataset, progress: Callable[[int, int], None] | None = 
 # command line
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`curate --dataset DIR (--rebuild | --review | --history [--case ID])`."""
-    import argparse
+LABEL_WORDS = {"metastatic": 1, "m": 1, "1": 1, "benign": 0, "b": 0, "0": 0, "none": None, "unlabelled": None}
 
-    parser = argparse.ArgumentParser(prog="curate", description="Curation journal tools: rebuild dataset.json, list cases to review, show the edit history.")
+
+def _label_word(text: str, option: str, allow_none: bool) -> int | None:
+    words = [word for word, value in LABEL_WORDS.items() if allow_none or value is not None]
+    try:
+        value = LABEL_WORDS[text.strip().lower()]
+    except KeyError:
+        value = -1
+    if value == -1 or (value is None and not allow_none):
+        raise InputError(f"{option} {text!r} is not a label; use one of: {', '.join(words)}.")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineArgumentParser(
+        prog="curate",
+        description="Journalled curation of a dataset from the command line: edits (with the reader's name), suspect suggestions, "
+                    "the readers' agreement, the edit history, the review list and dataset.json rebuilt from the journal.",
+    )
     parser.add_argument("--dataset", required=True, help="dataset folder (with dataset.json / journal.jsonl)")
     action = parser.add_mutually_exclusive_group(required=True)
-    action.add_argument("--rebuild", action="store_true", help="rewrite dataset.json from the journal alone")
-    action.add_argument("--review", action="store_true", help="list the problems the automatic checks find")
+    action.add_argument("--relabel", metavar="LABEL", help="set the dataset label of --case/--node (metastatic, benign or none): an adjudication")
+    action.add_argument("--read", metavar="LABEL", help="record --reader's read of --case/--node (metastatic or benign; none withdraws it); "
+                                                         "the dataset label follows the readers (one alone, several by majority)")
+    action.add_argument("--exclude", action="store_true", help="exclude --case, or its --node, with --reason")
+    action.add_argument("--include", action="store_true", help="include --case, or its --node, again")
+    action.add_argument("--note", metavar="TEXT", help="set the note of --case, or of its --node ('' clears it)")
+    action.add_argument("--apply-suggestions", metavar="SUSPECTS_CSV", help="set the suggested labels of the --top K nodes of a suspects.csv")
+    action.add_argument("--agreement", action="store_true", help="Cohen's kappa between the readers and between the model and each reader; "
+                                                                 "writes agreement.json and disagreements.csv")
     action.add_argument("--history", action="store_true", help="print the journal's edits (who, when, old -> new, why)")
-    parser.add_argument("--case", help="with --history: only this case")
-    args = parser.parse_args(argv)
-    if args.rebuild:
-        dataset = rebuild_manifest(args.dataset)
+    action.add_argument("--review", action="store_true", help="list the problems the automatic checks find")
+    action.add_argument("--rebuild", action="store_true", help="rewrite dataset.json from the journal (hand edits in it are journalled first)")
+    parser.add_argument("--case", help="the case to edit; with --history: only this case")
+    parser.add_argument("--node", type=int, metavar="LABEL_VALUE", help="the node (its value in the label map) of --case to edit")
+    parser.add_argument("--reason", default="", help="why (required with --exclude); goes into the journal")
+    parser.add_argument("--reader", help="the reader's name on the edits (default: the login name)")
+    parser.add_argument("--top", type=int, metavar="K", help="with --apply-suggestions: how many of the most suspect nodes")
+    parser.add_argument("--predictions", help="with --agreement: the model's predictions (evaluate's predictions.csv or classify --dataset's nodes.csv)")
+    parser.add_argument("--threshold", type=float, help="with --agreement: metastatic when probability >= this (default: the table's "
+                                                        "prediction column, else 0.5)")
+    parser.add_argument("--out", help="with --agreement: folder for agreement.json and disagreements.csv (default: the dataset folder)")
+    return parser
+
+
+_OPTION_ACTIONS = {  # option -> the actions it goes with
+    "case": ("relabel", "read", "exclude", "include", "note", "history"), "node": ("relabel", "read", "exclude", "include", "note", "history"),
+    "reason": ("relabel", "read", "exclude", "include"), "reader": ("relabel", "read", "exclude", "include", "note", "apply_suggestions"),
+    "top": ("apply_suggestions",), "predictions": ("agreement",), "threshold": ("agreement",), "out": ("agreement",),
+}
+_NODE_ACTIONS = ("relabel", "read")
+
+
+def _check_options(args) -> str:
+    """The action chosen; one line for an option that does not go with it or a missing target."""
+    actions = ("relabel", "read", "exclude", "include", "note", "apply_suggestions", "agreement", "history", "review", "rebuild")
+    chosen = next(name for name in actions if getattr(args, name) not in (None, False))
+    flag = "--" + chosen.replace("_", "-")
+    for option, allowed in _OPTION_ACTIONS.items():
+        if getattr(args, option) not in (None, "") and chosen not in allowed:
+            raise InputError(f"--{option} does not go with {flag}; see `curate --help`.")
+    if chosen in _NODE_ACTIONS + ("exclude", "include", "note") and args.case is None:
+        raise InputError(f"{flag} needs --case (and --node for a node); see `curate --help`.")
+    if chosen in _NODE_ACTIONS and args.node is None:
+        raise InputError(f"{flag} labels a node: add --node LABEL_VALUE; see `curate --help`.")
+    if chosen == "history" and args.node is not None and args.case is None:
+        raise InputError("--history --node needs --case; see `curate --help`.")
+    if chosen == "apply_suggestions" and args.top is None:
+        raise InputError("--apply-suggestions needs --top K (how many of the most suspect nodes to relabel); see `curate --help`.")
+    return chosen
+
+
+def _edit(session: CurationSession, chosen: str, args) -> dict | None:
+    case_id, value, reader = args.case, args.node, args.reader
+    if chosen == "relabel":
+        return session.set_node_label(case_id, value, _label_word(args.relabel, "--relabel", True), args.reason, reader=reader)
+    if chosen == "read":
+        return session.read_node(case_id, value, _label_word(args.read, "--read", True), reader=reader, reason=args.reason)
+    if chosen == "exclude":
+        if value is None:
+            return session.exclude_case(case_id, args.reason, reader=reader)
+        return session.exclude_node(case_id, value, args.reason, reader=reader)
+    if chosen == "include":
+        if value is None:
+            return session.include_case(case_id, args.reason, reader=reader)
+        return session.include_node(case_id, value, args.reason, reader=reader)
+    if value is None:
+        return session.set_case_note(case_id, args.note, reader=reader)
+    return session.set_node_note(case_id, value, args.note, reader=reader)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`curate --dataset DIR <action> [options]` (`curate --help` lists them)."""
+    args = build_parser().parse_args(argv)
+    chosen = _check_options(args)
+    if chosen == "rebuild":
+        result = rebuild(args.dataset)
+        if result.kept_unreadable is not None:
+            print(f"note: the unreadable dataset.json was kept as {result.kept_unreadable}")
+        if result.hand_edits:
+            print(f"kept {len(result.hand_edits)} change(s) made to dataset.json by hand, journalled first: {'; '.join(result.hand_edits)}")
+        dataset = result.dataset
         print(f"rebuilt {dataset.path} from {JOURNAL_FILE}: {len(dataset.cases)} cases, {len(dataset.nodes)} nodes")
-        return 0
-    with CurationSession(args.dataset) as session:
-        if session.recovered:
-            print(f"note: {session.recovered}")
-        if args.history:
-            for entry in session.history(args.case):
-                target = entry["target"]
-                what = target["case_id"] + ("" if target["label_value"] is None else f" node {target['label_value']}")
-                why = f" ({entry['reason']})" if entry["reason"] else ""
-                print(f"{entry['seq']:>6} {entry['time']} {entry['user']}: {what} {entry['field']} {entry['old']!r} -> {entry['new']!r}{why}")
-            return 0
-        dataset = session.dataset
-    rows = review_list(dataset)
-    for row in rows:
-        print(f"{'[excluded] ' if row['excluded'] else ''}{row['message']}")
-    print(f"{len({row['case_id'] for row in rows})} of {len(dataset.cases)} cases to review ({len(rows)} problems)")
+    elif chosen == "history":
+        for entry in journal_history(_dataset_folder(args.dataset), args.case, args.node):
+            print(format_entry(entry))
+    elif chosen == "agreement":
+        from .agreement import agreement_report, read_predictions, report_lines, write_agreement
+
+        if args.predictions is None and args.threshold is not None:
+            raise InputError("--threshold needs --predictions (the model's probabilities); see `curate --help`.")
+        folder = _dataset_folder(args.dataset)
+        model = read_predictions(args.predictions, args.threshold) if args.predictions else (None, None, None)
+        report, disagreements = agreement_report(Dataset.load(folder), *model)
+        paths = write_agreement(report, disagreements, folder if args.out is None else args.out)
+        for line in report_lines(report):
+            print(line)
+        print(f"wrote {paths[0]} and {paths[1]}")
+    else:
+        with CurationSession(args.dataset, user=args.reader) as session:
+            if session.recovered:
+                print(f"note: {session.recovered}" + (f" ({'; '.join(session.outside_changes)})" if session.outside_changes else ""))
+            if chosen == "review":
+                dataset = session.dataset
+            elif chosen == "apply_suggestions":
+                results = apply_suggestions(session, args.apply_suggestions, args.top, reader=args.reader)
+                for row in results:
+                    print(format_entry(row["entry"]) if row["entry"] else f"rank {row['rank']}: {row['case_id']} node {row['label_value']} "
+                                                                          f"left as it is ({row['skipped']})")
+                print(f"relabelled {sum(row['entry'] is not None for row in results)} of the top {len(results)} suspects")
+            else:
+                entry = _edit(session, chosen, args)
+                print(format_entry(entry) if entry else "nothing changed: the dataset already says so")
+        if chosen == "review":
+            rows = review_list(dataset)
+            for row in rows:
+                print(f"{'[excluded] ' if row['excluded'] else ''}{row['message']}")
+            print(f"{len({row['case_id'] for row in rows})} of {len(dataset.cases)} cases to review ({len(rows)} problems)")
+    sys.stdout.flush()  # a closed pipe (`| head -1`) shows here, inside the command, where cli.exit_code handles it
     return 0
+
+
+def _dataset_folder(path: str) -> Path:
+    folder = Path(path)
+    if folder.name == DATASET_FILE:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise InputError(f"The dataset folder {folder} does not exist; choose a folder with a dataset.json.")
+    return folder
