@@ -6,6 +6,7 @@ module checks what it can see (channels, size, value range) and refuses anything
 
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -65,13 +66,24 @@ def deterministic() -> Iterator[None]:
     enabled = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     cudnn_benchmark = torch.backends.cudnn.benchmark
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    _set_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = False
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+        _set_deterministic_algorithms(enabled, warn_only=warn_only)
         torch.backends.cudnn.benchmark = cudnn_benchmark
+
+
+def _set_deterministic_algorithms(mode: bool, warn_only: bool) -> None:
+    # torch.use_deterministic_algorithms also sets Inductor's config, importing torch._inductor
+    # (dynamo, sympy): 1-3 s, most of a fresh process's first classification. Nothing here
+    # compiles with Inductor, so set only the ATen flag unless Inductor is loaded already.
+    setter = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if setter is None or "torch._inductor" in sys.modules:
+        torch.use_deterministic_algorithms(mode, warn_only=warn_only)
+    else:
+        setter(mode, warn_only=warn_only)
 
 
 def predict_logits(loaded_model: LoadedModel, patches: np.ndarray, batch_size: int = 32) -> np.ndarray:
