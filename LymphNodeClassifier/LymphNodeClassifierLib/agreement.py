@@ -19,7 +19,6 @@ probability >= 0.5; a node with several rows (components of one label value) tak
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import warnings
@@ -29,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import cohen_kappa_score
 
-from .curation import label_source, node_reads
+from .curation import label_source, node_reads, read_table
 from .dataset import Dataset
 from .errors import InputError
 from .fileio import atomic_write_json, atomic_write_text, csv_text, ensure_folder
@@ -47,21 +46,13 @@ def read_predictions(path: str | os.PathLike, threshold: float | None = None) ->
     """(model label per node, probability per node where the table has one, a description) from a
     predictions table with `case_id`, `label_value` and `probability` and / or `prediction`."""
     path = Path(path)
-    try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            columns = set(reader.fieldnames or [])
-            rows = list(reader)
-    except FileNotFoundError:
-        raise InputError(f"The predictions file {path} does not exist; pass evaluate's predictions.csv or classify --dataset's nodes.csv.") from None
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
-        raise InputError(f"Cannot read the predictions file {path} ({error}); pass a CSV file.") from None
     if threshold is not None and not (math.isfinite(threshold) and 0.0 < threshold < 1.0):
         raise InputError(f"--threshold {threshold} is not a probability between 0 and 1; pass e.g. 0.5.")
-    use_prediction = threshold is None and "prediction" in columns
-    needed = {"case_id", "label_value", "prediction" if use_prediction else "probability"}
-    if not needed <= columns:
-        raise InputError(f"{path} has no {', '.join(sorted(needed - columns))} column; pass evaluate's predictions.csv or classify --dataset's nodes.csv.")
+    fix = "pass evaluate's predictions.csv or classify --dataset's nodes.csv"
+    rows = read_table(path, "predictions file", {"case_id", "label_value"}, fix)
+    use_prediction = threshold is None and bool(rows) and "prediction" in rows[0]
+    if rows and ("prediction" if use_prediction else "probability") not in rows[0]:
+        raise InputError(f"The predictions file {path} has no probability column; {fix}.")
     labels: dict[Key, int] = {}
     probabilities: dict[Key, float] = {}
     for number, row in enumerate(rows, start=2):

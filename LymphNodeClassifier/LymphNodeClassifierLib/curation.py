@@ -814,6 +814,22 @@ def format_entry(entry: dict) -> str:
 # suspect suggestions
 
 
+def read_table(path: Path, what: str, columns: set[str], fix: str) -> list[dict]:
+    """The rows of a CSV file that must have `columns`; one line naming the problem and `fix` otherwise."""
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            missing = columns - set(reader.fieldnames or [])
+            rows = list(reader)
+    except FileNotFoundError:
+        raise InputError(f"The {what} {path} does not exist; {fix}.") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise InputError(f"Cannot read the {what} {path} ({error}); {fix}.") from None
+    if missing:
+        raise InputError(f"The {what} {path} has no {', '.join(sorted(missing))} column; {fix}.")
+    return rows
+
+
 def apply_suggestions(session: CurationSession, suspects_csv: str | os.PathLike, top: int, reader: str | None = None) -> list[dict]:
     """Set the suggested label of the `top` highest-ranked nodes of a suspects.csv (`suspects`
     command), each an adjudication journalled with the reason "suspects rank N".
@@ -827,18 +843,8 @@ def apply_suggestions(session: CurationSession, suspects_csv: str | os.PathLike,
     if isinstance(top, bool) or not isinstance(top, int) or top < 1:
         raise InputError(f"--top {top!r} must be a whole number of at least 1 (how many of the most suspect nodes to relabel).")
     path = Path(suspects_csv)
-    try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            reader_ = csv.DictReader(handle)
-            columns = set(reader_.fieldnames or [])
-            records = list(reader_)
-    except FileNotFoundError:
-        raise InputError(f"The suspects list {path} does not exist; run the suspects command first (suspects --dataset D --out D).") from None
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
-        raise InputError(f"Cannot read the suspects list {path} ({error}); run the suspects command again.") from None
-    missing = {"rank", "case_id", "label_value", "given_label", "suggested_label"} - columns
-    if missing:
-        raise InputError(f"{path} has no {', '.join(sorted(missing))} column; pass a suspects.csv written by the suspects command.")
+    records = read_table(path, "suspects list", {"rank", "case_id", "label_value", "given_label", "suggested_label"},
+                         "run the suspects command first (suspects --dataset D --out D)")
     rows = []
     for number, record in enumerate(records, start=2):
         try:
