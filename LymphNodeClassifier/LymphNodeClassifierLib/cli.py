@@ -23,7 +23,7 @@ COMMANDS = {
     "explore": ("explore", "main", "summarise a dataset and list cases to review"),
     "train": ("training", "main", "train a model on a dataset and export it as TorchScript"),
     "suspects": ("suspects", "main", "rank node labels that out-of-fold models disagree with"),
-    "curate": ("curation", "main", "rebuild dataset.json from the curation journal, list cases to review, show edit history"),
+    "curate": ("curation", "main", "journalled curation edits (--reader), suspect suggestions, readers' agreement (kappa), history, review, rebuild"),
     "evaluate": ("evaluate", "main", "evaluate a model on a dataset: metrics.json, predictions.csv, roc.png"),
     "import": ("importer", "main", "import a CSV of image / mask / label rows as a dataset"),
     "crossval": ("crossval", "main", "patient-grouped k-fold cross-validation: out-of-fold metrics vs the size rules"),
