@@ -678,6 +678,10 @@ def test_rebuild_journals_hand_edits_instead_of_dropping_them(folder, capsys):
     assert node_of(data, "P0003-S1", 4)["metastatic"] == 1 and node_of(data, "P0001-S1", 1)["note"] == "changed as well"
     lines = journal_lines(folder)
     assert lines[-1]["field"] == "manifest" and lines[-1]["new"] == data == oracle(lines)
+    assert curate(folder, "--history") == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith("dataset.json as a whole, 3 cases, 9 nodes (journal started)")
+    assert out[-1].endswith("dataset.json as a whole, 4 cases, 10 nodes (found in dataset.json by curate --rebuild)")
 
 
 def test_rebuild_after_a_crash_adds_nothing(folder):
@@ -726,11 +730,11 @@ def cli_env() -> dict:
 def test_history_into_a_closed_pipe_gives_no_traceback(long_history):
     writer = subprocess.Popen([sys.executable, "-m", "LymphNodeClassifierLib", "curate", "--dataset", str(long_history), "--history"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env())
-    first = writer.stdout.readline()
-    writer.stdout.close()  # what `head -1` does after its line
+    first, second = writer.stdout.readline(), writer.stdout.readline()
+    writer.stdout.close()  # what `head -2` does after its lines
     stderr = writer.stderr.read().decode()
     writer.wait(timeout=60)
-    assert b"u: P0001-S1 node 1 note '' -> 'note 0 x" in first
+    assert first.endswith(b"(journal started)\n") and b"u: P0001-S1 node 1 note '' -> 'note 0 x" in second
     assert stderr == "" and writer.returncode not in (0, 1, 2)  # quiet, and not "success" for a truncated listing
 
 
@@ -738,7 +742,7 @@ def test_history_piped_to_head_in_a_shell(long_history, tmp_path):
     command = f"{sys.executable} -m LymphNodeClassifierLib curate --dataset {long_history} --history | head -1"
     done = subprocess.run(["bash", "-c", command], capture_output=True, env=cli_env(), timeout=60)
     assert done.returncode == 0 and done.stderr == b""
-    assert done.stdout.count(b"\n") == 1 and b"note 0" in done.stdout
+    assert done.stdout.count(b"\n") == 1 and done.stdout.endswith(b"(journal started)\n")
     short = tmp_path / "short"  # a history that fits in the pipe's buffer: the error would come at exit, when Python flushes
     make_dataset(short)
     with CurationSession(short, user="u") as session:

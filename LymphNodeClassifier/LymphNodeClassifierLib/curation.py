@@ -780,8 +780,10 @@ class CurationSession:
         self.close()
 
 
-def journal_history(dataset_folder: str | os.PathLike, case_id: str | None = None, label_value: int | None = None) -> list[dict]:
-    """The journal's edit lines (oldest first), optionally of one case (and one of its nodes).
+def journal_history(dataset_folder: str | os.PathLike, case_id: str | None = None, label_value: int | None = None,
+                    snapshots: bool = False) -> list[dict]:
+    """The journal's edit lines (oldest first), optionally of one case (and one of its nodes);
+    with `snapshots` (and no filter) also its ``manifest`` lines.
 
     Reads the journal only (no lock), so it works while a session (the panel, the station) is open.
     """
@@ -789,6 +791,8 @@ def journal_history(dataset_folder: str | os.PathLike, case_id: str | None = Non
     for entry in read_journal(dataset_folder)[0]:
         target = entry["target"]
         if target is None:
+            if snapshots and case_id is None:
+                out.append(entry)
             continue
         if case_id is not None and target["case_id"] != case_id:
             continue
@@ -801,6 +805,10 @@ def journal_history(dataset_folder: str | os.PathLike, case_id: str | None = Non
 def format_entry(entry: dict) -> str:
     """One journal line as text: seq, time, who: what field old -> new (why) [how the label was decided]."""
     target = entry["target"]
+    if target is None:
+        manifest = entry["new"]
+        return (f"{entry['seq']:>6} {entry['time']} {entry['user']}: dataset.json as a whole, {len(manifest.get('cases', []))} cases, "
+                f"{len(manifest.get('nodes', []))} nodes ({entry['reason']})")
     what = target["case_id"] + ("" if target["label_value"] is None else f" node {target['label_value']}")
     why = f" ({entry['reason']})" if entry["reason"] else ""
     if entry["field"] == "read":
@@ -1023,7 +1031,7 @@ def main(argv: list[str] | None = None) -> int:
         dataset = result.dataset
         print(f"rebuilt {dataset.path} from {JOURNAL_FILE}: {len(dataset.cases)} cases, {len(dataset.nodes)} nodes")
     elif chosen == "history":
-        for entry in journal_history(_dataset_folder(args.dataset), args.case, args.node):
+        for entry in journal_history(_dataset_folder(args.dataset), args.case, args.node, snapshots=True):
             print(format_entry(entry))
     elif chosen == "agreement":
         from .agreement import agreement_report, read_predictions, report_lines, write_agreement
