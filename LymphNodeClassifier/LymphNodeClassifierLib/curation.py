@@ -297,8 +297,8 @@ def rebuild(dataset_folder: str | os.PathLike) -> Rebuild:
                 atomic_write_bytes(kept, manifest.read_bytes())
             else:
                 if not _is_journal_state(on_disk, entries, folder):
-                    dataset, lines, hand_edits = journal_outside_changes(folder, dataset, on_disk, len(entries), _default_user(),
-                                                                         "found in dataset.json by curate --rebuild")
+                    dataset, _, hand_edits = journal_outside_changes(folder, dataset, on_disk, len(entries), _default_user(),
+                                                                     "found in dataset.json by curate --rebuild")
         dataset.save()
         return Rebuild(dataset, hand_edits, kept)
 
