@@ -837,8 +837,10 @@ while True:
     case_id = rng.choice(CASES)
     value = rng.choice(LABELS)
     node = session.dataset.node(case_id, value)
-    kind = rng.randrange(5)
-    if kind == 0:
+    kind = rng.randrange(6)
+    if kind == 5:
+        session.read_node(case_id, value, rng.randrange(2), reader=f"reader-{rng.randrange(3)}")
+    elif kind == 0:
         session.set_node_label(case_id, value, 1 - (node.metastatic or 0), reason=f"edit {seed}.{i}")
     elif kind == 1:
         session.set_node_note(case_id, value, f"note {seed}.{i} " + "n" * rng.randrange(2000))
@@ -908,15 +910,20 @@ def test_sigkill_at_random_moments_loses_nothing(folder):
         assert rebuilt.to_dict() == json.loads(recovered_bytes)
         assert (folder / "dataset.json").read_bytes() == recovered_bytes
 
-        # 4. every edit with a complete journal line is in the rebuilt manifest (its last value wins)
+        # 4. every edit with a complete journal line is in the rebuilt manifest (its last value wins; a label
+        #    edit is an adjudication, so later reads do not move it)
         final = rebuilt.to_dict()
         last: dict = {}
         for entry in entries:
             if entry["target"] is not None:
-                last[(entry["target"]["case_id"], entry["target"]["label_value"], entry["field"])] = entry
-        for (case_id, value, field), entry in last.items():
+                reader = entry["user"] if entry["field"] == "read" else None
+                last[(entry["target"]["case_id"], entry["target"]["label_value"], entry["field"], reader)] = entry
+        for (case_id, value, field, reader), entry in last.items():
             record = case_of(final, case_id) if value is None else node_of(final, case_id, value)
-            later_exclusion = last.get((case_id, value, "excluded"))
+            if field == "read":  # every reader's last read is kept beside the others
+                assert record["reads"].get(reader) == entry["new"], f"read {entry['seq']} is missing from the rebuilt manifest"
+                continue
+            later_exclusion = last.get((case_id, value, "excluded", None))
             if field == "exclude_reason" and later_exclusion is not None and later_exclusion["seq"] > entry["seq"]:
                 continue  # a later exclusion or inclusion set the reason
             assert record[field] == entry["new"], f"edit {entry['seq']} is missing from the rebuilt manifest"
