@@ -68,9 +68,9 @@ def table(tmp_path):
     for name, (ct, mask, _) in cases.items():
         write(root / "img" / f"{name}.nii.gz", image(ct))
         write(root / "msk" / f"{name}.nii.gz", image(mask))
-    # a mask on another grid (shifted origin) and one whose image file is missing
+    # a mask outside its image (origin 1 m away: the geometry policy refuses it) and one whose image file is missing
     write(root / "img" / "shifted.nii.gz", image(ct_array(7)))
-    write(root / "msk" / "shifted.nii.gz", image(two_blob_mask(), origin=(ORIGIN[0] + 0.35, ORIGIN[1], ORIGIN[2])))
+    write(root / "msk" / "shifted.nii.gz", image(two_blob_mask(), origin=(ORIGIN[0] + 1000.0, ORIGIN[1], ORIGIN[2])))
     write(root / "msk" / "lost.nii.gz", image(two_blob_mask()))
     rows = [
         # case, patient, image, mask, Diagnosis, diameter_mm, Malignancy_value, note
@@ -97,7 +97,7 @@ EXPECTED_SKIPS = {
     4: ("C-empty", "empty mask"),
     5: ("C-unknown", "unknown label"),
     6: ("C-nolabel", "unknown label"),
-    7: ("C-shifted", "grid mismatch"),
+    7: ("C-shifted", "outside the CT"),
     8: ("C-lost", "missing file"),
     9: ("C-good", "duplicate case id"),
 }

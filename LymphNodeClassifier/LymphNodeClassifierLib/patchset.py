@@ -42,7 +42,7 @@ from .errors import CancelledError, InputError
 from .fileio import atomic_path
 from .nodes import NodeInfo, extract_nodes
 from .patches import PatchSpec, extract_patches
-from .validate import InputPolicy, read_case
+from .validate import InputPolicy, read_case, training_experience
 
 CACHE_VERSION = 1
 _GENERATOR_KEYS = ("name", "seed", "cases", "label_noise", "phantom_version")  # summarised in the card
@@ -108,6 +108,11 @@ class PatchSet:
             "problems": len(self.problems),
             "generator": {k: self.generator[k] for k in _GENERATOR_KEYS if k in self.generator} if self.generator else None,
             **grown,
+            # What the model will have seen: node sizes and patch intensities (validate warns outside them).
+            "experience": training_experience(
+                self.short_axis_mm, self.long_axis_mm, self.x, self.spec.channels - int(self.spec.mask_channel),
+                f"all {len(self)} nodes of dataset '{self.dataset_name}' (training, validation and test splits)",
+            ) if len(self) else None,
         }
 
 

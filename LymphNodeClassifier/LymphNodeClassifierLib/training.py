@@ -554,6 +554,7 @@ def build_card(
     generation), stored as `training.data_commands` so the whole model can be rebuilt.
     """
     summary = json_safe(dict(patchset_summary))
+    experience = summary.pop("experience", None)  # the card's own block: validate.experience_warnings reads it
     training = {
         "command": str(command),
         "data_commands": [str(c) for c in data_commands],
@@ -575,7 +576,7 @@ def build_card(
         "threshold_rule": config.threshold_rule,
     }
     metrics = {"validation": result.metrics["validation"], "test": result.metrics["test"], "held_out": json_safe(held_out or {})}
-    return new_card(
+    card = new_card(
         architecture=config.model_name,
         preprocessing=config.preprocessing(),
         training=training,
@@ -585,6 +586,9 @@ def build_card(
         name=name,
         description=description,
     )
+    if experience is not None:
+        card["experience"] = experience
+    return card
 
 
 def export_trained_model(

@@ -142,16 +142,6 @@ def _inflate(path: Path, what: str, offset: int, wbits: int) -> int:
     return total
 
 
-def _gzip_trailer_size(path: Path, offset: int = 0) -> int | None:
-    """ISIZE, the uncompressed length mod 2**32 that ends a gzip stream, when the data at `offset` is gzip; else None."""
-    with open(path, "rb") as stream:
-        stream.seek(offset)
-        if stream.read(2) != b"\x1f\x8b":
-            return None
-        stream.seek(-4, os.SEEK_END)
-        return int.from_bytes(stream.read(4), "little")
-
-
 def _nifti_data_offset(path: Path) -> int | None:
     """vox_offset of a .nii.gz (NIfTI-1 or -2 header), read from the first bytes of the stream."""
     try:
@@ -183,11 +173,10 @@ def _full_gzip_pass(path: Path, what: str) -> int:
 def check_complete(path: str | os.PathLike, what: str = "CT") -> None:
     """Refuse a compressed image whose stream is cut short or corrupt, or a raw one shorter than its header says.
 
-    Cheap first: a gzip stream's trailer records its uncompressed length, which must equal what the
-    header announces (a truncated file ends in compressed data instead); MetaImage records its
-    compressed size; raw data is checked by the file's size. Only when that does not settle it is
-    the whole stream decompressed (end marker and checksum verified), so a complete file costs a
-    few reads, not a second decompression.
+    Compressed data is decompressed once to its end marker with its checksum verified: ITK reads a
+    truncated stream as zeros and a damaged one as garbage without an error, and neither the file
+    size nor the gzip trailer shows damage inside the stream. This costs about one more
+    decompression (~1.3x the read of a gzip NRRD); raw data is checked by the file's size.
     """
     path = Path(path)
     name = path.name.lower()
@@ -196,10 +185,8 @@ def check_complete(path: str | os.PathLike, what: str = "CT") -> None:
         return  # no readable header: not an image at all, which the reader itself reports
     if name.endswith(".gz"):
         offset = _nifti_data_offset(path) if name.endswith(".nii.gz") else None
-        if expected is not None and offset is not None and _gzip_trailer_size(path) == (offset + expected) % 2**32:
-            return
         total = _full_gzip_pass(path, what)
-        if expected is not None and offset is not None and total < offset + expected:
+        if offset is not None and total < offset + expected:
             raise _incomplete(path, what, f"{total - offset} voxel bytes, the header announces {expected}")
         return
     if name.endswith(".nrrd"):
@@ -208,8 +195,6 @@ def check_complete(path: str | os.PathLike, what: str = "CT") -> None:
             return  # detached data or no header: the reader reports what is wrong
         encoding = fields.get("encoding", "raw")
         if encoding in ("gzip", "gz"):
-            if expected is not None and _gzip_trailer_size(path, header_end) == expected % 2**32:
-                return
             total = _inflate(path, what, header_end, 47)
         elif encoding == "raw":
             total = path.stat().st_size - header_end
@@ -220,19 +205,14 @@ def check_complete(path: str | os.PathLike, what: str = "CT") -> None:
         if header_end is None:
             return
         if fields.get("compresseddata", "false").lower() == "true":
-            recorded = fields.get("compresseddatasize", "")
-            if recorded.isdigit() and path.stat().st_size - header_end == int(recorded):
-                return
             total = _inflate(path, what, header_end, 47)
         else:
             total = path.stat().st_size - header_end
     elif name.endswith(".nii"):
-        if expected is None:
-            return
         total = path.stat().st_size - 352
     else:
         return
-    if expected is not None and total < expected:
+    if total < expected:
         raise _incomplete(path, what, f"{total} voxel bytes, the header announces {expected}")
 
 
