@@ -29,7 +29,8 @@ Public API (`PanelController(scene, ...)`):
   table that re-emits its selection while refreshing never reloads a case. ``load_selected_case()``;
   edits on exactly the selected node / case: ``relabel(metastatic)``, ``exclude_node(reason)``,
   ``include_node()``, ``exclude_case(reason)``, ``include_case()``, ``save_node_note(note)``,
-  ``save_case_note(note)`` (each returns the journal entry, or None when nothing changed);
+  ``save_case_note(note)``, ``read(metastatic)`` (a reader's read, kept beside other readers'; the
+  browser station's buttons) (each returns the journal entry, or None when nothing changed);
   ``review(progress)``; ``selected_info()`` (note and reason of the selected row).
 - Background jobs: ``start_training(options)`` (``training_options(parameters)`` builds the options
   from the Training tab's parameters), ``cancel_training()``, ``set_show_roc(show)``,
@@ -590,6 +591,11 @@ class PanelController:
     def relabel(self, metastatic: int | None):
         """1 metastatic, 0 benign, None not labelled; on the selected node."""
         return self._edit(True, lambda case_id, value: self.curation.set_label(case_id, value, metastatic))
+
+    def read(self, metastatic: int | None):
+        """The user's read of the selected node (1, 0; None withdraws it): kept beside other readers'
+        reads, the label follows them (curation.read_node); `relabel` is the adjudication."""
+        return self._edit(True, lambda case_id, value: self.curation.read_node(case_id, value, metastatic))
 
     def exclude_node(self, reason: str):
         return self._edit(True, lambda case_id, value: self.curation.exclude_node(case_id, value, reason))

@@ -236,6 +236,11 @@ class CurationLogic:
         """1 metastatic, 0 benign, None not labelled."""
         return self._edit(case_id, lambda: self.session_or_fail().set_node_label(case_id, label_value, metastatic, reason))
 
+    def read_node(self, case_id: str, label_value: int, metastatic: int | None, reason: str = ""):
+        """The session user's read of a node (1, 0; None withdraws it), kept beside other readers' reads;
+        the dataset label follows the reads (curation.label_from_reads). The browser station's buttons."""
+        return self._edit(case_id, lambda: self.session_or_fail().read_node(case_id, label_value, metastatic, reason=reason))
+
     def exclude_node(self, case_id: str, label_value: int, reason: str):
         return self._edit(case_id, lambda: self.session_or_fail().exclude_node(case_id, label_value, reason))
 

@@ -1,4 +1,4 @@
-"""Browser review station: read, relabel and classify a dataset's cases from a web page (trame-slicer).
+"""Browser review station: read, label and classify a dataset's cases from a web page (trame-slicer).
 
 `python -m LymphNodeClassifierLib review --dataset D [--port 8080] [--reader NAME] [--host 127.0.0.1]
 [--token T] [--open]` serves one dataset to a browser. The page shows real Slicer slice views
@@ -8,6 +8,12 @@ colour, and the suspect list (`suspects.csv`). Every decision is the Slicer pane
 drives the same Qt-free `controller.PanelController` (selection, loading and classifying a case,
 journalled edits through `curation.CurationSession` with the reader's name on every line); this
 file only turns browser events into controller calls and draws the controller's state.
+
+Metastatic / Benign are the reader's READ of the node (`PanelController.read` ->
+`CurationSession.read_node`): each reader's read is kept beside the others' in the journal and in
+the node's `reads`; the dataset label follows them (one reader decides alone, several by
+majority, an adjudication stands; see curation.py). The table shows the dataset label, how it was
+decided, this reader's read and the other readers'.
 
 Keys (when no text box has the focus): n / arrow down = next node, arrow up = previous node,
 m = metastatic, b = benign, x = exclude (with the reason typed in the reason box).
@@ -27,7 +33,6 @@ Security:
 
 from __future__ import annotations
 
-import argparse
 import hmac
 import ipaddress
 import math
@@ -37,7 +42,6 @@ import sys
 import time
 import webbrowser
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 from urllib.parse import quote, urlsplit
 
@@ -49,7 +53,6 @@ VIEW_NAMES = ("Red", "Green", "Yellow")  # axial, coronal, sagittal (Slicer's na
 LAYOUT_ID = "LymphNodeClassifier review"
 NODE_FIELD_OF_VIEW_MM = 80.0  # a clicked node is shown in at least this much of the patient
 NODE_FIELD_OF_VIEW_FACTOR = 3.0  # ... or this many times its long axis
-STATUS_UNREAD, STATUS_MINE, STATUS_OTHERS, STATUS_EXCLUDED = "unread", "read by me", "read by others", "excluded"
 KEY_ACTIONS = {"n": "next", "ArrowDown": "next", "ArrowUp": "previous", "m": "metastatic", "b": "benign", "x": "exclude"}
 
 # A window listener: a key typed outside a text box becomes one `review_key` trigger on the server.
@@ -189,9 +192,13 @@ class ReviewStation:
         start = time.perf_counter()
         self.times = StartupTimes()
         self.guard = TokenGuard(token)
-        if sys.platform.startswith("linux") and not os.environ.get("DISPLAY"):
-            # no X server: go straight to EGL instead of failing on X first (as slice_views does)
-            os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
+        from .slice_views import SliceViewsUnavailable, require_offscreen_opengl
+
+        try:
+            require_offscreen_opengl()
+        except SliceViewsUnavailable as error:
+            raise InputError(f"The review station cannot render Slicer views here: {error}; run it on a machine with "
+                             "an OpenGL driver (EGL or OSMesa without a display).") from None
         os.environ.setdefault("TRAME_ARGS", "")  # trame must not parse this command's own options as its own
         from trame.app import get_server
         from trame_slicer import module as trame_slicer_module
@@ -316,26 +323,27 @@ class ReviewStation:
                 "nodes": len(self.controller.curation.dataset.nodes_of(case.case_id))}
 
     def _case_status(self, case) -> str:
-        if case.excluded:
-            return STATUS_EXCLUDED
-        readers = {entry["user"] for entry in self.controller.curation.history(case.case_id)}
-        if self.reader in readers:
-            return STATUS_MINE
-        return STATUS_OTHERS if readers else STATUS_UNREAD
+        return self.controller.curation.session_or_fail().case_read_status(case.case_id, self.reader)
 
     def _node_rows(self, case_id: str) -> list[dict]:
         curation = self.controller.curation
         ranks = {(row["case_id"], row["label_value"]): row["rank"] for row in self._suspect_rows(self.controller.state().suspects_table)}
+        session = curation.session_or_fail()
         cautions = self._node_warnings()
         rows = []
         for node in curation.dataset.nodes_of(case_id):
             info = curation.row_info(curation.row_of(case_id, node.label_value)) or {}
             probability = curation.probability(case_id, node.label_value)
+            reads = session.reader_labels(case_id, node.label_value)
+            mine = reads.pop(self.reader, None)
             rows.append({
                 "label_value": int(node.label_value),
                 "probability": "" if probability is None else f"{probability:.2f}",
                 "colour": _css_colour(probability),
                 "label": _label_text(info.get("metastatic", "")),
+                "source": session.label_source(case_id, node.label_value),
+                "my_read": "" if mine is None else _label_text(str(mine)),
+                "other_reads": ", ".join(f"{name}: {_label_text(str(value))}" for name, value in sorted(reads.items())),
                 "excluded": bool(info.get("excluded", 0)),
                 "reason": info.get("reason", ""),
                 "note": info.get("note", ""),
@@ -427,8 +435,9 @@ class ReviewStation:
         index = values.index(current) + step if current in values else (0 if step > 0 else len(values) - 1)
         return self.select_node(values[min(max(index, 0), len(values) - 1)])
 
-    def relabel(self, metastatic: int):
-        return self._act(self.controller.relabel, int(metastatic))
+    def read(self, metastatic: int):
+        """This reader's read of the selected node (several readers' reads are kept; the label follows them)."""
+        return self._act(self.controller.read, int(metastatic))
 
     def exclude(self):
         return self._act(self.controller.exclude_node, str(self.state.exclude_reason or ""))
@@ -457,9 +466,9 @@ class ReviewStation:
         if action == "previous":
             return self.step_node(-1)
         if action == "metastatic":
-            return self.relabel(1)
+            return self.read(1)
         if action == "benign":
-            return self.relabel(0)
+            return self.read(0)
         if action == "exclude":
             return self.exclude()
         return None
@@ -565,9 +574,9 @@ class ReviewStation:
                         self.layout_manager.initialize_layout_grid(layout)
                     with html.Div(classes="lnc-controls"):
                         with html.Div(classes="d-flex align-center flex-wrap ga-2"):
-                            v.VBtn("Metastatic (m)", color="red-darken-2", id="lnc-metastatic", click=(self.relabel, "[1]"),
+                            v.VBtn("Metastatic (m)", color="red-darken-2", id="lnc-metastatic", click=(self.read, "[1]"),
                                    disabled=("selected === null || !!busy",))
-                            v.VBtn("Benign (b)", color="green-darken-2", id="lnc-benign", click=(self.relabel, "[0]"),
+                            v.VBtn("Benign (b)", color="green-darken-2", id="lnc-benign", click=(self.read, "[0]"),
                                    disabled=("selected === null || !!busy",))
                             v.VTextField(v_model=("exclude_reason",), label="Exclude reason", density="compact", hide_details=True,
                                          style="max-width: 220px", id="lnc-reason")
@@ -586,7 +595,8 @@ class ReviewStation:
                         html.Div("{{ busy ? busy + '...' : message }}", classes="lnc-message", id="lnc-message")
                         with html.Table(classes="lnc-table lnc-nodes", id="lnc-nodes"):
                             with html.Tr():
-                                for title in ("node", "probability", "label", "suspect rank", "excluded", "note", "caution"):
+                                for title in ("node", "probability", "label", "decided by", "my read", "other readers",
+                                              "suspect rank", "excluded", "note", "caution"):
                                     html.Th(title)
                             with html.Tr(v_for="n in nodes", key="n.label_value",
                                          classes=("{'lnc-selected': n.label_value === selected, 'lnc-excluded': n.excluded}",),
@@ -597,6 +607,9 @@ class ReviewStation:
                                     html.Span("", classes="lnc-swatch", style=("{background: n.colour}",))
                                     html.Span("{{ n.probability }}", classes="lnc-probability")
                                 html.Td("{{ n.label }}", classes="lnc-label")
+                                html.Td("{{ n.source }}", classes="lnc-source")
+                                html.Td("{{ n.my_read }}", classes="lnc-my-read")
+                                html.Td("{{ n.other_reads }}", classes="lnc-other-reads")
                                 html.Td("{{ n.rank }}")
                                 html.Td("{{ n.excluded ? n.reason : '' }}")
                                 html.Td("{{ n.note }}")

@@ -68,19 +68,7 @@ class _SliceViewRenderer:
             from trame_slicer.views import DirectViewFactory, ViewLayoutDefinition
         except ImportError as error:
             raise SliceViewsUnavailable(f"trame-slicer is not installed ({error}); pip install trame-slicer") from error
-        if sys.platform.startswith("linux") and not os.environ.get("DISPLAY"):
-            # no X server: go straight to EGL instead of failing on X first (and warning about it)
-            os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
-        # Probe OpenGL on a bare window first: creating the app's views would otherwise fail deep inside VTK.
-        probe = vtk.vtkRenderWindow()
-        probe.SetOffScreenRendering(1)
-        probe.ShowWindowOff()
-        if not probe.SupportsOpenGL():
-            raise SliceViewsUnavailable(
-                "no usable OpenGL for offscreen rendering (VTK could not create an EGL, OSMesa or X context)"
-            )
-        probe.Finalize()
-        del probe
+        require_offscreen_opengl()
         # trame-slicer observes the interactor's WindowResizeEvent, which VTK 9.6 warns about once per
         # view; keep that deprecation notice out of the command line's output.
         warnings_shown = vtk.vtkObject.GetGlobalWarningDisplay()
@@ -134,6 +122,24 @@ class _SliceViewRenderer:
         width, height, _ = image.GetDimensions()
         pixels = vtk_to_numpy(image.GetPointData().GetScalars()).reshape(height, width, -1)[:, :, :3]
         return np.ascontiguousarray(pixels[::-1])  # VTK rows start at the bottom
+
+
+def require_offscreen_opengl() -> None:
+    """Raise SliceViewsUnavailable unless VTK can open an offscreen OpenGL context in this process.
+
+    Probed on a bare window first: creating Slicer views would otherwise fail deep inside VTK. Without
+    an X server, VTK is sent straight to EGL instead of failing on X first (and warning about it).
+    """
+    if sys.platform.startswith("linux") and not os.environ.get("DISPLAY"):
+        os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
+    probe = vtk.vtkRenderWindow()
+    probe.SetOffScreenRendering(1)
+    probe.ShowWindowOff()
+    if not probe.SupportsOpenGL():
+        raise SliceViewsUnavailable(
+            "no usable OpenGL for offscreen rendering (VTK could not create an EGL, OSMesa or X context)"
+        )
+    probe.Finalize()
 
 
 def _opengl_description(window) -> str:
