@@ -573,6 +573,15 @@ def test_curate_bad_options_are_one_line_and_write_nothing(folder, capsys, args,
     assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
 
 
+def test_history_and_agreement_work_beside_an_open_session(folder, capsys):
+    with CurationSession(folder, user="station") as session:  # e.g. the review station holds the dataset
+        session.read_node("P0001-S1", 1, 1, reader="dr.a")
+        assert curate(folder, "--history") == 0 and curate(folder, "--agreement") == 0
+        assert "dr.a: P0001-S1 node 1 read None -> 1" in capsys.readouterr().out
+        assert curate(folder, "--note", "x", "--case", "P0001-S1") == 2  # an edit waits for the other session
+        assert "being curated in another session" in capsys.readouterr().err
+
+
 SUSPECT_COLUMNS = ["rank", "case_id", "patient_id", "label_value", "given_label", "oof_probability", "suspicion", "cleanlab_issue",
                    "suggested_label", "fold", "true_label", "label_flipped"]  # what `suspects` writes (suspects.CSV_COLUMNS)
 
