@@ -40,6 +40,16 @@ def usage() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line's entry point (`python -m LymphNodeClassifierLib`, the `lymphnode-classifier` script)."""
+    try:
+        code = _dispatch(argv)
+        sys.stdout.flush()  # a closed pipe shows here at the latest, not in the interpreter's exit
+        return code
+    except BrokenPipeError:
+        return _stdout_closed()
+
+
+def _dispatch(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
@@ -69,11 +79,7 @@ def exit_code(command: Callable[[], int | None]) -> int:
         _error_line(f"error: {error}")
         return 2
     except BrokenPipeError:
-        # Python would print a traceback when it flushes stdout at exit; point stdout at /dev/null first.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-        return 141  # what a shell reports for a process ended by SIGPIPE
+        return _stdout_closed()
     except CancelledError as error:
         _error_line(f"cancelled: {error}")
         return 130
@@ -86,6 +92,18 @@ def exit_code(command: Callable[[], int | None]) -> int:
         reason = error.strerror or type(error).__name__
         _error_line(f"error: cannot use {error.filename} ({reason}); check that the path exists and is writable, and the free space.")
         return 2
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout went away (`... | head -1`): no traceback, and none at the interpreter's
+    exit either (it flushes stdout once more), so stdout now points at /dev/null."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout without a file descriptor (captured in tests)
+        pass
+    return 141  # what a shell reports for a process ended by SIGPIPE
 
 
 def _error_line(text: str) -> None:

@@ -1,6 +1,6 @@
 """Evaluation of a model on a labelled dataset, compared with the short-axis size rule.
 
-`evaluate --model M --dataset D --out DIR [--threshold T] [--bootstrap N] [--seed S]` classifies
+`evaluate [--model M] --dataset D --out DIR [--threshold T] [--bootstrap N] [--seed S]` classifies
 every labelled node of every non-excluded case (excluded nodes are left out, unlabelled ones are
 listed under `skipped`) with the model card's preprocessing (`pipeline.patch_spec_from_card`,
 `pipeline.window_from_card`, `patchset.build_patchset`, `inference.predict`) and writes:
@@ -44,11 +44,13 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from .cli import ProgressLine
 from .dataset import Dataset
 from .errors import InputError, OneLineArgumentParser
-from .fileio import atomic_path, atomic_write_json, atomic_write_text, csv_text, ensure_folder
+from .fileio import atomic_path, atomic_write_json, atomic_write_text, check_writable_folder, csv_text, ensure_folder
 from .metrics import METRIC_NAMES, binary_metrics, bootstrap_ci, calibration, json_safe, plot_reliability, roc_points
 from .model import LoadedModel, load_model
+from .model_registry import choose_model
 from .patchset import PatchSet, build_patchset
 
 SIZE_RULE_THRESHOLD_MM = 10.0  # short axis >= 10 mm: enlarged, called metastatic
@@ -349,7 +351,8 @@ def evaluate_dataset(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(prog="python -m LymphNodeClassifierLib evaluate", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="TorchScript model with a model card (.pt)")
+    parser.add_argument("--model", default=None, help="TorchScript model file with a model card, or a bundled model's name "
+                        "(e.g. lung_nodule_lidc); default: the active model, else the bundled default, as classify")
     parser.add_argument("--dataset", required=True, help="labelled dataset folder (with dataset.json)")
     parser.add_argument("--out", required=True, help="output folder for metrics.json, predictions.csv and roc.png")
     parser.add_argument("--threshold", type=float, default=None, help="decision threshold (default: the model card's)")
@@ -364,10 +367,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`evaluate --model M --dataset D --out DIR [--threshold T] [--bootstrap N] [--seed S]`."""
     args = build_parser().parse_args(argv)
 
-    def show(done: int, total: int) -> None:
-        print(f"\rpatches: {done}/{total} cases", end="" if done < total else "\n", file=sys.stderr, flush=True)
+    progress: list[ProgressLine] = []
 
-    evaluation = evaluate_dataset(args.model, args.dataset, args.out, args.threshold, args.bootstrap, args.seed, args.device, args.cache, progress=show)
+    def show(done: int, total: int) -> None:
+        if not progress:
+            progress.append(ProgressLine("cases (patches)", total))
+        progress[0].update(done)
+        if done >= total:
+            progress[0].done()
+
+    model_path = choose_model(args.model)
+    check_writable_folder(args.out)  # before any work
+    evaluation = evaluate_dataset(model_path, args.dataset, args.out, args.threshold, args.bootstrap, args.seed, args.device, args.cache, progress=show)
     m = evaluation.metrics
     for problem in m["skipped"][:10]:
         print(f"skipped: {problem}", file=sys.stderr)

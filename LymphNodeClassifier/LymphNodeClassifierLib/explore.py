@@ -6,14 +6,16 @@ thickness, slice count, HU range and node short axis by class). The same checks 
 curator should look at: unreadable or empty images, missing or empty masks, masks outside the CT,
 geometry mismatch, an HU range that is not a CT, nodes too small to classify, and nodes in the
 manifest without voxels in the label map (or the reverse).
+
+Exclusions are the curator's verdict: excluded cases and nodes are checked and listed per case, but
+left out of the counts, the histograms and the cases to review (the summary's `excluded` counts them).
+Nodes follow each case's `node_definition`, as in every other command.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -21,8 +23,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from .dataset import CaseRecord, Dataset
-from .errors import InputError
-from .fileio import atomic_path, atomic_write_json
+from .errors import InputError, OneLineArgumentParser
+from .cli import ProgressLine
+from .fileio import atomic_path, atomic_write_json, check_writable_folder
 from .nodes import extract_nodes
 from .validate import InputPolicy, add_input_options, check_ct, read_image, size_warnings
 from .validate import labels_on_ct as validate_labels_on_ct
@@ -97,7 +100,7 @@ def check_case(dataset: Dataset, case: CaseRecord, policy: InputPolicy = InputPo
         return check
     for note in notes:
         problems.append(Problem("geometry_mismatch", f"Case {case.case_id}: {note}"))
-    nodes, _ = extract_nodes(labels_on_ct, per_label_value=True)
+    nodes, _ = extract_nodes(labels_on_ct, per_label_value=case.per_label_value)
     records = {record.label_value: record for record in dataset.nodes_of(case.case_id)}
     for node in nodes:
         record = records.get(node.label_value)
@@ -143,11 +146,18 @@ def explore_dataset(
             progress(index + 1, len(dataset.cases))
     summary = summarise(dataset, checks)
     atomic_write_json(out_dir / "exploration.json", summary)
-    plot_exploration(checks, out_dir / "exploration.png")
+    plot_exploration(included(dataset, checks), out_dir / "exploration.png")
     return summary
 
 
-def summarise(dataset: Dataset, checks: Sequence[CaseCheck]) -> dict:
+def included(dataset: Dataset, checks: Sequence[CaseCheck]) -> list[CaseCheck]:
+    """The checks of the cases not excluded, each without its excluded nodes."""
+    return [replace(check, nodes=[node for node in check.nodes if not node["excluded"]])
+            for check in checks if not dataset.case(check.case_id).excluded]
+
+
+def summarise(dataset: Dataset, all_checks: Sequence[CaseCheck]) -> dict:
+    checks = included(dataset, all_checks)
     node_rows = [node for check in checks for node in check.nodes]
     by_class: dict[str, list[float]] = {"metastatic": [], "benign": [], "unlabelled": []}
     for node in node_rows:
@@ -167,8 +177,11 @@ def summarise(dataset: Dataset, checks: Sequence[CaseCheck]) -> dict:
         "cases_with_problems": sorted({problem["case_id"] for problem in problems}),
         "problem_counts": kinds,
         "problems": problems,
+        "excluded": {"cases": len(all_checks) - len(checks),
+                     "nodes": sum(len(check.nodes) for check in all_checks) - len(node_rows)},
         "per_case": [
-            {key: value for key, value in asdict(check).items() if key not in ("problems",)} for check in checks
+            {key: value for key, value in asdict(check).items() if key not in ("problems",)}
+            | {"excluded": dataset.case(check.case_id).excluded} for check in all_checks
         ],
     }
 
@@ -217,16 +230,16 @@ def _bins(values: Sequence[float]) -> int | np.ndarray:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="explore", description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(prog="python -m LymphNodeClassifierLib explore", description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", required=True, help="dataset folder (with dataset.json)")
     parser.add_argument("--out", help="output folder (default: DATASET/exploration)")
     add_input_options(parser)
     args = parser.parse_args(argv)
     dataset = Dataset.load(args.dataset)
-    out_dir = Path(args.out) if args.out else Path(args.dataset) / "exploration"
-    summary = explore_dataset(dataset, out_dir, progress=lambda done, total: print(f"\rchecked {done}/{total} cases", end="", file=sys.stderr),
-                              policy=InputPolicy.from_args(args))
-    print(file=sys.stderr)
+    out_dir = check_writable_folder(Path(args.out) if args.out else Path(args.dataset) / "exploration")  # before any work
+    progress = ProgressLine("cases checked", len(dataset.cases))
+    summary = explore_dataset(dataset, out_dir, progress=lambda done, total: progress.update(done), policy=InputPolicy.from_args(args))
+    progress.done()
     print(
         f"{summary['cases']} cases, {summary['nodes']} nodes ({summary['nodes_by_class']['metastatic']} metastatic, "
         f"{summary['nodes_by_class']['benign']} benign); {len(summary['cases_with_problems'])} cases to review; "

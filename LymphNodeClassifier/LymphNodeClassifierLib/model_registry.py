@@ -348,5 +348,5 @@ def choose_model(choice: str | os.PathLike | None, folder: str | os.PathLike | N
     name = path.name[: -len(MODEL_SUFFIX)] if path.name.endswith(MODEL_SUFFIX) else path.name
     if str(choice) in (name, name + MODEL_SUFFIX) and name in bundled:
         return bundled[name]
-    raise InputError(f"{option} {choice}: there is no such file and no bundled model of that name; "
+    raise InputError(f"The model {choice} ({option}) does not exist: no such file, and no bundled model has that name; "
                      f"give a model file (.pt) or one of: {', '.join(bundled) or '(no bundled models)'}.")

@@ -54,6 +54,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from . import __version__
 from .cli import exit_code
 from .errors import CancelledError, InputError, OneLineArgumentParser
+from .fileio import check_writable_file
 from .inference import deterministic
 from .metrics import binary_metrics, bootstrap_ci, calibration, choose_threshold, json_safe, threshold_rule_name, youden_threshold  # noqa: F401 (youden_threshold: public here too)
 from .model import build_model, export_torchscript, new_card
@@ -649,6 +650,9 @@ def train_and_export(
 
 
 
+MIN_PATCH_SIZE, MAX_PATCH_SIZE = 8, 1024  # what the networks (model.py) and PatchSpec accept
+
+
 def _parser() -> argparse.ArgumentParser:
     defaults = TrainingConfig()
     parser = OneLineArgumentParser(prog="python -m LymphNodeClassifierLib train", description="Train a lymph node classifier on a dataset and export it as TorchScript with its model card.")
@@ -668,7 +672,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--patience", type=int, default=defaults.patience, help="early stopping after this many epochs without a lower validation loss")
     parser.add_argument("--lr-patience", type=int, default=defaults.lr_patience, help="halve the learning rate after this many epochs without a lower validation loss")
     parser.add_argument("--rotation", type=float, default=defaults.rotation_degrees, help="random rotation range in degrees (0-180)")
-    parser.add_argument("--translation", type=float, default=defaults.translation_px, help="random shift range in pixels")
+    parser.add_argument("--translation", type=float, default=None,
+                        help=f"random shift range in pixels (default {defaults.translation_px:g}, at most half the patch)")
+    parser.add_argument("--val-fraction", type=float, default=defaults.split_fractions[1],
+                        help=f"fraction of the patients for validation (epoch and threshold choice; default {defaults.split_fractions[1]:g})")
+    parser.add_argument("--test-fraction", type=float, default=defaults.split_fractions[2],
+                        help=f"fraction of the patients held out for the test metrics in the card (default {defaults.split_fractions[2]:g}; 0: none)")
     parser.add_argument("--no-flips", action="store_true", help="no random flips")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--threshold-rule", default=defaults.threshold_rule, help="decision threshold on the validation set: youden (default) or sensitivity:0.9")
@@ -700,15 +709,22 @@ def _print_problems(problems: list[str], what: str) -> None:
 def run(args: argparse.Namespace, command: str) -> int:
     from .dataset import Dataset
 
+    if not MIN_PATCH_SIZE <= args.patch_size <= MAX_PATCH_SIZE:  # first: other options' limits derive from it
+        raise InputError(f"--patch-size {args.patch_size} is impossible: the networks take {MIN_PATCH_SIZE} to {MAX_PATCH_SIZE} pixels "
+                         f"(a {args.patch_size * args.spacing:g} mm view at --spacing {args.spacing:g}); use 64, or 48 with --spacing 1.054.")
+    translation = args.translation if args.translation is not None else min(TrainingConfig.translation_px, args.patch_size / 2)
+    fractions = (1.0 - args.val_fraction - args.test_fraction, args.val_fraction, args.test_fraction)
+    if not all(0.0 <= f < 1.0 for f in (args.val_fraction, args.test_fraction)) or fractions[0] <= 0:
+        raise InputError(f"--val-fraction {args.val_fraction:g} and --test-fraction {args.test_fraction:g} must each be from 0 to below 1 "
+                         "and leave patients to train on; e.g. 0.1 and 0.1.")
     config = TrainingConfig(
         architecture=args.architecture, views=args.views, mask_channel=args.mask_channel, epochs=args.epochs,
         patch_size=args.patch_size, spacing_mm=(args.spacing,) * 3, batch_size=args.batch_size, learning_rate=args.lr, weight_decay=args.weight_decay, patience=args.patience, lr_patience=args.lr_patience,
-        rotation_degrees=args.rotation, translation_px=args.translation, flips=not args.no_flips, seed=args.seed,
-        num_threads=args.threads, fov_rule=args.fov_rule, threshold_rule=args.threshold_rule,
+        rotation_degrees=args.rotation, translation_px=translation, flips=not args.no_flips, seed=args.seed,
+        num_threads=args.threads, fov_rule=args.fov_rule, threshold_rule=args.threshold_rule, split_fractions=fractions,
     )
-    out = Path(args.out)
-    if out.exists() and out.is_dir():
-        raise InputError(f"--out {out} is a folder; give a model file name such as {out / 'model.pt'}.")
+    # before any work: a model must never be lost to an unwritable --out after training
+    out = check_writable_file(args.out, "--out", "model.pt")
     held_out_sets = [Dataset.load(folder) for folder in args.held_out]  # fail early on a bad path
     dataset = Dataset.load(args.dataset)
     t0 = time.perf_counter()
