@@ -3,6 +3,7 @@
 #   make venv    create $(VENV) (python3 -m venv) and install torch, the pinned test requirements
 #                and this package (editable); a stamp file makes a second run instant
 #   make test    run the headless test suite (pytest, per-test timeout)
+#   make browser install chromium + chromedriver for the browser tests (root with apt only; else they skip)
 #   make demo    run the end-to-end demo into demo-output/
 #   make bench   run every bench/*.py
 #   make clean   remove generated files (keeps the venv); `make distclean` removes the venv too
@@ -17,7 +18,7 @@ TORCH_REQUIREMENT := torch==2.13.0
 TEST_TIMEOUT ?= 900
 PYTEST_ARGS ?= -q
 
-.PHONY: venv test demo bench clean distclean
+.PHONY: venv test demo bench clean distclean browser
 
 venv: $(STAMP)
 
@@ -28,7 +29,18 @@ $(STAMP): requirements-test.txt pyproject.toml
 	$(PY) -m pip install -e .
 	touch $@
 
-test: venv
+# The review station's tests (Testing/test_review_station.py) drive Debian's chromium through
+# chromedriver. Installed where possible (root and apt-get), else those tests skip saying why;
+# instant when both are installed, and never fails `make test`.
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing chromium and chromium-driver for the browser tests"; \
+	  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; } >/dev/null \
+	    || echo "could not install chromium: the browser tests will skip"; \
+	else echo "no chromium / chromedriver and not root with apt-get: the browser tests will skip"; fi
+
+test: venv browser
 	$(PY) -m pytest Testing $(PYTEST_ARGS) --timeout=$(TEST_TIMEOUT)
 
 demo: venv
