@@ -17,6 +17,8 @@ Public API (`PanelController(scene, ...)`):
   name of ``ACTIONS``; ``add_listener(callback)`` / ``remove_listener(callback)``: ``callback(state)``
   after every change; ``on_job_error``: ``callback(message, details)`` when a background job fails
   (a failed foreground action raises instead).
+- Functions: ``training_options(parameters)``, ``window_fields(preset, low, high)``, ``preset_window``,
+  ``intended_use_text(card)``, ``centroid_of_table_row(table_node, row)``.
 - Classify tab: ``set_inputs(ct_node, labels_node)``, ``set_model(model_path)`` ("" = the active
   model; updates ``intended_use``), ``models()``, ``active_model_path()``, ``resolved_model_path()``,
   ``load_sample_case() -> (ct_node, labels_node)``, ``classify(window, device, progress) ->
@@ -162,6 +164,7 @@ class PanelState:
     curation_status: str = ""
     training: JobState = field(default_factory=JobState)
     training_chart: Any = None  # the plot chart to show: the curves, or the ROC when shown
+    show_roc: bool = False  # training_chart is the finished run's test-set ROC
     training_results: Any = None
     trained_model: str | None = None  # path of the model the finished run wrote
     suspects: JobState = field(default_factory=JobState)
@@ -190,6 +193,13 @@ def preset_window(preset: str) -> tuple[float, float]:
 
     low, high = WINDOW_PRESETS[preset]
     return float(low), float(high)
+
+
+def window_fields(preset: str, low: float, high: float) -> tuple[float, float, bool]:
+    """The (low, high) HU a window preset shows and whether the user may edit them (only for "custom")."""
+    if preset == CUSTOM_WINDOW:
+        return float(low), float(high), True
+    return (*preset_window(preset), False)
 
 
 def _parameter(parameters, name: str):
@@ -319,6 +329,7 @@ class PanelController:
             curation_status=self._curation_status,
             training=self._training,
             training_chart=_in_scene(chart),
+            show_roc=self._show_roc and run is not None and run.roc_chart_node is not None,
             training_results=_in_scene(results),
             trained_model=trained,
             suspects=self._suspects,
