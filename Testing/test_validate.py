@@ -139,10 +139,17 @@ def test_ct_not_in_hu_is_refused_with_what_was_seen_and_override(kind):
     validate.check_ct(image(ct_array()))  # a real HU volume passes
 
 
-def test_tight_crop_with_a_little_air_passes_and_a_padding_value_does_not_count_as_air():
+def test_tight_crop_with_a_little_air_or_fat_passes_and_a_padding_value_does_not_count_as_air():
     array = np.full((24, 96, 96), 40, np.int16)
     array[0, :10, :10] = -1000  # 100 voxels of air: 0.05 % of the volume
     validate.check_ct(image(array))
+    fat = np.full((24, 96, 96), 40, np.int16)
+    fat[:, :5, :] = -100  # 5 % fat, no air: a tight abdominal crop
+    validate.check_ct(image(fat))
+    few = np.full((24, 96, 96), 40, np.int16)
+    few[:, 0, :46] = -100  # 0.5 % fat: noise, not a fat layer
+    with pytest.raises(InputError, match="Hounsfield"):
+        validate.check_ct(image(few))
     stored = ct_array().astype(np.int32) + 1024
     stored[:, :5, :] = -2000  # HU+1024 with a padding value far below air: still no voxel in the air/lung range
     with pytest.raises(InputError, match="Hounsfield"):

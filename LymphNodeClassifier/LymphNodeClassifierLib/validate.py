@@ -5,7 +5,8 @@
   missing slices with 0), so a truncated or corrupt file is refused instead of read as zeros.
 - `check_ct(ct, source, policy)`: 3D, one grey value per voxel, finite, not blank
   (`geometry.check_ct_image`) and in Hounsfield units: some voxels must lie in the air / lung
-  range, which a CT stored as HU + 1024 or an MR image has none of (override: `--not-hu-ok`).
+  range, or at least 1 % fat, which a CT stored as HU + 1024 or an MR image has neither of
+  (override: `--not-hu-ok`).
 - `labels_on_ct(ct, labels, source, policy)`: the label map checked and brought onto the CT grid
   by the geometry policy of `geometry.prepare_label_image` (docs/ARCHITECTURE.md).
 - `read_case(ct_path, labels_path, policy)`: the three above in order, as every command runs them.
@@ -36,6 +37,11 @@ from .geometry import check_ct_image, prepare_label_image
 # intercept (HU + 1024) or an MR image has no voxel in this range.
 HU_AIR_RANGE = (-1200.0, -200.0)
 MIN_AIR_FRACTION = 1e-4  # of the voxels: a few stray voxels are not air
+# Without air, a crop in HU still has fat (about -100 HU); stored as HU + 1024 fat sits near +924
+# and air near +24 (a padding value such as -2000 lies outside both ranges), an MR image has no
+# negative values at all.
+HU_FAT_RANGE = (-200.0, -30.0)
+MIN_FAT_FRACTION = 0.01
 # Node size plausibility (radiology): nodal short axes above ~10 mm are enlarged and bulky nodal
 # masses reach 50-60 mm; beyond 60 mm short axis (or 250 mL) the mask is a conglomerate, an organ
 # or a mis-drawn region, not one lymph node. Below 3 mm short axis a node covers only a few voxels
@@ -285,11 +291,14 @@ def check_ct(ct: sitk.Image, source: str | os.PathLike = "", policy: InputPolicy
     for sample in (array[::step], array) if step > 1 else (array,):
         if np.count_nonzero((sample >= low) & (sample <= high)) >= max(1, MIN_AIR_FRACTION * sample.size):
             return
+        fat_low, fat_high = HU_FAT_RANGE
+        if np.count_nonzero((sample >= fat_low) & (sample <= fat_high)) >= MIN_FAT_FRACTION * sample.size:
+            return  # no air, but fat: a tight soft-tissue crop in HU
     lowest, p50, highest = (float(v) for v in np.percentile(array[::step], [0, 50, 100]))
     raise InputError(
         f"The CT{where} does not look like a CT in Hounsfield units: values {lowest:g}..{highest:g} (median {p50:g}) "
-        f"with no voxel in the air/lung range {low:g}..{high:g} HU (is the rescale slope/intercept applied? is it an MR image?); "
-        f"use the CT in HU, or pass {NOT_HU_OPTION} if it is in HU but holds no air."
+        f"with no voxel in the air/lung range {low:g}..{high:g} HU and almost none in the fat range {HU_FAT_RANGE[0]:g}..{HU_FAT_RANGE[1]:g} HU: "
+        f"is the rescale slope/intercept applied? is it an MR image? Use the CT in HU, or pass {NOT_HU_OPTION} if it is in HU."
     )
 
 
