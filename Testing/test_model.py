@@ -312,3 +312,129 @@ def test_predict_checks_patch_shape_and_values(exported):
     # float64 input is accepted and gives the same answer as float32
     x = _patches(3)
     np.testing.assert_array_equal(inference.predict(loaded, x.astype(np.float64)), inference.predict(loaded, x))
+
+
+# ---------------------------------------------------------------------------- card integrity
+
+
+def _resave_with_card(source: Path, target: Path, edit) -> None:
+    """What a user editing model_card.json does: same TorchScript weights, the card changed."""
+    extra = {model.CARD_FILE_NAME: ""}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        module = torch.jit.load(str(source), _extra_files=extra)
+    card = json.loads(extra[model.CARD_FILE_NAME])
+    edit(card)
+    _jit_save(module, target, {model.CARD_FILE_NAME: json.dumps(card)})
+
+
+def _set_patch(size):
+    def edit(card):
+        card["preprocessing"]["patch_size"] = size
+        card["preprocessing"]["field_of_view_mm"] = size * card["preprocessing"]["spacing_mm"][0]
+    return edit
+
+
+def _set_spacing(card):
+    card["preprocessing"]["spacing_mm"] = [3.0, 3.0, 3.0]
+
+
+def _set_channels(views, mask):
+    def edit(card):
+        card["preprocessing"].update(views=views, mask_channel=mask, channels=model.expected_channels(views, mask))
+        card["architecture"]["in_channels"] = len(card["preprocessing"]["channels"])
+    return edit
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("edit, words", [
+    (_set_patch(24), "describes 3 x 24 x 24 patches, the network was exported for 3 x 32 x 32"),
+    (_set_patch(16), "describes 3 x 16 x 16 patches"),
+    (_set_spacing, "was changed after export (its preprocessing"),
+    (_set_channels("axial", False), "describes 1 x 32 x 32 patches"),
+    (_set_channels("triplanar", True), "describes 4 x 32 x 32 patches"),
+])
+def test_card_changed_after_export_is_refused_in_one_line(tmp_path, exported, arch, edit, words):
+    _, _, path = exported[arch]
+    edited = tmp_path / "edited.pt"
+    _resave_with_card(path, edited, edit)
+    for reader in (model.load_model, model.read_card):
+        with pytest.raises(InputError) as error:
+            reader(edited)
+        assert words in str(error.value) and "\n" not in str(error.value) and str(edited) in str(error.value)
+
+
+@pytest.mark.parametrize("edit, words", [
+    (_set_channels("axial", False), "does not fit its network: it runs on 1 x 32 x 32 patches"),
+    (_set_channels("triplanar", True), "does not fit its network: it runs on 4 x 32 x 32 patches"),
+    (_set_patch(16), "does not fit its network: it runs on 3 x 16 x 16 patches"),
+])
+def test_card_without_digest_that_does_not_fit_the_network_is_refused_by_the_zero_batch(tmp_path, exported, edit, words):
+    """An older card (no integrity entry) edited to shapes the custom CNN cannot take: one line, no TorchScript traceback."""
+    _, _, path = exported["custom_cnn"]
+    edited = tmp_path / "old.pt"
+    _resave_with_card(path, edited, lambda card: (card.pop("integrity"), edit(card)))
+    model.read_card(edited)  # the card alone is consistent
+    with pytest.raises(InputError) as error:
+        model.load_model(edited)
+    assert words in str(error.value) and "\n" not in str(error.value) and "Traceback" not in str(error.value)
+
+
+def test_card_without_digest_that_fits_still_loads_and_descriptive_fields_stay_editable(tmp_path, exported):
+    _, _, path = exported["small_resnet"]
+    legacy = tmp_path / "legacy.pt"
+    _resave_with_card(path, legacy, lambda card: card.pop("integrity"))
+    assert "integrity" not in model.load_model(legacy).card
+    renamed = tmp_path / "renamed.pt"
+    _resave_with_card(path, renamed, lambda card: card.update(name="my name", description="edited"))
+    assert model.load_model(renamed).card["name"] == "my name"
+
+
+def test_weights_changed_after_export_are_refused(tmp_path, exported):
+    _, _, path = exported["custom_cnn"]
+    extra = {model.CARD_FILE_NAME: ""}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        module = torch.jit.load(str(path), _extra_files=extra)
+    with torch.no_grad():
+        next(iter(module.parameters())).add_(0.01)
+    tampered = tmp_path / "tampered.pt"
+    _jit_save(module, tampered, extra)
+    with pytest.raises(InputError, match="weights of .* are not the ones its model card was exported with"):
+        model.load_model(tampered)
+
+
+def test_edited_card_is_refused_by_classify_with_one_line_and_nothing_written(tmp_path, exported, capsys):
+    from LymphNodeClassifierLib.cli import main as cli_main
+
+    edited = tmp_path / "edited.pt"
+    _resave_with_card(exported["small_resnet"][2], edited, _set_patch(24))
+    sample = Path(__file__).resolve().parents[1] / "LymphNodeClassifier" / "Resources" / "SampleData" / "images"
+    out = tmp_path / "out"
+    code = cli_main(["classify", "--ct", str(sample / "P0001-S1_ct.nrrd"), "--labels", str(sample / "P0001-S1_labels.nrrd"),
+                     "--out", str(out), "--model", str(edited)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "changed after export" in err and "Traceback" not in err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_reexport_keeps_weights_card_and_predictions(tmp_path, exported):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reexport", Path(__file__).resolve().parents[1] / "Utilities" / "reexport_bundled_models.py")
+    reexport = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reexport)
+    _, _, path = exported["small_resnet"]
+    legacy = tmp_path / "legacy.pt"
+    _resave_with_card(path, legacy, lambda card: card.pop("integrity"))  # as the bundled models were
+    before = model.load_model(legacy)
+    x = torch.from_numpy(_patches(9, seed=11))
+    with torch.no_grad():
+        want = before.module(x)
+    experience = {"nodes": 5, "source": "test", "short_axis_mm": [3.0, 9.0]}
+    card = reexport.reexport(legacy, tmp_path / "new.pt", experience)
+    after = model.load_model(tmp_path / "new.pt")
+    with torch.no_grad():
+        assert torch.equal(after.module(x), want)
+    assert card["integrity"]["weights_sha256"] == model.weights_digest(before.module) and card["experience"] == experience
+    assert {k: v for k, v in after.card.items() if k not in ("integrity", "experience")} == before.card
