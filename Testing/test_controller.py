@@ -4,7 +4,6 @@ classification and the intended-use text of the bundled model's card."""
 
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -17,31 +16,11 @@ import SimpleITK as sitk  # noqa: E402
 from LymphNodeClassifierLib.curation import JOURNAL_FILE, read_journal  # noqa: E402
 from LymphNodeClassifierLib.dataset import Dataset  # noqa: E402
 from LymphNodeClassifierLib.errors import InputError  # noqa: E402
-from LymphNodeClassifierLib.phantoms import generate_cohort  # noqa: E402
 from LymphNodeClassifierLogic import controller as ctl  # noqa: E402
 from LymphNodeClassifierLogic import training_process as tp  # noqa: E402
 from LymphNodeClassifierLogic.convert import sitk_image_from_volume_node, update_volume_node_from_sitk_image  # noqa: E402
 from LymphNodeClassifierLogic.logic import DEFAULT_MODEL_PATH  # noqa: E402
-from helpers import export_untrained_model  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def phantom_dataset(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("phantom") / "dataset"
-    generate_cohort(folder, cases=2, seed=11)
-    return folder
-
-
-@pytest.fixture()
-def dataset_folder(phantom_dataset, tmp_path) -> Path:
-    folder = tmp_path / "dataset"
-    shutil.copytree(phantom_dataset, folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory) -> Path:
-    return export_untrained_model(tmp_path_factory.mktemp("model") / "untrained.pt", size=32, spacing_mm=1.58, name="untrained")
+from test_curation_logic import dataset_folder, model_path, phantom_dataset  # noqa: E402,F401 (shared fixtures)
 
 
 @pytest.fixture()

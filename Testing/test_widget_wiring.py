@@ -26,10 +26,9 @@ slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip
 
 from LymphNodeClassifierLib.curation import read_journal  # noqa: E402
 from LymphNodeClassifierLib.dataset import Dataset  # noqa: E402
-from LymphNodeClassifierLib.phantoms import generate_cohort  # noqa: E402
 from LymphNodeClassifierLogic import controller as ctl  # noqa: E402
 from LymphNodeClassifierLogic import training_process as tp  # noqa: E402
-from helpers import export_untrained_model  # noqa: E402
+from test_curation_logic import model_path, phantom_dataset  # noqa: E402,F401 (shared fixtures)
 
 MODULE_DIR = Path(__file__).resolve().parents[1] / "LymphNodeClassifier"
 UI_PATH = MODULE_DIR / "Resources" / "UI" / "LymphNodeClassifier.ui"
@@ -365,18 +364,6 @@ def widget(tmp_path, monkeypatch):
     panel.jumps, panel.errors, panel.scene = jumps, errors, scene
     yield panel
     panel.cleanup()
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory) -> Path:
-    return export_untrained_model(tmp_path_factory.mktemp("model") / "untrained.pt", size=32, spacing_mm=1.58, name="untrained")
-
-
-@pytest.fixture(scope="module")
-def phantom_dataset(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("phantom") / "dataset"
-    generate_cohort(folder, cases=2, seed=11)
-    return folder
 
 
 def test_classify_button_fills_the_panel_and_empties_the_label_layer(widget):

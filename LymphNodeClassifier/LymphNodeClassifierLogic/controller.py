@@ -336,13 +336,16 @@ class PanelController:
             enabled=self._enabled(),
         )
 
-    @contextmanager
-    def _running(self, what: str):
-        """A foreground action: everything else is disabled until it returns (the GUI may process events meanwhile)."""
+    def _require_idle(self) -> None:
         from LymphNodeClassifierLib.errors import InputError
 
         if self._busy:
             raise InputError(f"{self._busy} is still running; wait until it has finished.")
+
+    @contextmanager
+    def _running(self, what: str):
+        """A foreground action: everything else is disabled until it returns (the GUI may process events meanwhile)."""
+        self._require_idle()
         self._busy = what
         self._notify()
         try:
@@ -587,8 +590,7 @@ class PanelController:
         if key is None or (needs_node and key[1] is None):
             raise InputError("Select a node in the Cases table (or the suspects list) first." if needs_node
                              else "Select a case in the Cases table first.")
-        if self._busy:
-            raise InputError(f"{self._busy} is still running; wait until it has finished.")
+        self._require_idle()
         entry = action(*key)
         self._curation_status = "Saved." if entry is not None else "Nothing changed."
         if entry is not None and self.curation.has_suspects():
@@ -644,8 +646,7 @@ class PanelController:
 
         if self._training.active:
             raise InputError("A training run is already running; wait for it or cancel it.")
-        if self._busy:
-            raise InputError(f"{self._busy} is still running; wait until it has finished.")
+        self._require_idle()
         folder = self._dataset_folder
         if not folder or not os.path.isfile(os.path.join(folder, "dataset.json")):
             raise InputError(f"There is no dataset.json in '{folder}'; choose a dataset folder on the Curation tab first.")
@@ -653,17 +654,20 @@ class PanelController:
         run = TrainingRun(self.scene, folder, self.models_folder(), dict(options), python=self.python)
         # Held before it starts: whatever fails later, poll() keeps watching the worker and cancel() reaches it.
         self._training_run, self._show_roc = run, False
-        self._training = JobState(RUNNING, "Starting the training process...")
-        try:
-            run.start()
-        except Exception:
-            self._training = JobState(FAILED, "The training process could not be started.")
-            self._training_run = None
-            self._notify()
-            raise
+        self._launch("_training", run, "The training process could not be started.")
         self._training = JobState(RUNNING, run.status, run.progress)
         self._notify()
         return run
+
+    def _launch(self, job: str, worker, failed: str) -> None:
+        """Start a worker whose JobState is the attribute `job`; a failed start leaves FAILED (not active)."""
+        setattr(self, job, JobState(RUNNING, "Starting..."))
+        try:
+            worker.start()
+        except Exception:
+            setattr(self, job, JobState(FAILED, failed))
+            self._notify()
+            raise
 
     def _remove_run_nodes(self, run) -> None:
         if run is None:
@@ -700,14 +704,7 @@ class PanelController:
         kwargs = {} if self.python is None else {"python": self.python}
         search = SuspectsProcess(self.curation.session.folder, **kwargs)  # the dataset shown, not the path box's text
         self._suspect_search = search
-        self._suspects = JobState(RUNNING, "Starting the suspect search...")
-        try:
-            search.start()
-        except Exception:
-            self._suspects = JobState(FAILED, "The suspect search could not be started.")
-            self._suspect_search = None
-            self._notify()
-            raise
+        self._launch("_suspects", search, "The suspect search could not be started.")
         self._suspects = JobState(RUNNING, search.status())
         self._notify()
         return search
