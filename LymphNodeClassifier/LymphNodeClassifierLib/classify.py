@@ -134,7 +134,7 @@ def write_case_outputs(
                     title=f"{case_id}: {len(result.nodes)} node{'' if len(result.nodes) == 1 else 's'}, model {model.card.get('name', '')}",
                     window=window,
                     field_of_view_mm=TILE_FIELD_OF_VIEW_MM,
-                    notes=result.messages,
+                    notes=result.messages + [f"node {node.node_id}: {warning}" for node, warnings in zip(result.nodes, result.warnings) for warning in warnings],
                 )
         if whole_folder:
             replace_folder(staging, out_dir)
