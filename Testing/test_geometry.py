@@ -173,3 +173,17 @@ def test_constant_ct_is_rejected():
     array = np.zeros(ct.GetSize()[::-1], dtype=np.uint8)
     array[3:5, 4:8, 5:9] = 1
     _expect_input_error(blank, label_like(ct, array), ["ct", "empty"])
+
+
+def test_grid_difference_is_described_in_physical_terms():
+    from LymphNodeClassifierLib.geometry import describe_grid_difference, rotation_degrees
+
+    ct = make_ct(spacing=(0.7, 0.8, 2.0), direction=TILTED)
+    turned = make_ct(spacing=(0.7, 0.8, 2.0), direction=rotation(1, 30) @ TILTED)
+    assert rotation_degrees(ct, turned) == pytest.approx(30.0, abs=1e-6)
+    assert rotation_degrees(ct, ct) == pytest.approx(0.0, abs=1e-6)
+    assert describe_grid_difference(ct, turned) == "rotated 30.0 deg"
+    shifted = make_ct(spacing=(0.7, 0.8, 2.0), direction=TILTED, origin=(-10.0 + 18.0, 5.0 + 24.0, 30.0))
+    assert describe_grid_difference(ct, shifted) == "origin offset (18, 24, 0) mm (30.0 mm)"
+    coarse = make_ct(size=(14, 12, 8), spacing=(1.05, 1.2, 3.0), direction=TILTED)
+    assert describe_grid_difference(ct, coarse) == "spacing (1.05, 1.2, 3) mm vs the CT's (0.7, 0.8, 2) mm, size (14, 12, 8) vs (20, 18, 12)"
