@@ -306,3 +306,16 @@ def test_start_training_without_a_dataset_says_what_to_do(controller, tmp_path):
     with pytest.raises(InputError, match="no dataset.json"):
         controller.start_training(tp.TINY_OPTIONS)
     assert controller.state().training.phase == ctl.IDLE and not controller.state().polling
+
+
+def test_the_views_change_only_when_the_opacity_does(controller, model_path):
+    controller.set_model(str(model_path))
+    controller.load_sample_case()
+    outputs = controller.classify(device="cpu")
+    shown = controller.state().layers
+    controller.set_gradcam_opacity(0.4)  # the parameter node re-sent the same value
+    assert controller.state().layers is shown
+    controller.set_gradcam_opacity(0.7)
+    layers = controller.state().layers
+    assert layers is not shown and layers.foreground_opacity == 0.7 and layers.foreground is outputs.gradcam_node
+    assert layers.label is None

@@ -432,6 +432,8 @@ class PanelController:
             self._notify()
 
     def set_gradcam_opacity(self, opacity: float) -> None:
+        if float(opacity) == self._gradcam_opacity:
+            return  # the views keep whatever the user set meanwhile
         self._gradcam_opacity = float(opacity)
         if self._layers is not None and self._layers.foreground is not None:
             self._layers = SliceLayers(self._layers.background, self._layers.foreground, self._gradcam_opacity,
