@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -44,11 +45,27 @@ def blob_patches(n: int, rng: np.random.Generator, channels: int = 1, size: int 
     return np.clip(x, 0.0, 1.0), y.astype(np.float32), centres
 
 
-def train(net: torch.nn.Module, steps: int, rng: np.random.Generator, channels: int) -> torch.nn.Module:
+def hilum_patches(n: int, rng: np.random.Generator, channels: int = 1, size: int = SIZE, radius: float = 4.0):
+    """Every patch holds a node (a bright disc) at a random position; a benign node (label 0) has
+    a fatty hilum (a dark centre), a metastatic one (label 1) is filled in: each class has a cue
+    on the node."""
+    x = rng.normal(0.35, 0.08, (n, channels, size, size)).astype(np.float32)
+    y = rng.integers(0, 2, n)
+    centres = rng.uniform(radius + 1, size - radius - 2, (n, 2))
+    rr, cc = np.mgrid[0:size, 0:size]
+    for i in range(n):
+        distance = np.hypot(rr - centres[i, 0], cc - centres[i, 1])
+        x[i, :, distance <= radius] = rng.uniform(0.75, 0.9)
+        if not y[i]:
+            x[i, :, distance <= 2.0] = rng.uniform(0.05, 0.15)
+    return np.clip(x, 0.0, 1.0), y.astype(np.float32), centres
+
+
+def train(net: torch.nn.Module, steps: int, rng: np.random.Generator, channels: int, make_patches=blob_patches) -> torch.nn.Module:
     optimiser = torch.optim.Adam(net.parameters(), lr=2e-3)
     net.train()
     for _ in range(steps):
-        x, y, _ = blob_patches(32, rng, channels)
+        x, y, _ = make_patches(32, rng, channels)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(net(torch.from_numpy(x)), torch.from_numpy(y))
         optimiser.zero_grad()
         loss.backward()
@@ -64,34 +81,49 @@ def export_and_load(net, arch, channels, tmp_path):
 # ---------------------------------------------------------------------------- Grad-CAM
 
 
-def captum_gradcam(net: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+class ClassScore(torch.nn.Module):
+    """The score of one class as a (N, 1) output for captum's ``target=0``: the logit for
+    "metastatic", minus the logit for "benign" (the model has one output)."""
+
+    def __init__(self, net: torch.nn.Module, sign: float):
+        super().__init__()
+        self.net, self.sign = net, sign
+
+    def forward(self, x):
+        return (self.sign * self.net(x))[:, None]
+
+
+def captum_gradcam(net: torch.nn.Module, x: np.ndarray, target_class: str = "metastatic") -> np.ndarray:
     """Reference: captum's LayerGradCam on the eager model at the layer that features() ends with."""
-    layer_cam = LayerGradCam(net, net.feature_layer())
-    attribution = layer_cam.attribute(torch.from_numpy(x), relu_attributions=True)
+    scorer = ClassScore(net, 1.0 if target_class == "metastatic" else -1.0)
+    layer_cam = LayerGradCam(scorer, net.feature_layer())
+    attribution = layer_cam.attribute(torch.from_numpy(x), target=0, relu_attributions=True)
     upsampled = LayerAttribution.interpolate(attribution, tuple(x.shape[-2:]), interpolate_mode="bilinear")
     return upsampled[:, 0].detach().numpy()
 
 
+@pytest.mark.parametrize("target_class", ["metastatic", "benign"])
 @pytest.mark.parametrize("trained", [False, True], ids=["random_init", "trained"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_gradcam_matches_captum(arch, trained, tmp_path):
+def test_gradcam_matches_captum(arch, trained, target_class, tmp_path):
     torch.manual_seed(11)
     rng = np.random.default_rng(11)
     net = model.build_model(arch, 3, SIZE)
-    if trained:
-        train(net, 15, rng, channels=3)
+    if trained:  # on nodes with a cue for each class, so both classes have evidence to show
+        train(net, 15, rng, channels=3, make_patches=hilum_patches)
     else:
         with torch.no_grad():  # non-trivial BatchNorm statistics
-            net(torch.from_numpy(blob_patches(16, rng, 3)[0]))
+            net(torch.from_numpy(hilum_patches(16, rng, 3)[0]))
     net.eval()
     loaded = export_and_load(net, arch, 3, tmp_path)
-    x, _, _ = blob_patches(12, np.random.default_rng(99), 3)
+    x, _, _ = hilum_patches(24, np.random.default_rng(99), 3)
 
-    ours = G.gradcam(loaded, x)
-    reference = captum_gradcam(net, x)
+    ours, classes = G.gradcam(loaded, x, target=target_class, return_classes=True)
+    reference = captum_gradcam(net, x, target_class)
 
-    assert ours.shape == (12, SIZE, SIZE) and ours.dtype == np.float32
+    assert ours.shape == (24, SIZE, SIZE) and ours.dtype == np.float32
     assert ours.min() >= 0.0 and ours.max() <= 1.0
+    assert np.array_equal(classes, np.full(24, 1 if target_class == "metastatic" else 0))
     compared = 0
     for mine, ref in zip(ours, reference):
         if ref.max() <= 1e-7 * max(1e-30, np.abs(reference).max()):
@@ -101,7 +133,40 @@ def test_gradcam_matches_captum(arch, trained, tmp_path):
         r = np.corrcoef(mine.ravel(), ref.ravel())[0, 1]
         assert r >= 0.99, f"Pearson {r:.4f} between Grad-CAM and captum"
         compared += 1
-    assert compared >= 6  # most nodes have a non-empty map
+    assert compared >= 4  # enough nodes have a non-empty map to compare (all but the briefly trained CNN's benign maps)
+
+
+def test_predicted_class_map_is_the_metastatic_or_the_benign_map_by_threshold(tmp_path):
+    torch.manual_seed(5)
+    net = train(model.build_model("small_resnet", 3, SIZE), 10, np.random.default_rng(5), channels=3)
+    loaded = export_and_load(net, "small_resnet", 3, tmp_path)
+    x, _, _ = blob_patches(16, np.random.default_rng(6), 3)
+    metastatic = G.gradcam(loaded, x, target="metastatic")
+    benign = G.gradcam(loaded, x, target="benign")
+    probabilities = inference.predict(loaded, x)
+    for threshold in (0.5, float(np.median(probabilities))):  # the median splits the nodes in two
+        predicted, logits, classes = G.gradcam(loaded, x, target="predicted", threshold=threshold, return_logits=True, return_classes=True)
+        expected = (1.0 / (1.0 + np.exp(-logits.astype(np.float64))) >= threshold).astype(int)
+        assert np.array_equal(classes, expected)
+        np.testing.assert_allclose(predicted, np.where(classes[:, None, None] == 1, metastatic, benign), atol=1e-6)
+    assert 0 < classes.sum() < len(classes)
+    # explicit per-node classes (the pipeline passes its own predictions)
+    chosen = np.arange(16) % 2
+    np.testing.assert_allclose(G.gradcam(loaded, x, target=chosen), np.where(chosen[:, None, None] == 1, metastatic, benign), atol=1e-6)
+    # the benign map is not the metastatic one inverted: the ReLU comes after the sign
+    both = [(m, b) for m, b in zip(metastatic, benign) if m.max() > 0 and b.max() > 0]
+    assert both and all(not np.allclose(b, 1.0 - m, atol=0.05) for m, b in both)
+
+
+def test_gradcam_target_is_checked(tmp_path):
+    loaded = export_and_load(model.build_model("custom_cnn", 1, SIZE).eval(), "custom_cnn", 1, tmp_path)
+    x = blob_patches(2, np.random.default_rng(0))[0]
+    with pytest.raises(InputError, match="Unknown Grad-CAM class 'malignant'"):
+        G.gradcam(loaded, x, target="malignant")
+    with pytest.raises(InputError, match="one class per node"):
+        G.gradcam(loaded, x, target=[1, 0, 1])
+    with pytest.raises(InputError, match="one class per node"):
+        G.gradcam(loaded, x, target=[1, 2])
 
 
 def test_gradcam_on_eager_module_equals_scripted_and_is_batch_independent(tmp_path):
@@ -149,6 +214,24 @@ def test_cam_peak_lies_inside_the_synthetic_node(arch, tmp_path):
     peaks = np.array([np.unravel_index(np.argmax(cam), cam.shape) for cam in cams])
     distance = np.hypot(peaks[:, 0] - centres[positive, 0], peaks[:, 1] - centres[positive, 1])
     assert np.mean(distance <= 4.0) >= 0.8  # the disc has radius 4 px
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_node_called_benign_gets_a_map_peaking_on_the_node(arch, tmp_path):
+    torch.manual_seed(0)
+    net = train(model.build_model(arch, 1, SIZE), 60, np.random.default_rng(0), channels=1, make_patches=hilum_patches)
+    loaded = export_and_load(net, arch, 1, tmp_path)
+    x, y, centres = hilum_patches(120, np.random.default_rng(123))
+    probabilities = inference.predict(loaded, x)
+    assert np.mean((probabilities >= 0.5) == (y == 1)) >= 0.9, "the tiny model did not learn the task"
+    cams, classes = G.gradcam(loaded, x, return_classes=True)  # the predicted class by default
+    assert np.array_equal(classes, (probabilities >= 0.5).astype(int))
+    benign = classes == 0
+    assert benign.sum() >= 30
+    assert (cams[benign].max(axis=(1, 2)) > 0).all(), "a node called benign got an empty map"
+    peaks = np.array([np.unravel_index(np.argmax(cam), cam.shape) for cam in cams[benign]])
+    distance = np.hypot(peaks[:, 0] - centres[benign, 0], peaks[:, 1] - centres[benign, 1])
+    assert np.mean(distance <= 6.0) >= 0.8  # in or next to the node (radius 4 px)
 
 
 # ---------------------------------------------------------------------------- CAM → CT space
@@ -401,3 +484,69 @@ def test_cam_to_volume_with_real_node_patches(views):
     else:  # a column through the centroid along S-I, within the node's extent
         assert np.all(np.linalg.norm(points[hot, :2] - centroid[:2], axis=1) <= 1.5)
         assert np.all(np.abs(points[values > 0, 2] - centroid[2]) <= 5.0 + 2.0 * max(ct.GetSpacing()))
+
+
+# ---------------------------------------------------------------------------- every node explained, end to end
+
+REAL_CT = Path(__file__).resolve().parents[2] / "shared" / "data" / "pyradiomics-lung"
+
+
+def test_pipeline_explains_each_node_s_predicted_class_and_records_it_in_gradcam_nrrd(tmp_path):
+    from LymphNodeClassifierLib.classify import DEFAULT_MODEL_PATH
+    from LymphNodeClassifierLib.phantoms import generate_case
+    from LymphNodeClassifierLib.pipeline import classify_images
+
+    case = generate_case(2)
+    loaded = model.load_model(DEFAULT_MODEL_PATH)
+    result = classify_images(case.ct, case.labels, loaded)
+    assert 0 < result.predictions.sum() < len(result.nodes), "the case should hold nodes of both predicted classes"
+    assert np.array_equal(result.cam_classes, result.predictions)
+    assert (result.cams.max(axis=(1, 2)) > 0).all(), "every node, benign or metastatic, gets a map"
+    path = tmp_path / "gradcam.nrrd"
+    sitk.WriteImage(result.cam_volume, str(path), True)
+    recorded = G.cam_classes_of(sitk.ReadImage(str(path)))
+    assert recorded == {node.node_id: G.CLASS_NAMES[int(p)] for node, p in zip(result.nodes, result.predictions)}
+    # asked for one class, every map explains that one
+    benign = classify_images(case.ct, case.labels, loaded, gradcam_target="benign")
+    assert set(benign.cam_classes) == {0} and set(G.cam_classes_of(benign.cam_volume).values()) == {"benign"}
+    predicted_benign = result.predictions == 0
+    np.testing.assert_allclose(benign.cams[predicted_benign], result.cams[predicted_benign], atol=1e-6)
+
+
+@pytest.mark.skipif(not REAL_CT.is_dir(), reason=f"real chest CTs not found at {REAL_CT} (only CI has ../shared beside the clone)")
+@pytest.mark.parametrize("model_name", ["lymph_node_phantom.pt", "lung_nodule_lidc.pt"])
+@pytest.mark.parametrize("case", [1, 2])
+def test_every_lesion_of_the_real_chest_cts_gets_a_map(case, model_name):
+    from LymphNodeClassifierLib.classify import DEFAULT_MODEL_PATH
+    from LymphNodeClassifierLib.pipeline import classify_images
+
+    loaded = model.load_model(DEFAULT_MODEL_PATH.parent / model_name)
+    ct = sitk.ReadImage(str(REAL_CT / f"lung{case}_image.nrrd"))
+    labels = sitk.ReadImage(str(REAL_CT / f"lung{case}_label.nrrd"))
+    result = classify_images(ct, labels, loaded)
+    assert len(result.nodes) >= 1
+    assert np.array_equal(result.cam_classes, result.predictions)
+    assert np.allclose(result.cams.max(axis=(1, 2)), 1.0), "a lesion got an empty Grad-CAM map"
+    assert float(sitk.GetArrayViewFromImage(result.cam_volume).max()) > 0.5
+
+
+@pytest.mark.parametrize("choice", ["predicted", "benign"])
+def test_classify_cli_gradcam_class(choice, tmp_path):
+    import csv
+
+    from LymphNodeClassifierLib import classify
+    from LymphNodeClassifierLib.phantoms import generate_case, write_case
+
+    case = generate_case(2)
+    write_case(case, tmp_path / "ct.nrrd", tmp_path / "labels.nrrd")
+    out = tmp_path / "out"
+    assert classify.main(["--ct", str(tmp_path / "ct.nrrd"), "--labels", str(tmp_path / "labels.nrrd"), "--out", str(out),
+                          "--no-report", "--gradcam-class", choice]) == 0
+    with open(out / "nodes.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    predicted = ["metastatic" if int(row["prediction"]) else "benign" for row in rows]
+    assert [row["gradcam_class"] for row in rows] == (predicted if choice == "predicted" else ["benign"] * len(rows))
+    recorded = G.cam_classes_of(sitk.ReadImage(str(out / "gradcam.nrrd")))
+    assert recorded == {int(row["node_id"]): row["gradcam_class"] for row in rows}
+    with pytest.raises(InputError, match="gradcam-class"):
+        classify.main(["--ct", str(tmp_path / "ct.nrrd"), "--labels", str(tmp_path / "labels.nrrd"), "--out", str(out), "--gradcam-class", "malignant"])

@@ -254,3 +254,18 @@ def test_patch_montage_has_one_row_per_node(tmp_path, case):
         tmp_path / "axial.png",
     )
     assert (axial.rows, axial.columns) == (2, 1)
+
+
+def test_long_title_is_wrapped_not_cut_and_tiles_name_the_class_their_map_explains(tmp_path, case):
+    patches = extract_patches(case["ct"], case["components"], case["nodes"], PatchSpec(size=48), WINDOW)
+    title = "lung_case_0001: 2 nodes, model Lymph node metastasis (abdominal CT phantoms, seed 1000, 200 studies)"
+    short = write_report(tmp_path / "short.png", case["nodes"], PROBABILITIES, [1, 0], patches=patches, threshold=0.5, title="Case 1")
+    layout = write_report(tmp_path / "long.png", case["nodes"], PROBABILITIES, [1, 0], patches=patches, threshold=0.5,
+                          title=title, cam_classes=[1, 0])
+    assert " ".join(layout.title_lines) == title and len(layout.title_lines) in (2, 3)
+    assert len(short.title_lines) == 1
+    assert layout.width_px == short.width_px and layout.height_px > short.height_px  # one more line, not a wider page
+    assert layout.tile_captions[0].endswith("CAM: metastatic") and layout.tile_captions[1].endswith("CAM: benign")
+    assert not any("CAM" in caption for caption in short.tile_captions)
+    with pytest.raises(ValueError, match="Grad-CAM classes"):
+        write_report(tmp_path / "bad.png", case["nodes"], PROBABILITIES, [1, 0], patches=patches, cam_classes=[1])

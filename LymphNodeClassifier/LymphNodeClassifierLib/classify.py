@@ -34,6 +34,7 @@ from .dataset import Dataset
 from .errors import InputError, OneLineArgumentParser
 from .fileio import (atomic_write_text, check_writable_folder, csv_text, path_inside, remove_stale_staging, replace_folder,
                      staging_folder)
+from .gradcam import CAM_TARGETS, CLASS_NAMES
 from .model import LoadedModel, load_model
 from .model_registry import bundled_models, choose_model
 from .pipeline import ClassificationResult, StageTimer, classify_images, window_from_card
@@ -47,6 +48,7 @@ SAMPLE_DATASET = MODULE_DIR / "Resources" / "SampleData"
 NODE_COLUMNS = [
     "case_id", "node_id", "label_value", "centroid_R_mm", "centroid_A_mm", "centroid_S_mm",
     "volume_mm3", "short_axis_mm", "long_axis_mm", "touches_edge", "probability", "prediction", "warnings", "notes",
+    "gradcam_class",  # the class the node's Grad-CAM explains ("" without Grad-CAM)
 ]
 OUTPUT_FILES = ("nodes.csv", "nodes.seg.nrrd", "gradcam.nrrd", "report.png", "patches.png")  # every file a run may write
 TILE_FIELD_OF_VIEW_MM = 60.0  # a node plus its surroundings, as a radiologist would zoom
@@ -68,6 +70,7 @@ def node_rows(case_id: str, result: ClassificationResult) -> list[dict]:
                 "short_axis_mm": round(node.short_axis_mm, 2), "long_axis_mm": round(node.long_axis_mm, 2),
                 "touches_edge": int(node.touches_edge), "probability": round(float(probability), 6),
                 "prediction": int(prediction), "warnings": " | ".join(node_warnings), "notes": notes,
+                "gradcam_class": "" if result.cam_classes is None else CLASS_NAMES[int(result.cam_classes[len(rows)])],
             }
         )
     return rows
@@ -135,6 +138,7 @@ def write_case_outputs(
                     window=window,
                     field_of_view_mm=TILE_FIELD_OF_VIEW_MM,
                     notes=result.messages + [f"node {node.node_id}: {warning}" for node, warnings in zip(result.nodes, result.warnings) for warning in warnings],
+                    cam_classes=result.cam_classes,
                 )
         if whole_folder:
             replace_folder(staging, out_dir)
@@ -152,7 +156,7 @@ def write_case_outputs(
 def classify_case_files(
     ct_path, labels_path, out_dir, model: LoadedModel, case_id: str = "case", with_gradcam: bool = True,
     with_report: bool = True, timer: StageTimer | None = None, policy: InputPolicy = InputPolicy(), series_uid: str | None = None,
-    *, per_label_value: bool = False, whole_folder: bool = False, note=None,
+    *, per_label_value: bool = False, whole_folder: bool = False, note=None, gradcam_target: str = "predicted",
 ) -> tuple[list[dict], ClassificationResult]:
     """Read, classify and write one case; `note(text)` prints the pipeline's notes (default: stderr)."""
     timer = timer or StageTimer()
@@ -160,7 +164,8 @@ def classify_case_files(
         ct = read_image(ct_path, "CT", series_uid)
         labels = read_image(labels_path, "label")
     try:
-        result = classify_images(ct, labels, model, with_gradcam=with_gradcam, per_label_value=per_label_value, timer=timer, policy=policy)
+        result = classify_images(ct, labels, model, with_gradcam=with_gradcam, per_label_value=per_label_value, timer=timer, policy=policy,
+                                 gradcam_target=gradcam_target)
     except InputError as error:  # the checks see images only: name the files
         raise InputError(f"{str(error).rstrip('.')} (CT {ct_path}, labels {labels_path}).") from None
     for message in result.messages:
@@ -189,7 +194,7 @@ def _case_folder(out_dir: Path, case_id: str) -> Path:
 
 
 def classify_dataset(dataset: Dataset, out_dir: Path, model: LoadedModel, with_gradcam: bool, with_report: bool, timer: StageTimer,
-                     policy: InputPolicy = InputPolicy()) -> list[dict]:
+                     policy: InputPolicy = InputPolicy(), gradcam_target: str = "predicted") -> list[dict]:
     """Classify every non-excluded case; each case gets its own folder, plus one combined nodes.csv.
 
     A case that fails is skipped (listed at the end) and its folder from an earlier run removed, as
@@ -213,7 +218,7 @@ def classify_dataset(dataset: Dataset, out_dir: Path, model: LoadedModel, with_g
             rows, _ = classify_case_files(
                 dataset.ct_path(case), dataset.labels_path(case), folders[case.case_id], model,
                 case_id=case.case_id, with_gradcam=with_gradcam, with_report=with_report, timer=timer, policy=policy.for_case(case),
-                per_label_value=case.per_label_value, whole_folder=True, note=progress.note,
+                per_label_value=case.per_label_value, whole_folder=True, note=progress.note, gradcam_target=gradcam_target,
             )
         except InputError as error:
             failures.append(f"{case.case_id}: {error}")
@@ -255,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"({', '.join(bundled_models())}); default: the active model, else {DEFAULT_MODEL_PATH.stem}")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--no-gradcam", action="store_true", help="skip Grad-CAM (faster)")
+    parser.add_argument("--gradcam-class", default="predicted", choices=CAM_TARGETS,
+                        help="the class each node's Grad-CAM explains (default: the class predicted for it)")
     parser.add_argument("--no-report", action="store_true", help="skip report.png")
     parser.add_argument("--timings", action="store_true", help="print per-stage seconds as a JSON line last")
     add_input_options(parser, series_uid=True)
@@ -276,11 +283,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     with timer.stage("model"):
         model = load_model(model_path, args.device)
     if dataset is not None:
-        rows = classify_dataset(dataset, out_dir, model, not args.no_gradcam, not args.no_report, timer, InputPolicy.from_args(args))
+        rows = classify_dataset(dataset, out_dir, model, not args.no_gradcam, not args.no_report, timer, InputPolicy.from_args(args),
+                                gradcam_target=args.gradcam_class)
     else:
         case_id = Path(args.ct).name.split(".")[0]
         rows, _ = classify_case_files(args.ct, args.labels, out_dir, model, case_id, not args.no_gradcam, not args.no_report, timer,
-                                      InputPolicy.from_args(args), args.series_uid)
+                                      InputPolicy.from_args(args), args.series_uid, gradcam_target=args.gradcam_class)
         print_case_summary(rows, out_dir, args.no_gradcam, args.no_report)
     timer.seconds["total"] = time.perf_counter() - started
     if args.timings:

@@ -1,24 +1,31 @@
 """Grad-CAM on the TorchScript model, and the CAM mapped back into the CT's physical space.
 
-``gradcam`` explains the **metastatic logit** (the model's single output; positive = metastatic):
-a bright region is one whose activations push the node towards "metastatic". Evidence for "benign"
-is not shown (the ReLU removes it). It runs on the model's exported ``features`` / ``head``
-TorchScript methods, so no hooks are needed:
+``gradcam`` explains, per node, the class the model **predicted** (default) or the class asked for
+(``target="metastatic"`` / ``"benign"``, or one class per node). The model has one output, the
+metastatic logit ``y`` (positive = metastatic), so the two class scores are ``y`` (metastatic) and
+``-y`` (benign: the logit of "benign" against "metastatic"). It runs on the model's exported
+``features`` / ``head`` TorchScript methods, so no hooks are needed:
 
     A = features(x)              (N, K, h, w)   last conv layer's activations, detached, requires grad
     y = head(A)                  (N,)           metastatic logits
-    w_k = mean_{h,w} dy/dA_k                    channel weights
+    s = y or -y                                 the explained class's score, per node
+    w_k = mean_{h,w} ds/dA_k                    channel weights (for -y: minus those of y)
     cam = relu(sum_k w_k A_k)                   (N, h, w)
     cam = bilinear upsample to (H, W) (align_corners=False), divided by its per-node maximum
 
-so each node's map lies in [0, 1] with 1 at its strongest evidence; a map with no positive evidence
-stays all zero.
+so each node's map lies in [0, 1] with 1 at its strongest evidence *for the explained class*. The
+benign map is therefore the negative part of the metastatic class's weighted sum (where activations
+pull the node away from "metastatic"), not the metastatic map inverted: the ReLU comes after the
+sign. A map with no positive evidence for its class stays all zero. With a head linear in the
+pooled features (small_resnet) the map's mean before the ReLU is (s - (+/-) bias) / (h w), so a
+node whose predicted class won by more than the bias always gets a non-empty map.
 
 ``cam_to_volume`` turns the per-node 2D maps into one float32 SimpleITK image on the CT's voxel grid.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -50,48 +57,103 @@ def _unpack_model(model: Any) -> tuple[Any, torch.device, dict | None]:
     raise TypeError("gradcam needs a LoadedModel or a module with 'features' and 'head' methods")
 
 
-def gradcam(model: LoadedModel | nn.Module, patches: np.ndarray, batch_size: int = 32, return_logits: bool = False):
-    """Grad-CAM maps ``(N, H, W)`` float32 in [0, 1] explaining each node's metastatic logit.
+CAM_TARGETS = ("predicted", "metastatic", "benign")
+CLASS_NAMES = {0: "benign", 1: "metastatic"}
 
+
+def gradcam(
+    model: LoadedModel | nn.Module,
+    patches: np.ndarray,
+    batch_size: int = 32,
+    return_logits: bool = False,
+    target: str | Sequence[int] | np.ndarray = "predicted",
+    threshold: float | None = None,
+    return_classes: bool = False,
+):
+    """Grad-CAM maps ``(N, H, W)`` float32 in [0, 1], each explaining one class of its node.
+
+    ``target``: ``"predicted"`` (each node's predicted class: metastatic when its probability is at
+    least ``threshold``, by default the card's ``decision_threshold``, 0.5 for a bare module),
+    ``"metastatic"``, ``"benign"``, or one class per node (1 = metastatic, 0 = benign; pass the
+    pipeline's predictions so the maps explain exactly the classes it reports).
     ``model`` is a LoadedModel (patches are checked against its card) or a (scripted or eager)
-    module with ``features`` and ``head``; it is evaluated in eval mode. With ``return_logits``
-    returns ``(cams, logits)``.
+    module with ``features`` and ``head``; it is evaluated in eval mode. Returns ``cams``, then
+    ``logits`` (with ``return_logits``), then the explained class per node (int64, with
+    ``return_classes``).
     """
     module, device, card = _unpack_model(model)
     batch_size = _check_batch_size(batch_size)
     patches = check_patches(patches, card)
     n, _, height, width = patches.shape
+    fixed_classes = _target_classes(target, n)
+    threshold_logit = _threshold_logit(threshold, card) if fixed_classes is None else 0.0
     cams = np.zeros((n, height, width), dtype=np.float32)
     logits_out = np.zeros((n,), dtype=np.float32)
+    classes = np.zeros((n,), dtype=np.int64)
     was_training = module.training
     module.eval()
     try:
         with torch.inference_mode(False), torch.enable_grad():
             for start in range(0, n, batch_size):
                 x = torch.from_numpy(patches[start:start + batch_size]).to(device)
-                cam, logits = _gradcam_batch(module, x, (height, width))
-                cams[start:start + x.shape[0]] = cam.cpu().numpy()
-                logits_out[start:start + x.shape[0]] = logits.cpu().numpy()
+                stop = start + x.shape[0]
+                batch_classes = None if fixed_classes is None else torch.from_numpy(fixed_classes[start:stop]).to(device)
+                cam, logits, explained = _gradcam_batch(module, x, (height, width), batch_classes, threshold_logit)
+                cams[start:stop] = cam.cpu().numpy()
+                logits_out[start:stop] = logits.cpu().numpy()
+                classes[start:stop] = explained.cpu().numpy()
     finally:
         if was_training:
             module.train()
-    return (cams, logits_out) if return_logits else cams
+    out = (cams,) + ((logits_out,) if return_logits else ()) + ((classes,) if return_classes else ())
+    return out[0] if len(out) == 1 else out
 
 
-def _gradcam_batch(module: Any, x: torch.Tensor, out_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+def _target_classes(target: Any, n: int) -> np.ndarray | None:
+    """Fixed per-node classes (1 metastatic, 0 benign) for ``target``, or None for "predicted"."""
+    if isinstance(target, str):
+        key = target.strip().lower()
+        if key not in CAM_TARGETS:
+            raise InputError(f"Unknown Grad-CAM class '{target}'; choose one of {', '.join(CAM_TARGETS)}.")
+        return None if key == "predicted" else np.full(n, 1 if key == "metastatic" else 0, dtype=np.int64)
+    classes = np.asarray(target).reshape(-1)
+    if classes.shape != (n,) or not np.isin(classes, (0, 1)).all():
+        raise InputError(f"Grad-CAM needs one class per node (1 = metastatic, 0 = benign) for {n} nodes, got {classes.tolist()[:10]}; pass the predictions.")
+    return classes.astype(np.int64)
+
+
+def _threshold_logit(threshold: float | None, card: dict | None) -> float:
+    """The decision threshold on the probability, as a logit (the predicted class is logit >= it)."""
+    if threshold is None:
+        threshold = float(card["decision_threshold"]) if card is not None else 0.5
+    if not 0.0 <= threshold <= 1.0:
+        raise InputError(f"The decision threshold must lie in [0, 1], got {threshold}; use the model card's.")
+    if threshold <= 0.0:
+        return -math.inf
+    if threshold >= 1.0:
+        return math.inf
+    return math.log(threshold / (1.0 - threshold))
+
+
+def _gradcam_batch(
+    module: Any, x: torch.Tensor, out_size: tuple[int, int], classes: torch.Tensor | None, threshold_logit: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     fmap = module.features(x).detach().requires_grad_(True)
     logits = module.head(fmap).reshape(-1)
     if logits.shape[0] != x.shape[0]:
         raise RuntimeError(f"the model's head returned {logits.shape[0]} logits for {x.shape[0]} patches; expected one per node")
+    if classes is None:
+        classes = (logits.detach() >= threshold_logit).to(torch.int64)
+    sign = (2 * classes - 1).to(logits.dtype)  # +1: metastatic score y, -1: benign score -y
     # Each logit depends only on its own node's feature map (eval mode), so the gradient of the
     # sum gives every node's own gradient in one backward pass.
-    (grads,) = torch.autograd.grad(logits.sum(), fmap)
+    (grads,) = torch.autograd.grad((sign * logits).sum(), fmap)
     weights = grads.mean(dim=(2, 3), keepdim=True)
     cam = torch.relu((weights * fmap).sum(dim=1, keepdim=True))
     cam = torch.nn.functional.interpolate(cam, size=out_size, mode="bilinear", align_corners=False)[:, 0]
     peak = cam.amax(dim=(1, 2), keepdim=True)
     cam = torch.where(peak > 0, cam / peak.clamp_min(torch.finfo(cam.dtype).tiny), torch.zeros_like(cam))
-    return cam.detach().float().clamp_(0.0, 1.0), logits.detach().float()
+    return cam.detach().float().clamp_(0.0, 1.0), logits.detach().float(), classes
 
 
 # --------------------------------------------------------------------------------------------
@@ -302,3 +364,23 @@ def cam_to_volume(cams: np.ndarray, node_patches: Sequence[Any], ct_image: sitk.
     out.SetDirection(ct_image.GetDirection())
     out.SetOrigin(ct_image.TransformIndexToPhysicalPoint([int(v) for v in lower]))
     return out
+
+
+CAM_METADATA_KEY = "LymphNodeClassifier_GradCamClasses"
+
+
+def label_cam_volume(cam_volume: sitk.Image, node_ids: Sequence[int], cam_classes: Sequence[int]) -> sitk.Image:
+    """Record in `cam_volume`'s metadata (a NRRD header field once written) which class each node's
+    map explains: ``"1:benign 2:metastatic ..."`` (node id: class). Returns the same image."""
+    if len(node_ids) != len(cam_classes):
+        raise ValueError(f"got {len(cam_classes)} Grad-CAM classes for {len(node_ids)} nodes")
+    cam_volume.SetMetaData(CAM_METADATA_KEY, " ".join(f"{int(i)}:{CLASS_NAMES[int(c)]}" for i, c in zip(node_ids, cam_classes)))
+    return cam_volume
+
+
+def cam_classes_of(cam_volume: sitk.Image) -> dict[int, str]:
+    """{node id: class name} recorded by `label_cam_volume` (empty when the image has none)."""
+    if not cam_volume.HasMetaDataKey(CAM_METADATA_KEY):
+        return {}
+    pairs = (item.split(":", 1) for item in cam_volume.GetMetaData(CAM_METADATA_KEY).split())
+    return {int(node): name for node, name in pairs}

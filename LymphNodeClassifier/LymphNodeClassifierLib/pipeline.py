@@ -16,7 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import CancelledError
-from .gradcam import cam_to_volume, gradcam
+from .gradcam import cam_to_volume, gradcam, label_cam_volume
 from .inference import predict
 from .model import LoadedModel
 from .nodes import NodeInfo, extract_nodes
@@ -36,6 +36,7 @@ class ClassificationResult:
     component_image: sitk.Image
     cams: np.ndarray | None = None
     cam_volume: sitk.Image | None = None
+    cam_classes: np.ndarray | None = None  # per node, the class its Grad-CAM map explains (1 metastatic, 0 benign; gradcam.CLASS_NAMES)
     messages: list[str] = field(default_factory=list)  # notes on the case (e.g. how the label map was resampled)
     warnings: list[list[str]] = field(default_factory=list)  # per node (same order as nodes): reasons not to trust its probability
 
@@ -84,8 +85,11 @@ def classify_images(
     progress: ProgressCallback | None = None,
     is_cancelled: Callable[[], bool] | None = None,
     policy: InputPolicy = InputPolicy(),
+    gradcam_target: str = "predicted",
 ) -> ClassificationResult:
     """Classify every node of `labels` (a label map on or around `ct`) with `model`.
+
+    Grad-CAM explains each node's predicted class, or the class `gradcam_target` names (gradcam.CAM_TARGETS).
 
     The CT and label map are checked by `validate` (HU, geometry policy) under `policy`.
     """
@@ -125,12 +129,14 @@ def classify_images(
     threshold = float(model.card["decision_threshold"])
     predictions = (probabilities >= threshold).astype(np.int64)
 
-    cams = cam_volume = None
+    cams = cam_volume = cam_classes = None
     if with_gradcam:
         checkpoint(0.7, "Computing Grad-CAM")
         with timer.stage("gradcam"):
-            cams = gradcam(model, batch)
-            cam_volume = cam_to_volume(cams, patches, ct)
+            # The reported predictions themselves, so each map explains exactly the class shown.
+            target = predictions if gradcam_target == "predicted" else gradcam_target
+            cams, cam_classes = gradcam(model, batch, target=target, return_classes=True)
+            cam_volume = label_cam_volume(cam_to_volume(cams, patches, ct), [node.node_id for node in nodes], cam_classes)
 
     checkpoint(1.0, "Done")
     return ClassificationResult(
@@ -142,6 +148,7 @@ def classify_images(
         component_image=component_image,
         cams=cams,
         cam_volume=cam_volume,
+        cam_classes=cam_classes,
         messages=messages,
         warnings=warnings,
     )

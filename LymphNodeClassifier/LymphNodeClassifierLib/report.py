@@ -36,6 +36,8 @@ TILE_SOURCE_NONE = "no node images"
 # weak attributions would otherwise tint the whole field and hide the CT.
 CAM_DISPLAY_THRESHOLD = 0.2
 DEFAULT_CAM_OPACITY = 0.4
+TITLE_LINE_IN = 0.3  # height of one more title line
+CAM_CLASS_NAMES = ("benign", "metastatic")  # as gradcam.CLASS_NAMES (not imported: this module stays torch-free)
 NEUTRAL_NODE_COLOR = (0.0, 0.8, 1.0)  # contour colour when no probability is known
 
 # letters at the (left, right, top, bottom) edges of each view, radiological convention
@@ -59,6 +61,8 @@ class FigureLayout:
     width_px: int
     height_px: int
     tile_source: str = ""
+    title_lines: tuple[str, ...] = ()  # the title as drawn, wrapped to the figure's width
+    tile_captions: tuple[str, ...] = ()  # each node tile's second line (size, label, the class its Grad-CAM explains)
 
 
 # -- shared drawing helpers ------------------------------------------------------------------------
@@ -270,6 +274,7 @@ def write_report(
     field_of_view_mm: float | None = None,
     cam_opacity: float = DEFAULT_CAM_OPACITY,
     notes: Sequence[str] = (),
+    cam_classes: Sequence[int] | None = None,
 ) -> FigureLayout:
     """Write the report PNG (atomically): node tiles with titles, then the summary table and a footer.
 
@@ -277,6 +282,8 @@ def write_report(
     without them the tiles are drawn from `patches` (`NodePatch`, axial view) and `cams` (each
     node's 2D Grad-CAM on its patch grid); with neither, the report holds the table only.
     `window` and `field_of_view_mm` are only quoted in the footer; `notes` are extra footer lines.
+    `cam_classes` (1 metastatic, 0 benign per node; `ClassificationResult.cam_classes`) names the
+    class each tile's Grad-CAM explains. A long title is wrapped (up to three lines), not cut.
     """
     nodes = list(nodes)
     n = len(nodes)
@@ -288,6 +295,8 @@ def write_report(
         raise ValueError(f"got {len(patches)} patches for {n} nodes")
     if cams is not None and tiles is None and patches is not None and len(cams) != n:
         raise ValueError(f"got {len(cams)} CAMs for {n} nodes")
+    if cam_classes is not None and len(cam_classes) != n:
+        raise ValueError(f"got {len(cam_classes)} Grad-CAM classes for {n} nodes")
 
     if tiles is not None and n:
         source = TILE_SOURCE_SLICER
@@ -318,24 +327,28 @@ def write_report(
     if window is not None and source != TILE_SOURCE_NONE:
         how += f", window {window[0]:g} to {window[1]:g} HU"
     how += ". Radiological convention: patient right on the image's left."
+    explained = "each node's predicted class" if cam_classes is None else _explained_classes_text(cam_classes, predictions)
     lines = [
         how,
-        f"Outline colour: probability of metastasis; heat overlay: Grad-CAM (where the model looked). "
-        f"Predicted metastatic when P ≥ {100 * threshold:.0f} %.",
+        f"Outline colour: probability of metastasis; heat overlay: Grad-CAM of {explained} "
+        f"(where the model found evidence for it). Predicted metastatic when P ≥ {100 * threshold:.0f} %.",
         *notes,
         f"LymphNodeClassifier {__version__}, {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}. "
         "Research use only: not a diagnosis.",
     ]
     # wrapped to the figure's width (8.5 pt text: about 15 characters per inch)
     lines = [part for line in lines for part in textwrap.wrap(line, width=int((width_in - 2 * margin_in) * 15)) or [""]]
-    title = textwrap.shorten(title, width=int((width_in - 2 * margin_in) * 6.5), placeholder=" …")  # 16 pt bold
+    title_lines = _title_lines(title, width_in - 2 * margin_in)
+    title_in += TITLE_LINE_IN * (len(title_lines) - 1)
     footer_in = 0.8 + 0.2 * len(lines)
     height_in = title_in + tile_rows * (tile_title_in + tile_in + gap_in) + 0.25 + table_in + footer_in
     figure = _figure(width_in, height_in)
 
     # title
     top = height_in - 0.3
-    figure.text(margin_in / width_in, top / height_in, title, ha="left", va="center", fontsize=16, fontweight="bold", color=_TEXT)
+    for k, line in enumerate(title_lines):
+        figure.text(margin_in / width_in, top / height_in, line, ha="left", va="center", fontsize=16, fontweight="bold", color=_TEXT)
+        top -= TITLE_LINE_IN if k < len(title_lines) - 1 else 0.0
     n_positive = int(np.sum(np.asarray(predictions, dtype=int)))
     summary = f"{n} node{'s' if n != 1 else ''} · {n_positive} predicted metastatic (P ≥ {100 * threshold:.0f} %)"
     figure.text(margin_in / width_in, (top - 0.3) / height_in, summary, ha="left", va="center", fontsize=10.5, color=_MUTED)
@@ -343,6 +356,7 @@ def write_report(
     # tiles, centred horizontally
     grid_width = columns * tile_in + max(columns - 1, 0) * gap_in
     grid_left = (width_in - grid_width) / 2
+    captions: list[str] = []
     for index, node in enumerate(nodes if columns else []):
         row, column = divmod(index, columns)
         left = grid_left + column * (tile_in + gap_in)
@@ -360,9 +374,11 @@ def write_report(
         centre_x = (left + tile_in / 2) / width_in
         figure.text(centre_x, (bottom + tile_in + 0.36) / height_in, f"Node {node.node_id} — {round(100 * probability)} % metastatic",
                     ha="center", va="center", fontsize=12, fontweight="bold", color=_TEXT)
-        figure.text(centre_x, (bottom + tile_in + 0.13) / height_in,
-                    f"short axis {node.short_axis_mm:.1f} mm · label {node.label_value}",
-                    ha="center", va="center", fontsize=9.5, color=_MUTED)
+        caption = f"short axis {node.short_axis_mm:.1f} mm · label {node.label_value}"
+        if cam_classes is not None:
+            caption += f" · CAM: {CAM_CLASS_NAMES[int(cam_classes[index])]}"
+        captions.append(caption)
+        figure.text(centre_x, (bottom + tile_in + 0.13) / height_in, caption, ha="center", va="center", fontsize=9.5, color=_MUTED)
 
     # summary table
     table_top = height_in - title_in - tile_rows * (tile_title_in + tile_in + gap_in) - 0.15
@@ -395,4 +411,26 @@ def write_report(
         _probability_legend(figure, width_in - margin_in - 2.0, max(footer_top - 0.2 * len(lines) - 0.3, 0.12), 2.0)
 
     width_px, height_px = _save(figure, path)
-    return FigureLayout(rows=tile_rows, columns=columns, width_px=width_px, height_px=height_px, tile_source=source)
+    return FigureLayout(
+        rows=tile_rows, columns=columns, width_px=width_px, height_px=height_px, tile_source=source,
+        title_lines=tuple(title_lines), tile_captions=tuple(captions),
+    )
+
+
+def _title_lines(title: str, width_in: float) -> list[str]:
+    """The title wrapped to `width_in` (16 pt bold: about 6.5 characters per inch), at most three
+    lines; only a title longer than that is shortened, at the end of its last line."""
+    width = max(int(width_in * 6.5), 10)
+    lines = textwrap.wrap(title, width=width) or [""]
+    if len(lines) > 3:
+        lines = [*lines[:2], textwrap.shorten(" ".join(lines[2:]), width=width, placeholder=" …")]
+    return lines
+
+
+def _explained_classes_text(cam_classes: Sequence[int], predictions: Sequence[int]) -> str:
+    classes = [int(c) for c in cam_classes]
+    if classes == [int(p) for p in predictions]:
+        return "each node's predicted class"
+    if len(set(classes)) == 1:
+        return f"the {CAM_CLASS_NAMES[classes[0]]} class"
+    return "the class named on each tile"
