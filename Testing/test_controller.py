@@ -11,6 +11,7 @@ import pytest
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip install slicer-core)")
 
+import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 
 from LymphNodeClassifierLib.curation import JOURNAL_FILE, read_journal  # noqa: E402
@@ -171,8 +172,15 @@ def test_messages_after_a_classification_with_resampled_labels(controller):
     coarse_size = [int(n / f) for n, f in zip(labels.GetSize(), (1.5, 1.5, 1.0))]
     coarse = sitk.Resample(labels, coarse_size, sitk.Transform(), sitk.sitkNearestNeighbor, labels.GetOrigin(),
                            coarse_spacing, labels.GetDirection(), 0, labels.GetPixelID())
+    # and one speck far too small to classify: the result warns about that node
+    array = sitk.GetArrayFromImage(coarse)
+    background = np.argwhere(array == 0)
+    k, j, i = background[len(background) // 2]
+    array[k, j, i] = 99
+    speck = sitk.GetImageFromArray(array)
+    speck.CopyInformation(coarse)
     coarse_node = controller.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "coarse labels")
-    update_volume_node_from_sitk_image(coarse_node, coarse)
+    update_volume_node_from_sitk_image(coarse_node, speck)
     controller.set_inputs(ct_node, coarse_node)
     outputs = controller.classify(window=(-160.0, 240.0), device="cpu")  # the mediastinum preset, not the card's
 
@@ -183,6 +191,10 @@ def test_messages_after_a_classification_with_resampled_labels(controller):
     assert any("resampl" in m.lower() for m in state.messages)
     assert any("-160..240" in m and "trained with" in m for m in state.messages)
     assert "DISPLAYED" in state.window_help and "card" in state.window_help
+    speck_nodes = [n for n in outputs.nodes if n.label_value == 99]
+    assert len(speck_nodes) == 1
+    assert any(line.startswith(f"node {speck_nodes[0].node_id} (label 99): ") and "too small" in line for line in state.warnings), state.warnings
+    assert len(state.warnings) == sum(len(w) for w in outputs.result.warnings)
     assert state.results_table is outputs.table_node
     assert state.layers.label is None and state.layers.background is ct_node  # the label layer is emptied
     assert state.layers.foreground is outputs.gradcam_node and state.layers.foreground_opacity > 0

@@ -18,7 +18,7 @@ Public API (`PanelController(scene, ...)`):
   after every change; ``on_job_error``: ``callback(message, details)`` when a background job fails
   (a failed foreground action raises instead).
 - Functions: ``training_options(parameters)``, ``window_fields(preset, low, high)``, ``preset_window``,
-  ``intended_use_text(card)``, ``centroid_of_table_row(table_node, row)``.
+  ``intended_use_text(card)``, ``node_warning_lines(nodes, warnings)``, ``centroid_of_table_row(table_node, row)``.
 - Classify tab: ``set_inputs(ct_node, labels_node)``, ``set_model(model_path)`` ("" = the active
   model; updates ``intended_use``), ``models()``, ``active_model_path()``, ``resolved_model_path()``,
   ``load_sample_case() -> (ct_node, labels_node)``, ``classify(window, device, progress) ->
@@ -219,6 +219,15 @@ def training_options(parameters) -> dict:
     else:
         options["split_fractions"] = (0.8, 0.1, 0.1)
     return options
+
+
+def node_warning_lines(nodes, warnings) -> tuple:
+    """One line per warning: ClassificationResult.warnings holds a list per node (same order as the nodes)."""
+    lines = []
+    for node, node_warnings in zip(nodes, warnings or []):
+        for warning in [node_warnings] if isinstance(node_warnings, str) else node_warnings:
+            lines.append(f"node {node.node_id} (label {node.label_value}): {warning}")
+    return tuple(lines)
 
 
 def centroid_of_table_row(table_node, row: int):
@@ -467,7 +476,7 @@ class PanelController:
         count = len(outputs.nodes)
         self._messages = (f"{count} lymph node{'s' if count != 1 else ''} classified.",
                           *[str(m) for m in getattr(result, "messages", []) or []])
-        self._warnings = tuple(str(w) for w in getattr(result, "warnings", []) or [])
+        self._warnings = node_warning_lines(outputs.nodes, getattr(result, "warnings", None))
         self._results_table = outputs.table_node
         gradcam = outputs.gradcam_node
         # the probability-coloured segments replace the input label map in the views
