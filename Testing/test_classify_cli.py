@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,8 +22,17 @@ from LymphNodeClassifierLib.dataset import Dataset
 from LymphNodeClassifierLib.geometry import physical_points_of_indices
 from LymphNodeClassifierLib.model import load_model
 from LymphNodeClassifierLib.phantoms import generate_cohort
+from helpers import export_untrained_model
 
 OUTPUTS = ("nodes.csv", "nodes.seg.nrrd", "gradcam.nrrd", "report.png")
+LIDC = Path(__file__).resolve().parents[2] / "shared" / "data" / "lidc-nodules"
+lidc = pytest.mark.skipif(not (LIDC / "labels.csv").is_file(), reason=f"LIDC nodule crops not found at {LIDC} (only CI has ../shared beside the clone)")
+
+
+@pytest.fixture(autouse=True)
+def no_active_model(tmp_path, monkeypatch):
+    """Without --model, classify takes the user's active model: keep the tester's own out of the tests."""
+    monkeypatch.setenv("LYMPHNODECLASSIFIER_MODELS", str(tmp_path / "user-models"))
 
 
 def read_rows(path):
@@ -140,3 +150,40 @@ def test_demo_writes_the_sample_case_outputs_and_the_patch_montage(tmp_path, cap
     assert len(rows) == len(Dataset.load(SAMPLE_DATASET).nodes)
     printed = capsys.readouterr().out
     assert printed.count(" -> ") == len(rows) and json.loads(printed.strip().splitlines()[-1])["total"] > 0
+
+
+@lidc
+@pytest.mark.parametrize("how", ["--merge-components", "--components"])
+def test_classify_and_evaluate_count_the_same_nodes_as_the_import_defined_them(tmp_path, capsys, how):
+    """LIDC-IDRI-0069_R_1's mask has 2 connected components in ONE file (one nodule): before the
+    manifest recorded the import's choice, classify split it and evaluate merged it (10 vs 9 nodes
+    over these 9 files). Now both follow the case's node_definition; the truth is counted here
+    independently (files, or 26-connected components per file)."""
+    with open(LIDC / "labels.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    chosen = [r for r in rows if r["case"] == "LIDC-IDRI-0069_R_1"] + [r for r in rows if r["case"] != "LIDC-IDRI-0069_R_1"][:8]
+    table = tmp_path / "nine.csv"
+    with table.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(chosen)
+    components = {r["case"]: int(sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.ReadImage(str(LIDC / r["mask"])) != 0, True)).max())
+                  for r in chosen}
+    assert components["LIDC-IDRI-0069_R_1"] == 2 and sum(components.values()) == 10
+    expected = {case: (1 if how == "--merge-components" else n) for case, n in components.items()}
+    dataset = tmp_path / "lidc"
+    assert cli.main(["import", "--labels", str(table), "--root", str(LIDC), "--out", str(dataset), "--case-col", "case",
+                     "--patient-col", "patient_id", "--label-col", "Diagnosis", "--positive", "Malign", "--negative", "Benign", how]) == 0
+    assert {c.node_definition for c in Dataset.load(dataset).cases} == {"label_value" if how == "--merge-components" else "component"}
+    model = export_untrained_model(tmp_path / "m.pt", size=16, spacing_mm=2.0)
+    assert cli.main(["classify", "--dataset", str(dataset), "--out", str(tmp_path / "classified"), "--model", str(model),
+                     "--no-gradcam", "--no-report"]) == 0
+    classified: dict[str, int] = {}
+    for row in read_rows(tmp_path / "classified" / "nodes.csv"):
+        classified[row["case_id"]] = classified.get(row["case_id"], 0) + 1
+    assert cli.main(["evaluate", "--dataset", str(dataset), "--out", str(tmp_path / "evaluated"), "--model", str(model), "--bootstrap", "0"]) == 0
+    evaluated: dict[str, int] = {}
+    for row in read_rows(tmp_path / "evaluated" / "predictions.csv"):
+        evaluated[row["case_id"]] = evaluated.get(row["case_id"], 0) + 1
+    capsys.readouterr()
+    assert classified == evaluated == expected
