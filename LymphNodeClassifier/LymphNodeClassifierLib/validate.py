@@ -287,8 +287,8 @@ def check_ct(ct: sitk.Image, source: str | os.PathLike = "", policy: InputPolicy
         return
     array = sitk.GetArrayViewFromImage(ct)
     low, high = HU_AIR_RANGE
-    step = max(1, array.shape[0] // 16)  # a sample of slices first; the full volume before refusing
-    for sample in (array[::step], array) if step > 1 else (array,):
+    step = max(1, array.shape[0] // 16)  # a sample first (16 slices, every 4th voxel in-plane); the full volume before refusing
+    for sample in (array[::step, ::4, ::4], array):
         if np.count_nonzero((sample >= low) & (sample <= high)) >= max(1, MIN_AIR_FRACTION * sample.size):
             return
         fat_low, fat_high = HU_FAT_RANGE
