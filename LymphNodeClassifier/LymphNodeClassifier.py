@@ -219,28 +219,30 @@ class LymphNodeClassifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.ui.openDatasetButton.connect("clicked(bool)", self.onOpenDataset)
         self.ui.curationTableView.connect("selectionChanged()", self.onCurationSelectionChanged)
         self.ui.loadCaseButton.connect("clicked(bool)", self.onLoadCase)
-        self.ui.markMetastaticButton.connect("clicked(bool)", lambda: self._edit(lambda: c.relabel(1), _("Failed to relabel the node.")))
-        self.ui.markBenignButton.connect("clicked(bool)", lambda: self._edit(lambda: c.relabel(0), _("Failed to relabel the node.")))
-        self.ui.excludeNodeButton.connect("clicked(bool)", lambda: self._edit(
+        self.ui.markMetastaticButton.connect("clicked(bool)", lambda: self._call(lambda: c.relabel(1), _("Failed to relabel the node.")))
+        self.ui.markBenignButton.connect("clicked(bool)", lambda: self._call(lambda: c.relabel(0), _("Failed to relabel the node.")))
+        self.ui.excludeNodeButton.connect("clicked(bool)", lambda: self._call(
             lambda: c.exclude_node(self.ui.excludeReasonLineEdit.text), _("Failed to exclude the node.")))
-        self.ui.includeNodeButton.connect("clicked(bool)", lambda: self._edit(c.include_node, _("Failed to include the node.")))
-        self.ui.excludeCaseButton.connect("clicked(bool)", lambda: self._edit(
+        self.ui.includeNodeButton.connect("clicked(bool)", lambda: self._call(c.include_node, _("Failed to include the node.")))
+        self.ui.excludeCaseButton.connect("clicked(bool)", lambda: self._call(
             lambda: c.exclude_case(self.ui.excludeReasonLineEdit.text), _("Failed to exclude the case.")))
-        self.ui.includeCaseButton.connect("clicked(bool)", lambda: self._edit(c.include_case, _("Failed to include the case.")))
-        self.ui.saveNodeNoteButton.connect("clicked(bool)", lambda: self._edit(
+        self.ui.includeCaseButton.connect("clicked(bool)", lambda: self._call(c.include_case, _("Failed to include the case.")))
+        self.ui.saveNodeNoteButton.connect("clicked(bool)", lambda: self._call(
             lambda: c.save_node_note(self.ui.noteLineEdit.text), _("Failed to save the note.")))
-        self.ui.saveCaseNoteButton.connect("clicked(bool)", lambda: self._edit(
+        self.ui.saveCaseNoteButton.connect("clicked(bool)", lambda: self._call(
             lambda: c.save_case_note(self.ui.noteLineEdit.text), _("Failed to save the note.")))
         self.ui.reviewButton.connect("clicked(bool)", self.onReview)
         self.ui.reviewTableView.connect("selectionChanged()", self.onReviewSelectionChanged)
         self.ui.suspectsTableView.connect("selectionChanged()", self.onSuspectSelectionChanged)
         self.ui.findSuspectsButton.connect("clicked(bool)", self.onFindSuspects)
-        self.ui.cancelSuspectsButton.connect("clicked(bool)", lambda: c.cancel_suspect_search(wait=False))
+        self.ui.cancelSuspectsButton.connect("clicked(bool)", lambda: self._call(
+            lambda: c.cancel_suspect_search(wait=False), _("Failed to stop the suspect search.")))
 
         # Training sub-tab
         self.ui.startTrainingButton.connect("clicked(bool)", self.onStartTraining)
         self.ui.showRocCheckBox.connect("toggled(bool)", c.set_show_roc)
-        self.ui.cancelTrainingButton.connect("clicked(bool)", lambda: c.cancel_training(wait=False))
+        self.ui.cancelTrainingButton.connect("clicked(bool)", lambda: self._call(
+            lambda: c.cancel_training(wait=False), _("Failed to cancel the training.")))
         self.ui.makeActiveButton.connect("clicked(bool)", self.onMakeActive)
         self.ui.trainedModelComboBox.connect("currentIndexChanged(int)", self.onTrainedModelChosen)
 
@@ -570,9 +572,6 @@ class LymphNodeClassifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     def onReviewSelectionChanged(self) -> None:
         self._jumpTo(self._call(lambda: self.controller.select_review(self._selectedRow(self.ui.reviewTableView)),
                                 _("Failed to select the node.")))
-
-    def _edit(self, action, failure: str) -> None:
-        self._call(action, failure)
 
     def onReview(self) -> None:
         if self._call(lambda: self.controller.review(progress=lambda done, total: slicer.app.processEvents()),
