@@ -216,6 +216,10 @@ def test_wrong_format_and_unknown_version(tmp_path):
         (lambda d: d["nodes"].append(dict(d["nodes"][0])), "two nodes with label value 1 in case 'P0001-S1'"),
         (lambda d: d.update(generator=[1]), "'generator' that is not an object"),
         (lambda d: d["cases"].__setitem__(0, "P0001-S1"), "not a JSON object"),
+        (lambda d: d["cases"][0].update(case_id="../../escaped"), "cannot name its output folder .it holds a path separator"),
+        (lambda d: d["cases"][0].update(case_id=".hidden"), "cannot name its output folder .it starts with a dot"),
+        (lambda d: d["cases"][0].update(case_id="new\nline"), "control character"),
+        (lambda d: d["cases"][0].update(node_definition="blob"), "'node_definition' = 'blob' but it must be one of: label_value, component"),
     ],
 )
 def test_each_validation_error_is_one_clear_sentence(tmp_path, mutate, message):
@@ -245,3 +249,30 @@ def test_create_refuses_an_existing_dataset_or_a_file(built, tmp_path):
     a_file.write_text("x")
     with pytest.raises(InputError, match="is a file"):
         Dataset.create(a_file, "x")
+
+
+def test_node_definition_is_kept_when_set_and_absent_means_one_node_per_label_value(tmp_path):
+    data = _minimal()
+    data["cases"][1]["node_definition"] = "component"
+    data["cases"][2]["node_definition"] = "label_value"
+    folder = _write(tmp_path / "ds", data)
+    dataset = Dataset.load(folder)
+    assert [c.node_definition for c in dataset.cases] == [None, "component", "label_value"]
+    assert [c.per_label_value for c in dataset.cases] == [True, False, True]
+    assert "node_definition" not in dataset.cases[0].to_dict()  # a file without it reads back unchanged
+    dataset.save()
+    assert [case.get("node_definition") for case in json.loads(dataset.path.read_text())["cases"]] == [None, "component", "label_value"]
+    added = dataset.add_case("P0003-S1", "P0003", "a.nrrd", "b.nrrd", node_definition="component")
+    assert added.to_dict()["node_definition"] == "component" and not added.per_label_value
+
+
+def test_missing_file_names_the_file_and_that_paths_are_relative_to_the_dataset(tmp_path):
+    dataset = Dataset.load(_write(tmp_path / "ds", _minimal()))
+    case = dataset.cases[0]
+    message = dataset.missing_file(case)
+    assert "CT file" in message and str(dataset.ct_path(case)) in message and f"relative to {dataset.folder}" in message
+    dataset.ct_path(case).parent.mkdir(parents=True)
+    dataset.ct_path(case).write_bytes(b"x")
+    assert "label file" in dataset.missing_file(case)
+    dataset.labels_path(case).write_bytes(b"x")
+    assert dataset.missing_file(case) is None

@@ -50,3 +50,91 @@ def test_ensure_folder_creates_parents_and_refuses_files_in_one_line(tmp_path):
         ensure_folder(blocker, "blocker is a file")
     with pytest.raises(InputError, match=r"^Cannot create the model folder .*file\.txt.sub \(.+\); pick another\.$"):
         ensure_folder(blocker / "sub", "unused", what="model folder", advice="pick another")
+
+
+# ---------------------------------------------------------------------------- output folders
+
+
+def test_names_from_tables_are_checked_and_made_safe():
+    from LymphNodeClassifierLib.fileio import name_problem, safe_file_name
+
+    for name in ("P0001-S1", "LIDC-IDRI-0069_R_1", "case 7", "ü-umlaut"):
+        assert name_problem(name) is None, name
+    for name, words in (("../../escaped", "separator"), ("a/b", "separator"), ("a\\b", "separator"), ("x\x00y", "control"),
+                        ("line\nbreak", "control"), (".", "dot"), ("..", "dot"), (".staging-1", "dot"), ("  ", "empty"), ("", "empty")):
+        assert words in name_problem(name), name
+        assert name_problem(safe_file_name(name)) is None and "/" not in safe_file_name(name)
+    assert safe_file_name("../../escaped") == "escaped" and safe_file_name("a b/c") == "a_b_c" and safe_file_name("..") == "case"
+
+
+def test_path_inside_refuses_names_that_would_leave_the_folder(tmp_path):
+    from LymphNodeClassifierLib.errors import InputError
+    from LymphNodeClassifierLib.fileio import path_inside
+
+    assert path_inside(tmp_path, "C1") == tmp_path / "C1"
+    for name in ("../x", "/etc", "..", "a/../../b"):
+        with pytest.raises(InputError, match="cannot be used for an output"):
+            path_inside(tmp_path, name)
+
+
+def test_check_writable_refuses_a_file_or_a_folder_that_cannot_be_written(tmp_path):
+    from LymphNodeClassifierLib.errors import InputError
+    from LymphNodeClassifierLib.fileio import check_writable_file, check_writable_folder
+
+    assert check_writable_folder(tmp_path / "new" / "out") == tmp_path / "new" / "out" and (tmp_path / "new" / "out").is_dir()
+    assert sorted(p.name for p in (tmp_path / "new" / "out").iterdir()) == []  # the probe file is gone
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(InputError, match="^--out .*file is a file, not a folder"):
+        check_writable_folder(blocker)
+    with pytest.raises(InputError, match="is a folder; give a file name such as"):
+        check_writable_file(tmp_path)
+    with pytest.raises(InputError, match="which is a file; give a path inside a folder"):
+        check_writable_file(blocker / "model.pt")
+    with pytest.raises(InputError, match="^Cannot create the folder of the output file"):
+        check_writable_file(blocker / "sub" / "model.pt")
+    assert check_writable_file(tmp_path / "m" / "model.pt") == tmp_path / "m" / "model.pt"
+
+
+def test_stale_staging_of_a_dead_process_is_removed_a_live_ones_kept(tmp_path):
+    import subprocess
+    import sys
+
+    from LymphNodeClassifierLib.fileio import remove_stale_staging, staging_folder
+
+    mine = staging_folder(tmp_path)
+    assert mine.name.startswith(f".staging-{os.getpid()}-")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    stale = tmp_path / "case" / f".staging-{dead.stdout.strip()}-abc"
+    stale.mkdir(parents=True)
+    (stale / "nodes.csv").write_text("half")
+    unnamed = tmp_path / ".staging-x7k2"  # an older version's name, without a process id
+    unnamed.mkdir()
+    deep = tmp_path / "a" / "b" / ".staging-1-zz"  # deeper than asked
+    deep.mkdir(parents=True)
+    removed = remove_stale_staging(tmp_path)
+    assert sorted(removed) == sorted([stale, unnamed])
+    assert mine.is_dir() and deep.is_dir() and not stale.exists() and (tmp_path / "case").is_dir()
+
+
+def test_replace_folder_swaps_a_folder_a_file_or_a_symlink_as_a_whole(tmp_path):
+    from LymphNodeClassifierLib.fileio import replace_folder, staging_folder
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("keep")
+    for old in ("folder", "file", "symlink", "nothing"):
+        target = tmp_path / f"target-{old}"
+        if old == "folder":
+            target.mkdir()
+            (target / "report.png").write_text("old")
+        elif old == "file":
+            target.write_text("old")
+        elif old == "symlink":
+            target.symlink_to(outside, target_is_directory=True)
+        staging = staging_folder(tmp_path)
+        (staging / "nodes.csv").write_text("new")
+        replace_folder(staging, target)
+        assert target.is_dir() and not target.is_symlink() and sorted(p.name for p in target.iterdir()) == ["nodes.csv"], old
+    assert sorted(p.name for p in outside.iterdir()) == ["keep.txt"]
+    assert not list(tmp_path.glob(".staging-*"))

@@ -264,3 +264,21 @@ def test_ten_real_lidc_rows_import_load_measure_and_patch(tmp_path):
     assert (patchset.x[:, 0, 28:36, 28:36] > 0).all()  # the middle of the axial view is inside the CT
     edge = sum(n.touches_first_or_last_slice for n in result.nodes)
     assert 0 < edge <= 10
+
+
+@pytest.mark.parametrize("merge, definition", [(True, "label_value"), (False, "component")])
+def test_each_case_records_the_node_definition_and_every_reader_follows_it(table, tmp_path, merge, definition):
+    labels, root = table
+    import_table(labels, root, tmp_path / "ds", merge_components=merge, **OPTIONS)
+    dataset = Dataset.load(tmp_path / "ds")
+    assert {case.node_definition for case in dataset.cases} == {definition}
+    patchset = build_patchset(dataset, PatchSpec(size=16, spacing_mm=(2.0, 2.0, 2.0)), (-1000.0, 400.0))
+    assert len(patchset) == len(dataset.nodes) == (3 if merge else 6) and patchset.problems == []
+
+
+def test_a_label_value_that_matches_no_row_is_an_error_before_anything_is_written(table, tmp_path):
+    labels, root = table
+    for option, value in (("positive", "malignant"), ("negative", ["Benign", "bening"])):
+        with pytest.raises(InputError, match=f"--{option} '{'malignant' if option == 'positive' else 'bening'}' matches no row of column 'Diagnosis'"):
+            import_table(labels, root, tmp_path / "ds", **{**OPTIONS, option: value})
+        assert not (tmp_path / "ds").exists()

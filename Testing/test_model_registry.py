@@ -136,3 +136,31 @@ def test_resolve_model_prefers_active_then_bundled(tmp_path, model_file):
     assert model_registry.resolve_model(folder, bundled) == shipped
     active = model_registry.install_model(folder, model_file, make_active=True)
     assert model_registry.resolve_model(folder, bundled) == active
+
+
+def test_choose_model_takes_a_path_a_bundled_name_or_the_active_model(tmp_path, model_file, monkeypatch):
+    bundled = tmp_path / "bundled"
+    bundled.mkdir()
+    default = export_model(bundled / "lymph_node_phantom.pt", "default")
+    lung = export_model(bundled / "lung_nodule_lidc.pt", "lung")
+    folder = tmp_path / "user"
+    monkeypatch.setenv(model_registry.ENV_VAR, str(folder))
+    assert model_registry.bundled_models(bundled) == {"lung_nodule_lidc": lung, "lymph_node_phantom": default}
+    assert model_registry.choose_model(None, bundled_dir=bundled) == default  # nothing active: the bundled default
+    assert model_registry.choose_model("lung_nodule_lidc", bundled_dir=bundled) == lung
+    assert model_registry.choose_model("lung_nodule_lidc.pt", bundled_dir=bundled) == lung
+    assert model_registry.choose_model(str(model_file), bundled_dir=bundled) == model_file
+    model_registry.set_active_model(folder, model_file)
+    assert model_registry.choose_model(None, bundled_dir=bundled) == model_file.resolve()  # like the Slicer panel
+    for wrong in ("lung_nodule", "some/dir/lung_nodule_lidc", str(tmp_path / "missing.pt")):
+        with pytest.raises(InputError, match="does not exist: no such file, and no bundled model has that name; .*lung_nodule_lidc, lymph_node_phantom"):
+            model_registry.choose_model(wrong, bundled_dir=bundled)
+    model_registry.set_active_model(folder, None)
+    with pytest.raises(InputError, match="No model is active and the bundled default model is missing"):
+        model_registry.choose_model(None, bundled_dir=tmp_path / "none")
+
+
+def test_the_real_bundled_models_are_selectable_by_name():
+    names = model_registry.bundled_models()
+    assert {"lung_nodule_lidc", "lymph_node_phantom"} <= set(names)
+    assert read_card(model_registry.choose_model("lung_nodule_lidc"))["name"].startswith("Lung nodule malignancy")

@@ -65,6 +65,8 @@ def check_writable_file(path: str | os.PathLike, option: str = "--out", example:
     path = Path(path)
     if path.is_dir():
         raise InputError(f"{option} {path} is a folder; give a file name such as {path / example}.")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise InputError(f"{option} {path} lies in {path.parent}, which is a file; give a path inside a folder.")
     check_writable_folder(path.parent, option, what="folder of the output file")
     return path
 
