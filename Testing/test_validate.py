@@ -409,3 +409,34 @@ def test_import_accepts_a_dicom_series_folder_in_the_image_column(tmp_path, file
     stored = dataset.ct_path(dataset.cases[0])
     assert stored.is_dir() if files == "reference" else stored.suffix == ".nrrd"
     np.testing.assert_array_equal(sitk.GetArrayFromImage(validate.read_image(stored)), sitk.GetArrayFromImage(series))
+
+
+@pytest.mark.parametrize("case, words", [
+    ("truncated", ["incomplete or corrupt"]),
+    ("mr_like", ["does not look like a CT in Hounsfield units", "--not-hu-ok"]),
+    ("outside", ["does not overlap the CT"]),
+    ("strict_shift", ["--strict-geometry", "(30.0 mm)"]),
+    ("strict_spacing", ["--strict-geometry", "spacing (1.35, 1.05, 3.75) mm"]),
+])
+def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path, untrained_model, capsys, case, words):
+    ct = image(ct_array())
+    mask = ball_mask(centre=(12, 50, 60))
+    ct_path, labels_path = tmp_path / "ct.nii.gz", tmp_path / "labels.nrrd"
+    extra = []
+    if case == "mr_like":
+        ct = image(np.random.default_rng(1).uniform(0, 4000, (24, 96, 96)).astype(np.int16))
+    sitk.WriteImage(ct, str(ct_path), True)
+    if case == "truncated":
+        data = ct_path.read_bytes()
+        ct_path.write_bytes(data[: len(data) // 2])
+    label = image(mask, SPACING, ct.GetOrigin(), DIRECTION)
+    if case == "outside":
+        label = image(mask, SPACING, (2000.0, 0.0, 0.0), DIRECTION)
+    elif case.startswith("strict"):
+        label = _label_moved(ct, mask, "shift30" if case == "strict_shift" else "spacing1.5")
+        extra = ["--strict-geometry"]
+    sitk.WriteImage(label, str(labels_path))
+    out = tmp_path / "out"
+    code, _, err = run_cli(["classify", "--ct", ct_path, "--labels", labels_path, "--out", out, "--model", untrained_model, *extra], capsys)
+    assert_one_line_error(code, err, *words)
+    assert not out.exists() or not [p for p in out.rglob("*") if p.is_file()]
