@@ -271,12 +271,10 @@ def node_record(dataset: Path, label_value: int) -> dict:
 # ---- fixtures --------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    """The bundled sample dataset, copied, with a two-row suspects.csv (the `suspects` command's columns)."""
+def sample_dataset_with_suspects(folder: Path) -> Path:
+    """The bundled sample dataset copied to `folder`, with a two-row suspects.csv (the `suspects` command's columns)."""
     from LymphNodeClassifierLib.suspects import CSV_COLUMNS
 
-    folder = tmp_path_factory.mktemp("review") / "sample"
     shutil.copytree(SAMPLE_DATASET, folder)
     manifest = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
     labels = {n["label_value"]: n["metastatic"] for n in manifest["nodes"]}
@@ -290,6 +288,11 @@ def dataset(tmp_path_factory) -> Path:
                              "oof_probability": 0.9 if given == 0 else 0.1, "suspicion": 0.9, "cleanlab_issue": "true",
                              "suggested_label": 1 - given, "fold": 0, "true_label": given, "label_flipped": "false"})
     return folder
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return sample_dataset_with_suspects(tmp_path_factory.mktemp("review") / "sample")
 
 
 @pytest.fixture(scope="module")
@@ -426,6 +429,10 @@ def test_suspect_click_selects_and_centres_on_its_node(alice, driver, truth):
         np.testing.assert_allclose(centre, truth[2], atol=0.01)
     ranks = {row["label_value"]: row["rank"] for row in state(driver, "nodes")}
     assert (ranks[4], ranks[2], ranks[1]) == ("1", "2", "")
+    # the page names cases by id only: a path is no case of the served dataset
+    driver.execute_script("window.trame.trigger('open_case', ['../../../etc/passwd'])")
+    wait_for(lambda: state(driver, "error"), what="the error line")
+    assert "../../../etc/passwd" in state(driver, "error") and state(driver, "case_id") == CASE_ID
 
 
 @needs_browser
@@ -447,6 +454,15 @@ def test_loopback_station_refuses_foreign_host_and_origin(alice):
 
     assert status({}) == 200
     assert status({"Host": f"rebound.example:{alice.port}"}) == 403  # DNS rebinding: a foreign name resolving here
+    for escape in ("/../../../etc/passwd", "/%2e%2e/%2e%2e/%2e%2e/etc/passwd", "/images/P0001-S1_ct.nrrd"):
+        request = urllib.request.Request(f"http://127.0.0.1:{alice.port}{escape}")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                body = response.read()
+            code = response.status
+        except urllib.error.HTTPError as error:
+            code, body = error.code, b""
+        assert code in (403, 404) and b"root:" not in body, f"{escape} answered {code}"
 
     async def websocket_status(origin: str) -> int:
         async with aiohttp.ClientSession() as session:

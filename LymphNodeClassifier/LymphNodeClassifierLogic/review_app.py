@@ -400,6 +400,7 @@ class ReviewStation:
         return self._act(self._open_case, str(case_id))
 
     def _open_case(self, case_id: str):
+        self.controller.curation.dataset.case(case_id)  # only a case of the served dataset (InputError otherwise)
         self.controller.select(case_id, None)
         self.controller.load_selected_case()
         self._show_layers(fit=True)
@@ -498,11 +499,17 @@ class ReviewStation:
         self._outline_segments()
 
     def _outline_segments(self) -> None:
-        """Node outlines only (no fill), so the CT under a node stays readable."""
+        """Node outlines only (no fill), so the CT under a node stays readable; Grad-CAM below the
+        report's display threshold transparent (as in report.png's tiles: the faint rest of each
+        node's map would otherwise tint whole boxes of the CT)."""
+        from LymphNodeClassifierLib.report import CAM_DISPLAY_THRESHOLD
+
         loaded = self.controller.curation.loaded
         outputs = loaded.outputs if loaded is not None else None
         if outputs is None or outputs.segmentation_node is None:
             return
+        if outputs.gradcam_node is not None and outputs.gradcam_node.GetDisplayNode() is not None:
+            outputs.gradcam_node.GetDisplayNode().SetLowerThreshold(CAM_DISPLAY_THRESHOLD)
         display = outputs.segmentation_node.GetDisplayNode()
         if display is not None:
             display.SetVisibility2DFill(False)
@@ -579,11 +586,11 @@ class ReviewStation:
                             v.VBtn("Benign (b)", color="green-darken-2", id="lnc-benign", click=(self.read, "[0]"),
                                    disabled=("selected === null || !!busy",))
                             v.VTextField(v_model=("exclude_reason",), label="Exclude reason", density="compact", hide_details=True,
-                                         style="max-width: 220px", id="lnc-reason")
+                                         style="min-width: 180px; max-width: 220px", id="lnc-reason")
                             v.VBtn("Exclude (x)", id="lnc-exclude", click=self.exclude, disabled=("selected === null || !!busy",))
                             v.VBtn("Include", id="lnc-include", click=self.include, disabled=("selected === null || !!busy",))
                             v.VTextField(v_model=("note_text",), label="Note", density="compact", hide_details=True,
-                                         style="max-width: 260px", id="lnc-note")
+                                         style="min-width: 180px; max-width: 260px", id="lnc-note")
                             v.VBtn("Save note", id="lnc-save-note", click=self.save_note, disabled=("selected === null || !!busy",))
                             v.VBtn("Next node (n)", id="lnc-next", click=(self.step_node, "[1]"), disabled=("!nodes.length",))
                             v.VBtn("Classify this case", id="lnc-classify", color="primary", click=self.classify_case,
