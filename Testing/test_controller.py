@@ -331,3 +331,33 @@ def test_the_views_change_only_when_the_opacity_does(controller, model_path):
     layers = controller.state().layers
     assert layers is not shown and layers.foreground_opacity == 0.7 and layers.foreground is outputs.gradcam_node
     assert layers.label is None
+
+
+def test_the_suspect_search_runs_in_the_background_and_a_cancel_keeps_the_old_list(controller, dataset_folder):
+    """States of the second background job (its full run is H2's scenario and the Slicer self-test's)."""
+    errors = []
+    controller.on_job_error = lambda message, details: errors.append(message)
+    with pytest.raises(InputError, match="No dataset is open"):
+        controller.start_suspect_search()
+    previous = "rank,case_id,label_value\n1,P0001-S1,1\n"
+    (dataset_folder / "suspects.csv").write_text(previous, encoding="utf-8")
+    controller.open_dataset(str(dataset_folder))
+    assert controller.state().suspects_table.GetNumberOfRows() == 1
+    search = controller.start_suspect_search()
+    state = controller.state()
+    assert state.suspects.phase == ctl.RUNNING and state.polling
+    assert not state.enabled[ctl.FIND_SUSPECTS] and state.enabled[ctl.CANCEL_SUSPECTS]
+    with pytest.raises(InputError, match="already running"):
+        controller.start_suspect_search()
+    pid = search.pid
+    controller.cancel_suspect_search()
+    assert controller.state().suspects.phase in (ctl.CANCELLING, ctl.CANCELLED)
+    assert not controller.state().enabled[ctl.CANCEL_SUSPECTS]
+    deadline = time.monotonic() + 60
+    while controller.poll() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    state = controller.state()
+    assert state.suspects.phase == ctl.CANCELLED and not errors, (state.suspects, errors)
+    assert not _alive(pid)
+    assert (dataset_folder / "suspects.csv").read_text(encoding="utf-8") == previous
+    assert state.suspects_table.GetNumberOfRows() == 1 and state.enabled[ctl.FIND_SUSPECTS]
