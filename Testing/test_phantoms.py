@@ -347,8 +347,8 @@ def test_command_line(tmp_path, capsys):
     assert "already holds a dataset" in capsys.readouterr().err
     assert main(["--out", str(tmp_path / "x"), "--cases", "0"]) == 2
     assert main(["--out", str(tmp_path / "y"), "--cases", "1", "--label-noise", "1.5"]) == 2
-    with pytest.raises(SystemExit):
-        main(["--cases", "2"])  # --out is required (argparse exits)
+    assert main(["--cases", "2"]) == 2  # --out is required: one line, exit 2
+    assert "--out" in capsys.readouterr().err.splitlines()[-1]
 
 
 def test_module_runs_as_a_script():
@@ -365,6 +365,76 @@ def test_bad_arguments_raise_input_errors(tmp_path):
         generate_cohort(tmp_path / "c", 1, 1, label_noise=-0.1)
     with pytest.raises(InputError):
         generate_case(-3)
+
+
+# ---- generator settings: what a scanner and a patient change --------------------------------------
+
+
+def _noise_of(seed: int, **settings) -> tuple[np.ndarray, np.ndarray]:
+    """(noise, its CT) of a small case: the CT minus the same case rendered practically noise-free.
+    A (low, high) range always takes one draw, so both renderings share every other random number."""
+    options = dict(n_nodes=2, n_metastatic=1, spacing_mm=0.9, slice_thickness_mm=5.0, tilt=False)
+    quiet = generate_case(seed, PhantomConfig(noise_sigma_hu=(0.001, 0.002), **settings), **options)
+    noisy = generate_case(seed, PhantomConfig(noise_sigma_hu=(20.0, 20.001), **settings), **options)
+    ct = sitk.GetArrayFromImage(noisy.ct).astype(np.float64)
+    return ct - sitk.GetArrayFromImage(quiet.ct), ct
+
+
+def _block_mean_variance_ratio(noise: np.ndarray, block: int = 8) -> float:
+    """Variance of 8x8 in-plane block means over the pixel variance: the share of low-frequency noise power."""
+    k, h, w = noise.shape
+    blocks = noise[:, : h // block * block, : w // block * block].reshape(k, h // block, block, w // block, block).mean(axis=(2, 4))
+    return float(blocks.var() / noise.var())
+
+
+def test_sharp_kernel_noise_lacks_the_low_frequencies_of_the_smooth_kernel():
+    smooth, _ = _noise_of(5, noise_kernels=("smooth",))
+    sharp, _ = _noise_of(5, noise_kernels=("sharp",))
+    for noise in (smooth, sharp):
+        assert 17.0 < noise.std() < 23.0  # the drawn 20 HU (int16 rounding and HU clipping aside)
+    # white noise would give 1/64 = 0.016; low-pass noise more, band-pass far less
+    assert _block_mean_variance_ratio(smooth) > 0.03
+    assert _block_mean_variance_ratio(sharp) < 0.5 * _block_mean_variance_ratio(smooth)
+    with pytest.raises(InputError, match="noise kernel"):
+        PhantomConfig(noise_kernels=("bone",))
+
+
+def test_settings_change_only_what_they_model():
+    base = generate_case(8, n_nodes=3, n_metastatic=1, tilt=False)
+    late = generate_case(8, PhantomConfig(contrast_timing=(1.5, 1.6), aorta_hu=(100.0, 250.0)), n_nodes=3, n_metastatic=1, tilt=False, return_tissue=True)
+    assert base.nodes == late.nodes and base.scanner == late.scanner  # same patient, same scanner draws
+    ct_base, ct_late = sitk.GetArrayFromImage(base.ct), sitk.GetArrayFromImage(late.ct)
+    aorta = sitk.GetArrayFromImage(late.tissue) == TISSUES["aorta"]
+    assert aorta.sum() > 100
+    assert np.median(ct_late[aorta]) < np.median(ct_base[aorta]) - 30  # delayed phase: the aorta fades
+    coarse = generate_case(8, PhantomConfig(node_texture_wavelength_mm=(9.0, 10.0)), n_nodes=3, n_metastatic=1, tilt=False)
+    assert [n["short_axis_mm"] for n in coarse.nodes] == [n["short_axis_mm"] for n in base.nodes]  # texture, not size
+
+
+def test_presets_and_overrides():
+    from LymphNodeClassifierLib.phantoms import PRESETS, preset_config
+
+    unseen = preset_config("unseen")
+    default = PhantomConfig()
+    assert preset_config("default") == default
+    for name, value in PRESETS["unseen"].items():
+        assert getattr(unseen, name) == tuple(value) and getattr(default, name) != getattr(unseen, name), name
+    assert not set(unseen.slice_thickness_choices_mm) & set(default.slice_thickness_choices_mm)  # never seen in training
+    with pytest.raises(InputError, match="preset"):
+        preset_config("nope")
+    with pytest.raises(InputError, match="Unknown phantom setting"):
+        PhantomConfig.with_overrides({"noise_sigma": (1, 2)})
+
+
+def test_command_line_preset_records_its_settings(tmp_path):
+    out = tmp_path / "unseen"
+    assert main(["--out", str(out), "--cases", "2", "--seed", "4", "--preset", "unseen", "--quiet"]) == 0
+    dataset = Dataset.load(out)
+    config = dataset.generator["config"]
+    assert config["slice_thickness_choices_mm"] == [1.5, 3.75, 4.0] and config["noise_kernels"] == ["sharp", "smooth"]
+    for case in dataset.cases:
+        assert case.extra["phantom"]["slice_thickness_mm"] in (1.5, 3.75, 4.0)
+        assert case.extra["phantom"]["noise_kernel"] in ("sharp", "smooth")
 
 
 # ---- the bundled sample case ---------------------------------------------------------------------
