@@ -63,7 +63,7 @@ class InputPolicy:
     """How strict the input check is: the same two options in every command."""
 
     strict_geometry: bool = False  # refuse a label map on another grid instead of resampling it
-    not_hu_ok: bool = False  # accept a CT without any voxel in the air / lung HU range
+    not_hu_ok: bool = False  # accept a CT with neither air/lung nor fat HU values
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "InputPolicy":
@@ -80,7 +80,7 @@ def add_input_options(parser: argparse.ArgumentParser, series_uid: bool = False)
     parser.add_argument(STRICT_GEOMETRY_OPTION, action="store_true",
                         help="refuse a label map whose grid differs from the CT's instead of resampling it")
     parser.add_argument(NOT_HU_OPTION, action="store_true",
-                        help="accept a CT with no voxel in the air/lung range (-1200..-200 HU), e.g. a tight soft-tissue crop")
+                        help="accept a CT with neither air/lung (-1200..-200 HU) nor fat (-200..-30 HU), e.g. a tight crop of an organ")
     if series_uid:
         parser.add_argument(SERIES_UID_OPTION, default=None,
                             help="SeriesInstanceUID to read when the CT folder holds several DICOM series")
@@ -276,13 +276,18 @@ def read_dicom_series(folder: Path, what: str = "CT", series_uid: str | None = N
 # checks
 
 
+def _naming(error: InputError, source: str | os.PathLike) -> str:
+    """The check's sentence with the file it is about."""
+    return f"{str(error).rstrip('.')} ({source})." if str(source) else str(error)
+
+
 def check_ct(ct: sitk.Image, source: str | os.PathLike = "", policy: InputPolicy = InputPolicy()) -> None:
     """Raise InputError unless `ct` is a usable 3D CT in HU (see the module docstring)."""
     where = f" {source}" if str(source) else ""
     try:
         check_ct_image(ct)
     except InputError as error:
-        raise InputError(f"{error} ({source})" if where else str(error)) from None
+        raise InputError(_naming(error, source)) from None
     if policy.not_hu_ok:
         return
     array = sitk.GetArrayViewFromImage(ct)
@@ -307,7 +312,7 @@ def labels_on_ct(ct: sitk.Image, labels: sitk.Image, source: str | os.PathLike =
     try:
         on_ct, _, note = prepare_label_image(ct, labels, strict_geometry=policy.strict_geometry)
     except InputError as error:
-        raise InputError(f"{error} ({source})" if str(source) else str(error)) from None
+        raise InputError(_naming(error, source)) from None
     return on_ct, [note] if note else []
 
 
