@@ -37,6 +37,7 @@ from slicer import (
 # The option lists of the parameter node and the panel's decisions live in the Qt-free controller
 # (LymphNodeClassifierLogic/controller.py, shared with the browser review station); that module
 # imports nothing heavy, so the module file loads before PyTorch is installed.
+import LymphNodeClassifierLogic.controller as panel  # binds `panel` only: `LymphNodeClassifierLogic` is the Logic class below
 from LymphNodeClassifierLogic.controller import (
     DEVICE_NAMES,
     TRAIN_ARCHITECTURES,
@@ -196,7 +197,7 @@ class LymphNodeClassifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.controller.on_job_error = self._showJobError
         # One timer polls both background processes (training, suspect search); no training happens in Slicer itself.
         self._pollTimer = qt.QTimer()
-        self._pollTimer.setInterval(panel().POLL_INTERVAL_MS)
+        self._pollTimer.setInterval(panel.POLL_INTERVAL_MS)
         self._pollTimer.connect("timeout()", self.onPollTimer)
         self.controller.add_listener(self._render)
 
@@ -304,13 +305,13 @@ class LymphNodeClassifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         parameters = self._parameterNode
         if not parameters:
             return
-        low, high, editable = panel().window_fields(parameters.windowPreset, parameters.windowLow, parameters.windowHigh)
+        low, high, editable = panel.window_fields(parameters.windowPreset, parameters.windowLow, parameters.windowHigh)
         self.ui.windowLowSpinBox.enabled = editable
         self.ui.windowHighSpinBox.enabled = editable
         if (parameters.windowLow, parameters.windowHigh) != (low, high):
             with slicer.util.NodeModify(parameters):
                 parameters.windowLow, parameters.windowHigh = low, high
-        self.ui.trainFoldsSpinBox.enabled = parameters.trainSplit == panel().TRAIN_SPLIT_KFOLD
+        self.ui.trainFoldsSpinBox.enabled = parameters.trainSplit == panel.TRAIN_SPLIT_KFOLD
         if self.ui.datasetFolderPathLineEdit.currentPath != parameters.curationDatasetFolder:
             self.ui.datasetFolderPathLineEdit.currentPath = parameters.curationDatasetFolder
         self._updateModelWidgets()
@@ -325,7 +326,7 @@ class LymphNodeClassifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         """Show a controller state; sets a view's node only when it changed (setMRMLTableNode re-emits selectionChanged)."""
         if state.polling and not self._pollTimer.isActive():
             self._pollTimer.start()  # first: whatever fails below, a started worker stays watched
-        p = panel()
+        p = panel
         buttons = {
             p.CLASSIFY: [self.ui.classifyButton], p.LOAD_SAMPLE: [self.ui.loadSampleCaseButton],
             p.OPEN_DATASET: [self.ui.openDatasetButton], p.LOAD_CASE: [self.ui.loadCaseButton],
@@ -587,7 +588,7 @@ class LymphNodeClassifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     def onStartTraining(self) -> None:
         if not self.ensurePythonDependencies():
             return
-        options = panel().training_options(self._parameterNode)
+        options = panel.training_options(self._parameterNode)
         self._call(lambda: self.controller.start_training(options), _("Failed to start the training."))
 
     # -- dependencies ------------------------------------------------------------------
@@ -627,13 +628,6 @@ class LymphNodeClassifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         return True
 
 
-def panel():
-    """The controller module (option lists, actions and decisions of the panel)."""
-    from LymphNodeClassifierLogic import controller
-
-    return controller
-
-
 #
 # LymphNodeClassifierLogic
 #
@@ -658,7 +652,7 @@ class LymphNodeClassifierLogic(ScriptedLoadableModuleLogic):
     def controller(self):
         """The panel's PanelController on Slicer's scene (created on first use)."""
         if self._controller is None:
-            self._controller = panel().PanelController(slicer.mrmlScene)
+            self._controller = panel.PanelController(slicer.mrmlScene)
         return self._controller
 
     @property
