@@ -21,9 +21,11 @@ Public API (`PanelController(scene, ...)`):
   ``intended_use_text(card)``, ``node_warning_lines(nodes, warnings)``, ``centroid_of_table_row(table_node, row)``.
 - Classify tab: ``set_inputs(ct_node, labels_node)``, ``set_model(model_path)`` ("" = the active
   model; updates ``intended_use``), ``models()``, ``active_model_path()``, ``resolved_model_path()``,
+  ``models_folder()``, ``models_changed()`` (models added / PyTorch installed: read the card again),
   ``load_sample_case() -> (ct_node, labels_node)``, ``classify(window, device, progress) ->
   ClassificationOutputs`` (``messages`` / ``warnings`` then hold what the result says, and
-  ``layers`` the slice-view layers to show: the input label map leaves the label layer).
+  ``layers`` the slice-view layers to show: the input label map leaves the label layer),
+  ``set_gradcam_opacity(opacity)``, ``result_centroid(row)`` (a results-table click).
 - Curation tab: ``set_dataset_folder(path)``, ``open_dataset(folder=None)``; selection:
   ``select(case_id, label_value)``, ``select_row(row)`` (Cases table), ``select_suspect(row)``
   (suspects table: selects that node AND loads its case), ``select_review(row)``; each returns the
