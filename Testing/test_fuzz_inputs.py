@@ -186,6 +186,13 @@ def _label_outside(world, tmp_path):
     return {"labels": write(to_image(label_array(), origin=(970.0, -20.0, 5.0)), tmp_path / "far.nrrd")}, ("overlap",)
 
 
+def _label_partly_outside(world, tmp_path):
+    ct = sitk.ReadImage(str(world["ct"]))
+    shifted = to_image(label_array())
+    shifted.SetOrigin(ct.TransformContinuousIndexToPhysicalPoint((22.0, 0.0, 0.0)))  # the second node now crosses the CT's edge
+    return {"labels": write(shifted, tmp_path / "part.nrrd")}, ("lie outside the CT",)
+
+
 def _empty_label(world, tmp_path):
     return {"labels": write(to_image(np.zeros(SHAPE, np.uint8)), tmp_path / "empty.nrrd")}, ("empty",)
 
@@ -221,7 +228,7 @@ def _unknown_model_name(world, tmp_path):
 
 
 @pytest.mark.parametrize("make_input", [
-    _truncated_ct, _ct_plus_1024, _mr_like, _label_outside, _empty_label, _card_patch_size_edited, _card_spacing_edited,
+    _truncated_ct, _ct_plus_1024, _mr_like, _label_outside, _label_partly_outside, _empty_label, _card_patch_size_edited, _card_spacing_edited,
     _unknown_model_name,
 ], ids=lambda f: f.__name__.strip("_"))
 def test_a_bad_input_is_one_line_exit_2_and_nothing_written(world, tmp_path, capsys, make_input):
@@ -389,14 +396,17 @@ def test_import_label_values_that_match_no_row_are_an_error(world, tmp_path, cap
 # ----------------------------------------------------------------------------------- H3's inputs that are not refusals
 
 
-@pytest.mark.parametrize("how, words", [("shift", "mm"), ("rotate", "degrees"), ("scale", "spacing")])
+@pytest.mark.parametrize("how, words", [("shift", "origin offset (3, 0, 0) mm"), ("rotate", "rotated 30.0 deg"), ("scale", "spacing (2.1, 1.65, 3.75) mm")])
 def test_a_label_on_another_grid_inside_the_ct_is_resampled_with_a_note_or_refused_when_strict(world, tmp_path, capsys, how, words):
     ct = sitk.ReadImage(str(world["ct"]))
     moved = to_image(label_array())
     if how == "shift":
         moved.SetOrigin(tuple(np.array(ct.GetOrigin()) + np.array([3.0, 0.0, 0.0])))
-    elif how == "rotate":
-        moved.SetDirection(tuple((rotation(2, 30) @ np.asarray(TILTED)).ravel()))
+    elif how == "rotate":  # 30 degrees about the image's centre, so that the nodes stay inside the CT
+        turn = rotation(2, 30)
+        centre = np.array(moved.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in moved.GetSize()]))
+        moved.SetOrigin(tuple(centre + turn @ (np.array(moved.GetOrigin()) - centre)))
+        moved.SetDirection(tuple((turn @ np.asarray(TILTED)).ravel()))
     else:  # a 1.5x spacing map of the same place, cropped to lie inside the CT
         half = sitk.Resample(moved, [s // 2 + 1 for s in moved.GetSize()], sitk.Transform(), sitk.sitkNearestNeighbor,
                              moved.GetOrigin(), tuple(1.5 * s for s in moved.GetSpacing()), moved.GetDirection(), 0, moved.GetPixelID())
@@ -404,9 +414,6 @@ def test_a_label_on_another_grid_inside_the_ct_is_resampled_with_a_note_or_refus
     labels = write(moved, tmp_path / f"{how}.nrrd")
     out = tmp_path / "out"
     code, _, err = run(classify_case(world, out, labels=labels), capsys)
-    if code == 2:  # the moved map reaches outside the CT: a refusal is the policy too, in one line
-        assert_refused(code, err, "outside")
-        return
     assert code == 0, err
     rows = list(csv.DictReader((out / "nodes.csv").open()))
     assert rows and all(words in row["notes"] for row in rows), rows[0]["notes"]
@@ -512,3 +519,27 @@ def test_a_closed_stdout_pipe_ends_quietly(world, tmp_path, capsys):
         process.stderr.close()
         assert process.wait(timeout=120) == 141, stderr
         assert stderr == "", stderr
+
+
+def test_a_progress_line_is_ended_before_any_other_output(capsys):
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    progress = cli.ProgressLine("cases", 3, stream=terminal)
+    progress.update(1)
+    progress.note("note: C1: the label map was resampled")
+    progress.update(2)
+    cli.exit_code(lambda: (_ for _ in ()).throw(cli.InputError("The CT is broken; fix it.")))  # an error mid-run
+    text = terminal.getvalue()
+    assert "1/3 cases" in text and text.count("\n") == 3
+    assert "\nnote: C1" in text and text.endswith("s\n")  # the redrawn line ended before the note and before the error
+    assert capsys.readouterr().err == "error: The CT is broken; fix it.\n"
+    logged = io.StringIO()  # not a terminal (a log, a pipe): whole lines, never a carriage return
+    progress = cli.ProgressLine("cases", 20, stream=logged)
+    for done in range(21):
+        progress.update(done)
+    assert "\r" not in logged.getvalue() and logged.getvalue().count("\n") == 11
