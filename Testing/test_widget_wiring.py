@@ -444,7 +444,8 @@ def test_start_training_then_cancel_through_the_buttons_and_one_timer(widget, tm
     assert widget._pollTimer.isActive() and ui.trainingProgressBar.visible
     assert ui.trainingPlotWidget.plot_view_node.GetPlotChartNodeID() == widget.controller.state().training_chart.GetID()
     deadline = time.monotonic() + 120
-    while widget.controller.state().training.progress == 0.0 and time.monotonic() < deadline:
+    starting = widget.controller.state().training.status
+    while widget.controller.state().training.status == starting and time.monotonic() < deadline:  # the worker's first event
         widget._pollTimer.fire()
         time.sleep(0.1)
     ui.cancelTrainingButton.click()
