@@ -7,6 +7,7 @@ import json
 import math
 import os
 import stat
+import sys
 import time
 from pathlib import Path
 
@@ -20,7 +21,10 @@ from LymphNodeClassifierLib.train_worker import options_to_argv  # noqa: E402
 from LymphNodeClassifierLogic import training_process as tp  # noqa: E402
 from helpers import export_untrained_model  # noqa: E402
 
-CANCEL_SECONDS = 5.0
+# The grace period the tests give a cancel before the kill. Whether the worker stopped by itself is
+# told by its own `cancelled` event (a kill leaves a synthesized one); the time only has to stay
+# below the grace, generously, as the shared test machine can be several times overloaded.
+CANCEL_SECONDS = 30.0
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +80,11 @@ def test_curves_and_results_table_from_events():
     node = tp.results_table(done, scene)
     rows = tp.table_rows(node)
     assert [node.GetTable().GetColumnName(c) for c in range(4)] == list(tp.RESULT_COLUMNS)
-    assert [r[0] for r in rows] == ["model", "test nodes (metastatic)", "ACC", "AUC", "Sensitivity", "Specificity", "PPV", "NPV", tp.CONFUSION_ROW]
-    assert rows[-1] == [tp.CONFUSION_ROW, "3 / 1 / 2 / 4", "", "3 / 1 / 2 / 4"]
+    assert [r[0] for r in rows] == ["model", "test nodes (metastatic)", "ACC", "AUC", "Sensitivity", "Specificity", "PPV", "NPV",
+                                    tp.CONFUSION_ROW, "Brier score", "ECE", tp.THRESHOLD_ROW]
+    assert rows[8] == [tp.CONFUSION_ROW, "3 / 1 / 2 / 4", "", "3 / 1 / 2 / 4"]
+    assert rows[9:] == [["Brier score", "n/a", "n/a", "n/a"], ["ECE", "n/a", "n/a", "n/a"], [tp.THRESHOLD_ROW, "", "", ""]]
+    assert tp.reliability_chart(done, scene) == []  # no calibration in these events
     assert rows[0][1] == "job.pt" and "could not be read" in rows[0][2]
     roc = tp.roc_chart(done, scene)  # the active model could not be read: two curves
     chart, roc_table = roc[0], roc[1].GetTable()
@@ -92,6 +99,49 @@ def test_curves_and_results_table_from_events():
     assert rows[3][1] == "0.800 [0.600, 0.950]" and rows[2][1] == "0.700" and rows[5][1] == "n/a" and rows[3][2] == "n/a"
     again = tp.results_table({"event": "done", "comparison": {"error": "no test set"}}, table_node=node)
     assert again is node and tp.table_rows(node) == [["test set", "no test set", "", ""]]
+
+
+def test_calibration_rows_and_reliability_diagram_from_the_worker_metrics():
+    """Issue 13 item 4: Brier / ECE (95 % CI), the threshold rule and a reliability plot per column,
+    from the blocks metrics.calibration writes, checked against scikit-learn's own functions."""
+    import numpy as np
+    from sklearn.calibration import calibration_curve
+    from sklearn.metrics import brier_score_loss
+
+    from LymphNodeClassifierLib.metrics import calibration
+
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 2, 200)
+    p_new = np.clip(0.25 + 0.5 * y + rng.normal(0, 0.15, 200), 0, 1)
+    p_size = (rng.random(200) < 0.3 + 0.4 * y).astype(float)  # a 0/1 rule
+    new = {"threshold": 0.41, "threshold_rule": "youden", "calibration": calibration(y, p_new, n_boot=50, seed=1, groups=np.arange(200) // 2)}
+    size = {"rule": "metastatic when short_axis_mm >= 10", "threshold_rule": "metastatic when short_axis_mm >= 10",
+            "calibration": calibration(y, p_size)}
+    done = {"event": "done", "model_path": "/x/job.pt", "comparison": {
+        "test_set": {"nodes": 200, "metastatic": int(y.sum()), "split": "test split"}, "new_model": new, "active_model": None, "size_rule": size}}
+    scene = slicer.vtkMRMLScene()
+    rows = {row[0]: row for row in tp.results_rows(done)}
+    brier, ci = new["calibration"]["brier"], new["calibration"]["ci95"]["brier"]
+    assert rows["Brier score"][1] == f"{brier_score_loss(y, p_new):.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+    assert rows["Brier score"][3] == f"{brier_score_loss(y, p_size):.3f}" == f"{np.mean(p_size != y):.3f}"
+    assert rows["ECE"][1].startswith(f"{new['calibration']['ece']:.3f} [") and rows["ECE"][2] == "n/a"
+    assert rows[tp.THRESHOLD_ROW][1:] == ["youden: 0.410", "", "metastatic when short_axis_mm >= 10"]
+
+    nodes = tp.reliability_chart(done, scene)
+    chart, table = nodes[0], nodes[1].GetTable()
+    assert chart.IsA("vtkMRMLPlotChartNode") and chart.GetNumberOfPlotSeriesNodes() == 3  # new, size rule, diagonal
+    assert "200 nodes" in chart.GetTitle()
+    fraction, mean_predicted = calibration_curve(y, p_new, n_bins=10, strategy="uniform")
+    series = chart.GetNthPlotSeriesNode(0)
+    x = [table.GetValue(r, table.GetColumnIndex(series.GetXColumnName())).ToDouble() for r in range(table.GetNumberOfRows())]
+    yy = [table.GetValue(r, table.GetColumnIndex(series.GetYColumnName())).ToDouble() for r in range(table.GetNumberOfRows())]
+    shown = [i for i, v in enumerate(x) if math.isfinite(v)]
+    np.testing.assert_allclose([x[i] for i in shown], mean_predicted)
+    np.testing.assert_allclose([yy[i] for i in shown], fraction)
+    size_series = chart.GetNthPlotSeriesNode(1)
+    size_x = [table.GetValue(r, table.GetColumnIndex(size_series.GetXColumnName())).ToDouble() for r in range(table.GetNumberOfRows())]
+    assert [v for v in size_x if math.isfinite(v)] == [0.0, 1.0]  # a 0/1 rule fills the first and last bins only
+    assert chart.GetNthPlotSeriesNode(2).GetName() == "perfectly calibrated"
 
 
 def test_streamed_epochs_fill_the_curves_and_cancel_leaves_no_model(cohort, models):
@@ -113,7 +163,7 @@ def test_streamed_epochs_fill_the_curves_and_cancel_leaves_no_model(cohort, mode
     assert all(loss > 0 for loss in run.curves.column("train_loss"))
 
     started = time.monotonic()
-    run.cancel(wait=True, timeout=10.0)
+    run.cancel(wait=True, timeout=CANCEL_SECONDS)
     elapsed = time.monotonic() - started
     assert not run.process.is_running and elapsed < CANCEL_SECONDS, f"cancel took {elapsed:.1f} s"
     run.wait(timeout=10)
@@ -149,6 +199,14 @@ def test_finished_run_installs_a_model_compared_on_the_same_test_set(cohort, mod
     assert new["n"] == active["n"] == size["n"] == test_nodes
     assert new["n_positive"] == active["n_positive"] == size["n_positive"]
     assert "error" not in active and active["name"] == "previous model"
+    for block in (new, active, size):  # issue 13 item 4: each column's calibration on the same nodes
+        calibration = block["calibration"]
+        assert sum(calibration["reliability"]["counts"]) == test_nodes and 0 <= calibration["ece"] <= 1
+        assert 0 <= calibration["brier"] <= 1 and len(calibration["ci95"]["brier"]) == 2
+        assert block["threshold_rule"]
+    assert new["threshold_rule"] == "youden" and "short_axis_mm >= 10" in size["threshold_rule"]
+    size_error_rate = (size["fp"] + size["fn"]) / size["n"]  # the rule's 0/1 prediction is its probability
+    assert size["calibration"]["brier"] == pytest.approx(size_error_rate)
     assert active["model"]["card_decision_threshold"] == pytest.approx(0.5)
     saved = json.loads(Path(done["metrics_path"]).read_text())
     assert saved["comparison"]["test_set"] == comparison["test_set"] and saved["model_path"] == str(model_path)
@@ -171,7 +229,7 @@ def test_cancel_during_start_up_is_clean(cohort, tmp_path):
         process.poll()
         time.sleep(0.02)
     started = time.monotonic()
-    process.cancel(wait=True, timeout=10.0)
+    process.cancel(wait=True, timeout=CANCEL_SECONDS)
     events = process.wait(timeout=10)
     assert time.monotonic() - started < CANCEL_SECONDS
     assert process.returncode == 130 and events[-1]["event"] == "cancelled" and "synthesized" not in events[-1]
@@ -234,7 +292,9 @@ def test_training_tab_options_match_the_training_config():
     from LymphNodeClassifierLib.training import ARCHITECTURE_NAMES, TrainingConfig
 
     module = ast.parse((Path(tp.MODULE_DIR) / "LymphNodeClassifier.py").read_text(encoding="utf-8"))
-    constants = {t.id: ast.literal_eval(n.value) for n in module.body if isinstance(n, ast.Assign)
+    # the option lists live in the panel's controller (the module file imports them from there)
+    options = ast.parse((Path(tp.MODULE_DIR) / "LymphNodeClassifierLogic" / "controller.py").read_text(encoding="utf-8"))
+    constants = {t.id: ast.literal_eval(n.value) for n in options.body if isinstance(n, ast.Assign)
                  for t in n.targets if isinstance(t, ast.Name) and t.id in ("TRAIN_ARCHITECTURES", "TRAIN_VIEWS", "TRAINING_PARAMETERS", "TRAIN_PATCHES", "TRAIN_PATCH_DEFAULT")}
     assert set(constants["TRAIN_ARCHITECTURES"]) == set(ARCHITECTURE_NAMES)
     assert set(constants["TRAIN_VIEWS"]) == set(VIEW_MODES)
@@ -299,3 +359,192 @@ def test_suspect_worker_reports_a_missing_dataset_in_one_line(tmp_path):
     events = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert code == 2 and events[0]["event"] == "started" and events[-1]["event"] == "error"
     assert "dataset.json" in events[-1]["message"] and "\n" not in events[-1]["message"]
+
+
+
+# --------------------------------------------------------------------------------------------
+# cancel through a launcher that behaves like PythonSlicer (issue 9 item 2)
+#
+# Inside Slicer sys.executable is PythonSlicer, a CTK launcher (commontk/AppLauncher) that runs
+# python-real as a QProcess child and forwards no signal. These stand-ins run the interpreter as
+# their child the same way: one ignores SIGTERM, one dies of it at once (what PythonSlicer does,
+# as it installs no handler), leaving its child orphaned.
+
+LAUNCHER = """#!{python}
+import signal, subprocess, sys
+child = subprocess.Popen([{python!r}, *sys.argv[1:]])  # python-real: same process group, inherited stdin/stdout
+if {ignore_sigterm}:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # neither forwards SIGTERM nor obeys it
+code = child.wait()
+sys.exit(code if code >= 0 else 128 - code)
+"""
+needs_posix = pytest.mark.skipif(os.name != "posix", reason="POSIX process groups and a #! launcher script")
+
+
+def launcher(folder: Path, ignore_sigterm: bool) -> str:
+    path = folder / ("launcher-ignoring-sigterm" if ignore_sigterm else "launcher-dying-of-sigterm")
+    path.write_text(LAUNCHER.format(python=sys.executable, ignore_sigterm=ignore_sigterm))
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return str(path)
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` is a live process (a zombie waiting for its new parent to reap it is not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/stat")
+    if status.is_file():
+        try:
+            text = status.read_text()
+        except OSError:
+            return False
+        return text[text.rfind(")") + 2:].split()[0] not in ("Z", "X")
+    return True
+
+
+def wait_for(condition, process, seconds: float, what: str, step=None) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        (step or process.poll)()
+        time.sleep(0.05)
+    assert condition(), f"{what} did not happen within {seconds:.0f} s: {process.events[-3:]} {process.stderr_tail()[-500:]}"
+
+
+def worker_started(process) -> bool:
+    return any(e.get("event") == "started" for e in process.events)
+
+
+def tree_pids(process) -> tuple[int, int]:
+    """(launcher, worker interpreter): the worker reports its own pid in its `started` event."""
+    launcher_pid = process.pid
+    worker_pid = next(e["pid"] for e in process.events if e.get("event") == "started")
+    assert worker_pid is not None and worker_pid != launcher_pid, "the worker did not run as the launcher's child"
+    return launcher_pid, worker_pid
+
+
+@needs_posix
+@pytest.mark.parametrize("ignore_sigterm", [True, False], ids=["launcher-ignores-SIGTERM", "launcher-dies-of-SIGTERM"])
+def test_cancel_through_a_launcher_stops_the_whole_tree_and_installs_no_model(cohort, models, tmp_path, ignore_sigterm):
+    before = folder_state(models)
+    options = {**tp.TINY_OPTIONS, "epochs": 500, "patience": 500}
+    run = tp.TrainingRun(slicer.vtkMRMLScene(), cohort, models, options, python=launcher(tmp_path, ignore_sigterm))
+    run.start()
+    wait_for(lambda: run.curves.rows >= 1 or run.process.finished, run.process, 120, "the first epoch", step=run.step)
+    assert not run.process.finished, (run.process.events[-3:], run.process.stderr_tail())
+    launcher_pid, worker_pid = tree_pids(run.process)
+    assert alive(launcher_pid) and alive(worker_pid)
+
+    grace = CANCEL_SECONDS
+    started = time.monotonic()
+    run.cancel(wait=True, timeout=grace)
+    elapsed = time.monotonic() - started
+    assert not alive(worker_pid), "python-real still trains after Cancel"
+    assert not alive(launcher_pid) and not run.process.is_running
+    assert elapsed < grace, f"the polite stop did not reach the worker: it was killed after the {grace:.0f} s grace period"
+    run.wait(timeout=10)
+    assert run.outcome == "cancelled", (run.outcome, run.message)
+    final = run.process.final_event
+    assert final["event"] == "cancelled" and "synthesized" not in final, f"the worker did not stop by itself: {final}"
+    assert "no model was written" in run.message
+    time.sleep(1.0)  # a worker left running would go on to write its model
+    assert folder_state(models) == before, "a cancelled run changed the model folder"
+
+
+@needs_posix
+def test_module_close_stops_every_worker_tree(cohort, models, tmp_path):
+    """What the module does on close (and scene close): stop_all_workers leaves no process of any tree alive."""
+    import shutil
+
+    before = folder_state(models)
+    folder = tmp_path / "cohort"
+    shutil.copytree(cohort, folder)
+    training = tp.TrainingProcess(cohort, models, {**tp.TINY_OPTIONS, "epochs": 500, "patience": 500},
+                                  python=launcher(tmp_path, ignore_sigterm=False))
+    search = tp.SuspectsProcess(folder, folds=2, python=launcher(tmp_path, ignore_sigterm=True))
+    training.start()
+    search.start()
+    for process in (training, search):
+        wait_for(lambda: worker_started(process), process, 60, "the worker's start")
+    pids = [pid for process in (training, search) for pid in tree_pids(process)]
+    assert all(alive(pid) for pid in pids)
+
+    started = time.monotonic()
+    stopped = tp.stop_all_workers(timeout=5.0)
+    assert {id(p) for p in stopped} >= {id(training), id(search)}
+    assert time.monotonic() - started < 5.0 + tp.KILL_WAIT_SECONDS
+    assert not [pid for pid in pids if alive(pid)], "a worker process survived module close"
+    for process in (training, search):
+        assert process.finished and process.final_event["event"] == "cancelled"
+    assert folder_state(models) == before
+    assert not (folder / "suspects.csv").exists()
+
+
+@needs_posix
+def test_suspect_search_cancel_through_a_launcher_stops_the_whole_tree(cohort, tmp_path):
+    import shutil
+
+    folder = tmp_path / "cohort"
+    shutil.copytree(cohort, folder)
+    previous = "rank,case_id,label_value\n1,P0001-S1,1\n"
+    (folder / "suspects.csv").write_text(previous, encoding="utf-8")
+    process = tp.SuspectsProcess(folder, folds=2, python=launcher(tmp_path, ignore_sigterm=False))
+    process.start()
+    wait_for(lambda: any(e.get("event") == "progress" for e in process.events) or process.finished, process, 120, "the search's progress")
+    launcher_pid, worker_pid = tree_pids(process)
+    process.cancel(wait=True, timeout=30.0)
+    assert not alive(worker_pid) and not alive(launcher_pid), "the search's python-real survived Cancel"
+    events = process.wait(timeout=10)
+    assert events[-1]["event"] == "cancelled" and "synthesized" not in events[-1], events[-1]
+    time.sleep(1.0)
+    assert (folder / "suspects.csv").read_text(encoding="utf-8") == previous and not (folder / "suspects.json").exists()
+
+
+def test_a_cancel_that_comes_before_the_commit_stops_the_run_and_one_after_it_is_ignored():
+    """The install step is guarded by Cancellation.commit: a cancel is either seen there or ignored."""
+    from LymphNodeClassifierLib.errors import CancelledError
+    from LymphNodeClassifierLib.train_worker import Cancellation
+
+    cancel = Cancellation()
+    cancel.raise_now = False
+    cancel.request()
+    with pytest.raises(CancelledError):
+        cancel.commit()
+    assert not cancel.committed and cancel()
+    late = Cancellation()
+    late.raise_now = False
+    late.commit()
+    late.request()  # the model is being installed: too late to stop
+    late.request_from_thread()
+    assert late.committed and not late() and not late.requested
+
+
+def test_a_cancel_line_on_stdin_requests_a_cancel():
+    from LymphNodeClassifierLib.train_worker import STDIN_CANCEL_LINE, Cancellation
+
+    for payload in (STDIN_CANCEL_LINE.encode() + b"\n", b""):  # the line, or the parent closing the pipe
+        read, write = os.pipe()
+        cancel = Cancellation()
+        thread = cancel.watch_stdin(read)
+        assert not cancel.requested
+        os.write(write, b"noise\n" + payload)
+        if not payload:
+            os.close(write)
+        thread.join(timeout=5)
+        assert cancel.requested and not thread.is_alive()
+        os.close(read)
+        if payload:
+            os.close(write)
+
+
+def test_a_stopped_run_whose_model_was_already_installed_says_so(tmp_path, previous_model):
+    """The parent never says 'no model was written' when the job's model is in the folder."""
+    folder = tmp_path / "models"
+    process = tp.TrainingProcess(tmp_path, folder, job_id="train-late")
+    process._cancel_requested = True
+    assert "no model was written" in process._exit_event(-9)["message"]
+    model_registry.install_model(folder, previous_model, name="train-late")
+    event = process._exit_event(-9)
+    assert event["event"] == "cancelled" and "no model was written" not in event["message"]
+    assert Path(event["model_path"]).name == "train-late.pt"

@@ -25,10 +25,16 @@ What it does, in order:
    the size rule being short axis >= 10 mm); with k-fold they are all nodes, the new model's
    numbers are the pooled out-of-fold ones and the size rule's cut-off is chosen per fold
    (`crossval.cv_metrics`). The current model is run with its own card's preprocessing and
-   threshold (`evaluate.evaluate_patchset`);
-5. exports the model to a hidden temporary file in the output folder and only then, as the very
-   last step, moves it into place as `<job>.pt` (`model_registry.install_model`, never replacing a
-   file) and writes `<job>.metrics.json` (atomically);
+   threshold (`evaluate.evaluate_patchset`). Each of the three also gets its calibration
+   (`calibration`: Brier score, expected calibration error with patient-level bootstrap CIs, the
+   reliability curve; `metrics.calibration`) and `threshold_rule`, how its decision threshold was
+   chosen. The size rule's probability is its own 0/1 prediction: a rule states certainty, so its
+   Brier score is its error rate, and its reliability curve has the bins 0 and 1 only;
+5. exports the model to a hidden temporary file in the output folder; then, in one step that a
+   cancel cannot split (`Cancellation.commit`: a cancel that came first stops the run here, one
+   that comes later is ignored), the run commits, moves the model into place as `<job>.pt`
+   (`model_registry.install_model`, never replacing a file) and writes `<job>.metrics.json`
+   (atomically) -- nothing that a cancel could interrupt comes after the install;
 6. emits `{"event": "done", "job_id", "model_path", "metrics_path", "comparison", "training"}`.
 
 One JSON object per line on stdout, flushed; anything else the process prints goes to stderr (the
@@ -36,9 +42,12 @@ worker moves file descriptor 1 onto stderr and keeps a private copy of stdout fo
 
 Cancel: SIGTERM (and SIGINT; CTRL_BREAK on Windows) sets a flag that training checks before every
 batch (`is_cancelled` -> `errors.CancelledError`); the worker removes its temporary files, emits
-`{"event": "cancelled", "message"}` and exits with 130. Before the model is moved into place a
-cancelled or failed run never leaves a model file; once it is moved, the run counts as finished.
-A broken stdout (the parent is gone) cancels the run too.
+`{"event": "cancelled", "message"}` and exits with 130. With the environment variable
+`LYMPHNODE_WORKER_CANCEL_ON_STDIN=1` (set by `training_process`) a `cancel` line on stdin, or
+stdin's end (the parent is gone), does the same: the one polite stop that also works on Windows,
+where a GUI without a console cannot send CTRL_BREAK. Before the model is moved into place a
+cancelled or failed run never leaves a model file; once the run has committed, a cancel is
+ignored and the run finishes. A broken stdout (the parent is gone) cancels the run too.
 
 Errors: `{"event": "error", "message": one line}`; exit 2 for bad input (`InputError`), 1 otherwise.
 """
@@ -54,6 +63,7 @@ import re
 import shlex
 import signal
 import sys
+import threading
 import time
 import traceback
 from datetime import datetime
@@ -67,6 +77,8 @@ EXIT_ERROR = 1
 EXIT_INPUT = 2
 EXIT_CANCELLED = 130
 TERMINAL_EVENTS = ("done", "cancelled", "error")
+STDIN_CANCEL_ENV = "LYMPHNODE_WORKER_CANCEL_ON_STDIN"
+STDIN_CANCEL_LINE = "cancel"
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
@@ -110,18 +122,20 @@ class Cancellation:
     """The cancel flag; callable as `is_cancelled()`.
 
     While `raise_now` is set (start-up, before anything checks the flag) a signal raises
-    `CancelledError` at once; once `committed` (the model is in place) signals are ignored.
+    `CancelledError` at once; once `committed` (the model is being put in place) requests are ignored.
     """
 
     def __init__(self) -> None:
         self.requested = False
         self.raise_now = True
         self.committed = False
+        self._lock = threading.Lock()  # between `commit` and a request from the stdin thread
 
     def __call__(self) -> bool:
         return self.requested and not self.committed
 
     def request(self, signum: int | None = None, frame: Any = None) -> None:
+        """A signal handler (runs in the main thread, between two bytecodes of whatever it interrupts)."""
         if self.committed:
             return
         self.requested = True
@@ -129,9 +143,52 @@ class Cancellation:
             self.raise_now = False
             raise CancelledError("Training cancelled before it started; no model was written.")
 
+    def request_from_thread(self) -> None:
+        """A cancel request from another thread (stdin): sets the flag; the main thread acts on it."""
+        with self._lock:
+            if not self.committed:
+                self.requested = True
+
     def check(self) -> None:
         if self():
             raise CancelledError("Training cancelled; no model was written.")
+
+    def commit(self) -> None:
+        """From here on the run finishes; raises `CancelledError` if a cancel came first.
+
+        `committed` is set before the flag is read: a signal handler that runs between the two sees
+        `committed` and ignores itself; one that ran before has set `requested`, which is then seen.
+        """
+        with self._lock:
+            self.committed = True
+            if self.requested:
+                self.committed = False
+                raise CancelledError("Training cancelled; no model was written.")
+
+    def watch_stdin(self, fd: int = 0) -> threading.Thread:
+        """Treat a `cancel` line on file descriptor `fd` (stdin), or its end, as a cancel request.
+
+        A daemon thread reads the raw descriptor (os.read, not sys.stdin: a daemon thread blocked
+        inside a buffered stream's lock can abort the interpreter's shutdown).
+        """
+
+        def watch() -> None:
+            received = b""
+            try:
+                while True:
+                    chunk = os.read(fd, 256)
+                    if not chunk:
+                        break
+                    received = (received + chunk)[-256:]
+                    if STDIN_CANCEL_LINE.encode("ascii") in received.splitlines():
+                        break
+            except OSError:
+                pass
+            self.request_from_thread()  # a cancel line, or the parent closed (or lost) the pipe
+
+        thread = threading.Thread(target=watch, name="cancel on stdin", daemon=True)
+        thread.start()
+        return thread
 
     def install(self) -> None:
         """Handle SIGTERM / SIGINT (and SIGBREAK on Windows) as cancel requests (main thread only)."""
@@ -312,9 +369,22 @@ def evaluate_other_model(model_path: Path, dataset, test, n_boot: int, seed: int
     return metrics
 
 
+def rule_calibration(y, prediction, patient_ids, n_boot: int, seed: int) -> dict:
+    """The calibration block of a 0/1 rule, its prediction taken as the probability it states."""
+    from .metrics import calibration
+
+    import numpy as np
+
+    block = calibration(np.asarray(y, dtype=np.int64), np.asarray(prediction, dtype=np.float64), n_boot=n_boot, seed=seed,
+                        groups=np.asarray(patient_ids).astype(str))
+    block["probability"] = "the rule's 0/1 prediction (a rule states certainty: Brier = its error rate)"
+    return block
+
+
 def compare_on_test_set(patchset, test_idx, probability, threshold: float, compare_path: Path | None, dataset,
-                        n_boot: int, seed: int, cache_dir=None, is_cancelled=None, split: str = "test split") -> dict:
-    """New model vs `compare_path` vs the short-axis size rule on the same test nodes."""
+                        n_boot: int, seed: int, cache_dir=None, is_cancelled=None, split: str = "test split",
+                        threshold_rule: str = "youden", threshold_source: str = "validation (Youden's J)") -> dict:
+    """New model vs `compare_path` vs the short-axis size rule on the same test nodes (with each one's calibration)."""
     from .evaluate import evaluate_predictions
 
     import numpy as np
@@ -325,7 +395,11 @@ def compare_on_test_set(patchset, test_idx, probability, threshold: float, compa
     test = patchset.subset(test_idx)
     new = evaluate_predictions(test, probability, threshold, n_boot=n_boot, seed=seed)
     size_rule = new.pop("size_rule")
-    new["threshold_source"] = "validation (Youden's J)"
+    new["threshold_source"] = threshold_source
+    new["threshold_rule"] = threshold_rule
+    size_prediction = np.asarray(test.short_axis_mm, dtype=np.float64) >= float(size_rule["threshold_mm"])
+    size_rule["calibration"] = rule_calibration(test.y, size_prediction, test.patient_ids, n_boot, seed)
+    size_rule["threshold_rule"] = size_rule["rule"]
     comparison = {
         "test_set": {
             "split": split, "nodes": len(test), "metastatic": int(test.y.sum()), "patients": int(len(set(test.patient_ids.tolist()))),
@@ -416,7 +490,8 @@ def run(args: argparse.Namespace, emit: Callable[[dict], None], cancel: Cancella
             comparison = compare_on_test_set(
                 patchset, result.splits["test"], result.probabilities.get("test", np.zeros(0)), result.decision_threshold,
                 compare_path, dataset, args.bootstrap, config.seed, cache_dir=args.cache, is_cancelled=cancel,
-                split="test split (patient-level)",
+                split="test split (patient-level)", threshold_rule=config.threshold_rule,
+                threshold_source=f"validation split: {result.threshold_method}",
             )
         cancel.check()
         name = args.name or f"LymphNodeClassifier model {job}"
@@ -426,8 +501,7 @@ def run(args: argparse.Namespace, emit: Callable[[dict], None], cancel: Cancella
             export_final_model(result, patchset, config, partial, command, cross_validation.metrics, name=name, description=args.description)
         else:
             export_trained_model(result, patchset.summary(), config, partial, command, name=name, description=args.description)
-        cancel.check()
-        cancel.committed = True  # from here on the run finishes: a late cancel is ignored
+        cancel.commit()  # the last point a cancel stops the run; from here on it finishes
         model_path = model_registry.install_model(out_folder, partial, make_active=False, name=job, move=True)
     finally:
         partial.unlink(missing_ok=True)
@@ -467,13 +541,21 @@ def _train_on_all_nodes(patchset, config, inner_val_fraction: float, on_event, i
 
 def compare_cross_validation(cross_validation, compare_path: Path | None, dataset, n_boot: int, seed: int, cache_dir, is_cancelled) -> dict:
     """Pooled out-of-fold metrics of the new configuration vs the current model vs the short-axis rule, on all nodes."""
+    from .crossval import size_rule_predictions
     from .metrics import METRIC_NAMES
+
+    import numpy as np
 
     metrics = cross_validation.metrics
     patchset = cross_validation.patchset
     keys = ("n", "n_positive", "n_negative", *METRIC_NAMES, "tn", "fp", "fn", "tp", "confusion_matrix", "undefined", "ci95",
-            "roc", "prediction_rule", "per_fold_auc", "patients", "bootstrap")
+            "roc", "prediction_rule", "threshold_rule", "calibration", "per_fold_auc", "patients", "bootstrap")
     new = {key: metrics[key] for key in keys if key in metrics}
+    size_rule = dict(metrics["size_rules"]["short_axis_mm"])
+    y = np.asarray(patchset.y, dtype=np.int64)
+    size_prediction, _ = size_rule_predictions(y, np.asarray(patchset.short_axis_mm, dtype=np.float64), cross_validation.fold)
+    size_rule["calibration"] = rule_calibration(y, size_prediction, patchset.patient_ids, n_boot, seed)
+    size_rule["threshold_rule"] = size_rule.get("rule", "")
     comparison = {
         "test_set": {
             "split": f"out-of-fold ({metrics['folds']}-fold by patient): every node, predicted by a model that never saw its patient",
@@ -482,7 +564,7 @@ def compare_cross_validation(cross_validation, compare_path: Path | None, datase
         },
         "new_model": new,
         "active_model": None,
-        "size_rule": metrics["size_rules"]["short_axis_mm"],
+        "size_rule": size_rule,
     }
     if compare_path is not None:
         comparison["active_model"] = evaluate_other_model(compare_path, dataset, patchset, n_boot, seed, cache_dir, is_cancelled)
@@ -508,6 +590,8 @@ def serve(
     cancel = Cancellation()
     if stream is None:
         cancel.install()
+        if os.environ.get(STDIN_CANCEL_ENV) == "1":
+            cancel.watch_stdin()
         stream = _claim_stdout()
     emit = EventWriter(stream, cancel)
     try:

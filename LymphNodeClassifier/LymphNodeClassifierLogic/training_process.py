@@ -4,18 +4,39 @@
   `python -m LymphNodeClassifierLib.train_worker` (see that module for the events) with the
   module folder on PYTHONPATH. `start()`; `poll()` returns the events that arrived since the last
   call without blocking (a reader thread turns stdout lines into dicts; call `poll` from a QTimer);
-  `cancel()` sends SIGTERM (CTRL_BREAK on Windows), waits, and kills the process after a timeout
+  `cancel()` asks the whole worker tree to stop, waits, and kills the tree after a timeout
   (`cancel(wait=False)` returns at once and `poll` kills it when the timeout has passed);
   `is_running`, `returncode`. When the process ends without a final event (killed, crashed), `poll`
-  adds one: `cancelled` after a cancel, else `error` with the last line of its stderr.
+  adds one: `cancelled` after a cancel (saying so if the model had already been installed), else
+  `error` with the last line of its stderr. `stop_all_workers()` stops every worker still running
+  (module close).
+
+  The worker tree. Inside Slicer `sys.executable` is PythonSlicer, a CTK launcher
+  (commontk/AppLauncher, `ctkAppLauncherPrivate::runProcess`) that starts `python-real` as a
+  QProcess child, installs no SIGTERM handler and forwards no signal: a SIGTERM sent to its pid
+  kills the launcher and leaves `python-real` training. So on POSIX the worker is started in a new
+  session (`start_new_session`: the launcher leads a new process group, and `python-real` and any
+  helper it starts inherit that group); the polite stop is SIGTERM to the whole group (`os.killpg`)
+  plus a "cancel" line on the worker's stdin, the kill after the grace period is SIGKILL to the
+  group, and the run counts as ended only when no live process of the group is left, even when the
+  launcher exited first (the group id is the launcher's pid, kept from the start). On Windows
+  (guarded code, not run here): CREATE_NEW_PROCESS_GROUP | CREATE_NO_WINDOW and a hidden-window
+  STARTUPINFO, as Slicer's `slicer.util.launchConsoleProcess` does; the polite stop is the stdin
+  line (a console-less GUI such as Slicer cannot deliver CTRL_BREAK_EVENT, which is still sent in
+  case it can), the kill `taskkill /T /F` on the launcher's and the worker's own pid (the pid that
+  the worker reports in its `started` event).
 - `TrainingCurves(scene)`: a vtkMRMLTableNode (epoch, train_loss, val_loss, val_auc), three
   vtkMRMLPlotSeriesNodes and a vtkMRMLPlotChartNode for the live loss / AUC curves in a plot view.
 - `results_table(done_event)`: a vtkMRMLTableNode comparing the new model, the active model and
   the short-axis size rule on the same test nodes (ACC, AUC, sensitivity, specificity, PPV, NPV
-  with their 95 % CIs, and each one's confusion matrix as TP / FN / FP / TN);
-  `roc_chart(done_event)`: their ROC curves on those nodes as a vtkMRMLPlotChartNode.
+  with their 95 % CIs, each one's confusion matrix as TP / FN / FP / TN, its calibration -- Brier
+  score and expected calibration error with 95 % CIs -- and how its decision threshold was chosen);
+  `roc_chart(done_event)`: their ROC curves on those nodes as a vtkMRMLPlotChartNode;
+  `reliability_chart(done_event)`: their reliability diagrams (fraction metastatic against mean
+  predicted probability per bin, and the diagonal of perfect calibration), another plot chart.
 - `TrainingRun`: the three together, so the Widget only calls `start`, `step` (from its timer),
-  `cancel` and reads `progress`, `status`, `outcome`, `message`, `model_path`, `results_node`, `roc_chart_node`.
+  `cancel` and reads `progress`, `status`, `outcome`, `message`, `model_path`, `results_node`,
+  `roc_chart_node`, `reliability_chart_node`.
 - `scenario_training_process()`: a tiny complete run (phantom cohort, two epochs) for "Reload and
   Test" and the headless tests.
 """
@@ -33,6 +54,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping
@@ -40,7 +62,7 @@ from typing import Any, Mapping
 import slicer
 import vtk
 
-from LymphNodeClassifierLib.train_worker import TERMINAL_EVENTS, options_to_argv
+from LymphNodeClassifierLib.train_worker import STDIN_CANCEL_ENV, STDIN_CANCEL_LINE, TERMINAL_EVENTS, options_to_argv
 
 MODULE_DIR = Path(__file__).resolve().parents[1]
 WORKER_MODULE = "LymphNodeClassifierLib.train_worker"
@@ -50,6 +72,8 @@ RESULT_METRICS = (("ACC", "accuracy"), ("AUC", "auc"), ("Sensitivity", "sensitiv
                   ("PPV", "ppv"), ("NPV", "npv"))
 RESULT_COLUMNS = ("metric", "new model", "active model", "size rule")
 CONFUSION_ROW = "TP / FN / FP / TN"  # the confusion matrix of each column at its operating point
+CALIBRATION_METRICS = (("Brier score", "brier"), ("ECE", "ece"))  # from each block's `calibration`
+THRESHOLD_ROW = "decision threshold rule"
 ROC_SERIES = (("new model", "new_model", (0.84, 0.15, 0.16)), ("active model", "active_model", (0.5, 0.5, 0.5)),
               ("size rule", "size_rule", (0.12, 0.47, 0.71)))
 # The tiny run of the self-test: 32 px patches at 1.58 mm (same field of view as 64 px at 0.79 mm),
@@ -59,6 +83,10 @@ TINY_OPTIONS = {
     "split_fractions": (0.5, 0.25, 0.25), "patience": 5, "bootstrap": 100, "num_threads": 1,
 }
 TINY_COHORT = {"cases": 8, "seed": 3}
+
+
+KILL_WAIT_SECONDS = 10.0  # how long a killed tree may take to disappear (a process in uninterruptible I/O)
+_live_processes: "weakref.WeakSet[TrainingProcess]" = weakref.WeakSet()  # for stop_all_workers (module close)
 
 
 def new_job_id() -> str:
@@ -99,6 +127,8 @@ class TrainingProcess:
         self._cancel_requested = False
         self._kill_deadline: float | None = None
         self._finished = False
+        self._group: int | None = None  # POSIX: the process group of the whole tree (= the launched program's pid)
+        self.worker_pid: int | None = None  # the interpreter that runs the worker (python-real under PythonSlicer)
 
     def command(self) -> list[str]:
         return [self.python, "-m", WORKER_MODULE, "--dataset", str(self.dataset), "--out-folder", str(self.out_folder),
@@ -110,16 +140,26 @@ class TrainingProcess:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(MODULE_DIR)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         env["PYTHONIOENCODING"] = "utf-8"
+        env[STDIN_CANCEL_ENV] = "1"  # the worker stops on a "cancel" line (or end) of its stdin
         self._stderr = tempfile.TemporaryFile()
         kwargs: dict[str, Any] = {}
         if os.name == "nt":
-            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # so CTRL_BREAK reaches only the worker
+            # a group of its own (CTRL_BREAK reaches only the worker) and no console window, hidden as
+            # slicer.util.launchConsoleProcess hides it (STARTF_USESHOWWINDOW with SW_HIDE)
+            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | getattr(subprocess, "CREATE_NO_WINDOW", 0x08000000)
+            startupinfo = subprocess.STARTUPINFO()
+            startupinfo.dwFlags |= subprocess.STARTF_USESHOWWINDOW
+            startupinfo.wShowWindow = 0
+            kwargs["startupinfo"] = startupinfo
         else:
-            kwargs["start_new_session"] = True  # its own process group: a kill takes any helper processes too
+            kwargs["start_new_session"] = True  # a new process group: launcher, python-real and helpers share it
         self._process = subprocess.Popen(
-            self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._stderr, env=env,
+            self.command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, env=env,
             cwd=str(MODULE_DIR), **kwargs,
         )
+        if os.name != "nt":
+            self._group = self._process.pid  # setsid() made the launched program the group's leader
+        _live_processes.add(self)
         self._reader = threading.Thread(target=self._read_stdout, name=f"{self.job_id} events", daemon=True)
         self._reader.start()
 
@@ -136,6 +176,8 @@ class TrainingProcess:
                     event = None
                 if not isinstance(event, dict) or "event" not in event:
                     event = {"event": "log", "message": line}
+                elif event["event"] == "started" and isinstance(event.get("pid"), int) and self.worker_pid is None:
+                    self.worker_pid = event["pid"]
                 self._queue.put(event)
         finally:
             stream.close()
@@ -146,7 +188,16 @@ class TrainingProcess:
 
     @property
     def is_running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
+        """Some process of the worker tree is alive (the launched program or, after it, its children)."""
+        return self._process is not None and (self._process.poll() is None or self._tree_alive())
+
+    def _tree_alive(self) -> bool:
+        """Whether a live (not zombie) process of the worker tree is left, besides the launched program."""
+        if self._group is not None:
+            return _group_alive(self._group)
+        if os.name == "nt" and self.worker_pid is not None:
+            return _windows_pid_alive(self.worker_pid)
+        return False
 
     @property
     def returncode(self) -> int | None:
@@ -165,11 +216,12 @@ class TrainingProcess:
         if self._process is None or self._finished:
             return []
         events = self._drain()
-        returncode = self._process.poll()
-        if returncode is None and self._kill_deadline is not None and time.monotonic() >= self._kill_deadline:
+        running = self.is_running
+        if running and self._kill_deadline is not None and time.monotonic() >= self._kill_deadline:
             self._kill()
-            returncode = self._process.poll()
-        if returncode is not None:
+            running = self.is_running
+        returncode = self._process.poll()
+        if not running:
             self._reader.join(timeout=2.0)  # stdout closes with the process (unless a stray helper holds it)
             events += self._drain()
             self._finished = True
@@ -180,6 +232,11 @@ class TrainingProcess:
             if event.get("event") in TERMINAL_EVENTS and self.final_event is None:
                 self.final_event = event
         if self._finished:
+            _live_processes.discard(self)
+            try:
+                self._process.stdin.close()
+            except (OSError, ValueError):
+                pass
             self._remove_leftovers()
             if self._stderr is not None:
                 self._stderr_tail_cache = self.stderr_tail()
@@ -195,8 +252,19 @@ class TrainingProcess:
             except queue.Empty:
                 return out
 
+    def _installed_output(self) -> Path | None:
+        """What the job wrote into place although it was stopped (the model, for training)."""
+        from LymphNodeClassifierLib.model_registry import MODEL_SUFFIX, safe_name
+
+        path = self.out_folder / f"{safe_name(self.job_id)}{MODEL_SUFFIX}"
+        return path if path.is_file() else None
+
     def _exit_event(self, returncode: int) -> dict:
         if self._cancel_requested:
+            installed = self._installed_output()
+            if installed is not None:  # stopped after the install, before it could say so: say what is there
+                return {"event": "cancelled", "synthesized": True, "model_path": str(installed),
+                        "message": f"The run was stopped after its model was written ({installed.name}); its results were not reported."}
             return {"event": "cancelled", "message": self.cancelled_message, "synthesized": True}
         tail = [line for line in self.stderr_tail().splitlines() if line.strip()]
         detail = tail[-1].strip() if tail else f"exit code {returncode}"
@@ -215,39 +283,55 @@ class TrainingProcess:
             return ""
 
     def cancel(self, wait: bool = True, timeout: float = 10.0) -> None:
-        """Ask the worker to stop (SIGTERM); kill it if it is still running after `timeout` seconds.
+        """Ask the whole worker tree to stop; kill the tree if any of it still runs after `timeout` seconds.
 
-        With `wait=False` this returns at once and `poll()` kills the process once the timeout passed.
+        With `wait=True` this returns once no process of the tree is left. With `wait=False` it
+        returns at once and `poll()` kills the tree once the timeout passed.
         """
         if not self.is_running:
             return
+        first = not self._cancel_requested
         self._cancel_requested = True
-        try:
-            if os.name == "nt":
-                self._process.send_signal(signal.CTRL_BREAK_EVENT)
-            else:
-                self._process.send_signal(signal.SIGTERM)
-        except OSError:  # it ended meanwhile
-            pass
-        self._kill_deadline = time.monotonic() + max(0.0, float(timeout))
+        if first:
+            self._request_stop()
+            self._kill_deadline = time.monotonic() + max(0.0, float(timeout))
         if wait:
-            try:
-                self._process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
+            while self.is_running and time.monotonic() < self._kill_deadline:
+                time.sleep(0.05)
+            if self.is_running:
                 self._kill()
 
-    def _kill(self) -> None:
+    def _request_stop(self) -> None:
+        """The polite stop: a "cancel" line on the worker's stdin, and SIGTERM (CTRL_BREAK) to its group."""
         try:
-            if os.name == "posix":
-                os.killpg(self._process.pid, signal.SIGKILL)  # the group the worker leads (start_new_session)
-            else:
-                self._process.kill()
+            self._process.stdin.write(STDIN_CANCEL_LINE.encode("ascii") + b"\n")
+            self._process.stdin.close()  # the end of stdin means the same to the worker
+        except (OSError, ValueError):  # it ended meanwhile
+            pass
+        try:
+            if self._group is not None:
+                os.killpg(self._group, signal.SIGTERM)  # the launcher forwards nothing: signal python-real itself
+            elif os.name == "nt":
+                os.kill(self._process.pid, signal.CTRL_BREAK_EVENT)  # its group; fails without a shared console
         except OSError:
             pass
-        try:
-            self._process.wait(timeout=10.0)
-        except subprocess.TimeoutExpired:
-            pass
+
+    def _kill(self) -> None:
+        """SIGKILL the whole tree (taskkill /T /F on Windows) and wait until it is gone."""
+        if self._group is not None:
+            try:
+                os.killpg(self._group, signal.SIGKILL)
+            except OSError:  # nothing of the group is left
+                pass
+        elif os.name == "nt":
+            for pid in {self._process.pid, self.worker_pid} - {None}:  # python-real may have outlived the launcher
+                subprocess.run(["taskkill", "/T", "/F", "/PID", str(pid)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0), check=False)
+        else:
+            self._process.kill()
+        deadline = time.monotonic() + KILL_WAIT_SECONDS
+        while self.is_running and time.monotonic() < deadline:
+            time.sleep(0.02)
 
     def _remove_leftovers(self) -> None:
         """A killed worker may leave its hidden temporary files; nothing visible is touched."""
@@ -282,6 +366,64 @@ class TrainingProcess:
         return self._finished
 
 
+def _group_alive(group: int) -> bool:
+    """Whether a live process is left in the POSIX process group `group`.
+
+    Zombies do not count: an orphaned python-real that exited stays a zombie until its new parent
+    (init, or a container's first process that may never do it) reaps it.
+    """
+    proc = Path("/proc")
+    if proc.is_dir():
+        for entry in proc.iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:  # ended meanwhile, or not ours to read
+                continue
+            fields = stat[stat.rfind(")") + 2:].split()  # after "pid (command) ": state, ppid, pgrp, ...
+            if len(fields) > 2 and fields[2] == str(group) and fields[0] not in ("Z", "X"):
+                return True
+        return False
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a process of the group exists (not ours to signal)
+        return True
+    return True
+
+
+def _windows_pid_alive(pid: int) -> bool:
+    """Whether process `pid` still runs (Windows; os.kill would terminate it, so ask the kernel)."""
+    import ctypes
+
+    kernel32 = ctypes.windll.kernel32
+    handle = kernel32.OpenProcess(0x1000, False, int(pid))  # PROCESS_QUERY_LIMITED_INFORMATION
+    if not handle:
+        return False
+    try:
+        code = ctypes.c_ulong()
+        return bool(kernel32.GetExitCodeProcess(handle, ctypes.byref(code))) and code.value == 259  # STILL_ACTIVE
+    finally:
+        kernel32.CloseHandle(handle)
+
+
+def stop_all_workers(timeout: float = 5.0) -> list[TrainingProcess]:
+    """Stop every training / suspect worker this Slicer session still runs (module close, scene close).
+
+    Asks them all to stop at once, waits up to `timeout` seconds, then kills whatever is left of
+    their trees; returns once none of their processes is alive. Returns the processes it stopped.
+    """
+    running = [process for process in list(_live_processes) if process.is_running]
+    for process in running:
+        process.cancel(wait=False, timeout=timeout)
+    for process in running:
+        process.cancel(wait=True)  # waits out the same deadline, then kills the tree
+        process.poll()  # collects the final event and closes the files
+    return running
+
+
 class SuspectsProcess(TrainingProcess):
     """The suspect-label search (`LymphNodeClassifierLib.suspects_worker`) of a dataset folder in a child process.
 
@@ -294,6 +436,9 @@ class SuspectsProcess(TrainingProcess):
     def __init__(self, dataset: str | os.PathLike, folds: int = 5, seed: int = 0, python: str | None = sys.executable) -> None:
         super().__init__(dataset, dataset, {}, python=python, job_id=f"suspects-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
         self.folds, self.seed = int(folds), int(seed)
+
+    def _installed_output(self) -> Path | None:
+        return None  # the list is written atomically; a stopped search reports the previous list as kept
 
     def command(self) -> list[str]:
         return [self.python, "-m", SUSPECTS_WORKER_MODULE, "--dataset", str(self.dataset), "--folds", str(self.folds), "--seed", str(self.seed)]
@@ -455,13 +600,76 @@ def results_rows(done_event: Mapping[str, Any]) -> list[list[str]]:
     for label, key in RESULT_METRICS:
         rows.append([label, format_metric(new, key), format_metric(active_block, key), format_metric(size, key)])
     rows.append([CONFUSION_ROW, *(_confusion_text(block) for block in (new, active_block, size))])
+    blocks = (new, active_block, size)
+    for label, key in CALIBRATION_METRICS:
+        rows.append([label, *(format_metric((block or {}).get("calibration"), key) for block in blocks)])
+    rows.append([THRESHOLD_ROW, *(_threshold_text(block) for block in blocks)])
     return rows
+
+
+def _threshold_text(block: Mapping[str, Any] | None) -> str:
+    """How a column's decision threshold was chosen, with its value: 'youden: 0.412'."""
+    if not block:
+        return ""
+    rule = str(block.get("threshold_rule") or "")
+    threshold = block.get("threshold")
+    if isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and math.isfinite(threshold):
+        return f"{rule}: {threshold:.3f}" if rule else f"{threshold:.3f}"
+    return rule
 
 
 def _confusion_text(block: Mapping[str, Any] | None) -> str:
     if not block or any(block.get(key) is None for key in ("tp", "fn", "fp", "tn")):
         return ""
     return f"{block['tp']} / {block['fn']} / {block['fp']} / {block['tn']}"
+
+
+def _xy_chart(scene, name: str, curves: list[dict], title: str, x_title: str, y_title: str) -> list:
+    """One plot chart of several x/y curves sharing one table ([chart, table, series...]).
+
+    Each curve: label, x / y (values), x_name / y_name (its table columns), colour and optionally
+    marker ("circle" or "none", default none) and line ("solid", "dash"). Shorter curves end in
+    NaN rows, which the plot skips.
+    """
+    table = vtk.vtkTable()
+    length = max(len(curve["x"]) for curve in curves)
+    for curve in curves:
+        for axis in ("x", "y"):
+            array = vtk.vtkDoubleArray()
+            array.SetName(curve[f"{axis}_name"])
+            for value in list(curve[axis]) + [math.nan] * (length - len(curve[axis])):
+                array.InsertNextValue(float(value))
+            table.AddColumn(array)
+    table_node = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{name} table")
+    table_node.SetAndObserveTable(table)
+    table_node.SetLocked(True)
+    chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", f"{name} chart")
+    nodes = [chart, table_node]
+    for curve in curves:
+        series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", f"{name} {curve['label']}")
+        series.SetAndObserveTableNodeID(table_node.GetID())
+        series.SetXColumnName(curve["x_name"])
+        series.SetYColumnName(curve["y_name"])
+        series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
+        circle = curve.get("marker") == "circle"
+        series.SetMarkerStyle(slicer.vtkMRMLPlotSeriesNode.MarkerStyleCircle if circle else slicer.vtkMRMLPlotSeriesNode.MarkerStyleNone)
+        series.SetLineStyle(series.GetLineStyleFromString(curve.get("line", "solid")))
+        series.SetColor(*curve["colour"])
+        series.SetName(curve["label"])
+        chart.AddAndObservePlotSeriesNodeID(series.GetID())
+        nodes.append(series)
+    chart.SetTitle(title)
+    chart.SetXAxisTitle(x_title)
+    chart.SetYAxisTitle(y_title)
+    chart.SetLegendVisibility(True)
+    return nodes
+
+
+def _nodes_text(comparison: Mapping[str, Any]) -> str:
+    """'test set (40 nodes)' or 'out of fold (56 nodes)': which nodes a chart shows."""
+    test_set = comparison.get("test_set") or {}
+    pooled = str(test_set.get("split", "")).startswith("out-of-fold")  # k-fold: every node, out of fold
+    return f"{'out of fold' if pooled else 'test set'} ({test_set.get('nodes', '?')} nodes)"
 
 
 def roc_chart(done_event: Mapping[str, Any], scene=None, name: str = "Training ROC") -> list:
@@ -473,42 +681,36 @@ def roc_chart(done_event: Mapping[str, Any], scene=None, name: str = "Training R
     scene = scene or default_scene()
     comparison = dict(done_event.get("comparison") or {})
     curves = [(label, (comparison.get(key) or {}).get("roc"), colour) for label, key, colour in ROC_SERIES]
-    curves = [(label, roc, colour) for label, roc, colour in curves if roc and roc.get("fpr")]
+    curves = [{"label": label, "x": roc["fpr"], "y": roc["tpr"], "x_name": f"{label} fpr", "y_name": f"{label} tpr", "colour": colour}
+              for label, roc, colour in curves if roc and roc.get("fpr")]
     if not curves:
         return []
-    table = vtk.vtkTable()
-    length = max(len(roc["fpr"]) for _, roc, _ in curves)
-    for label, roc, _ in curves:
-        for axis in ("fpr", "tpr"):
-            array = vtk.vtkDoubleArray()
-            array.SetName(f"{label} {axis}")
-            values = list(roc[axis]) + [math.nan] * (length - len(roc[axis]))  # shorter curves end in NaN
-            for value in values:
-                array.InsertNextValue(float(value))
-            table.AddColumn(array)
-    table_node = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{name} table")
-    table_node.SetAndObserveTable(table)
-    table_node.SetLocked(True)
-    chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", f"{name} chart")
-    nodes = [chart, table_node]
-    test_set = comparison.get("test_set") or {}
-    for label, roc, colour in curves:
-        series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", f"{name} {label}")
-        series.SetAndObserveTableNodeID(table_node.GetID())
-        series.SetXColumnName(f"{label} fpr")
-        series.SetYColumnName(f"{label} tpr")
-        series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
-        series.SetMarkerStyle(slicer.vtkMRMLPlotSeriesNode.MarkerStyleNone)
-        series.SetColor(*colour)
-        series.SetName(label)
-        chart.AddAndObservePlotSeriesNodeID(series.GetID())
-        nodes.append(series)
-    pooled = str(test_set.get("split", "")).startswith("out-of-fold")  # k-fold: every node, out of fold
-    chart.SetTitle(f"ROC, {'out of fold' if pooled else 'test set'} ({test_set.get('nodes', '?')} nodes)")
-    chart.SetXAxisTitle("1 - specificity")
-    chart.SetYAxisTitle("sensitivity")
-    chart.SetLegendVisibility(True)
-    return nodes
+    return _xy_chart(scene, name, curves, f"ROC, {_nodes_text(comparison)}", "1 - specificity", "sensitivity")
+
+
+def reliability_chart(done_event: Mapping[str, Any], scene=None, name: str = "Training reliability") -> list:
+    """The reliability diagrams of the new model, the active model and the size rule as Slicer plot nodes.
+
+    Returns [chart, table, series...] (empty without any calibration); the chart is the first node.
+    One point per non-empty probability bin (`metrics.reliability_curve`: mean predicted
+    probability, fraction metastatic), and a dashed diagonal of perfect calibration.
+    """
+    scene = scene or default_scene()
+    comparison = dict(done_event.get("comparison") or {})
+    curves = []
+    for label, key, colour in ROC_SERIES:
+        calibration = (comparison.get(key) or {}).get("calibration") or {}
+        curve = calibration.get("reliability") or {}
+        points = [(float(x), float(y)) for x, y, n in zip(curve.get("mean_predicted") or [], curve.get("fraction_positive") or [],
+                                                          curve.get("counts") or []) if n and x is not None and y is not None]
+        if points:
+            curves.append({"label": f"{label} (ECE {_fmt(calibration.get('ece'))})", "x": [x for x, _ in points], "y": [y for _, y in points],
+                           "x_name": f"{label} mean predicted", "y_name": f"{label} fraction metastatic", "colour": colour, "marker": "circle"})
+    if not curves:
+        return []
+    curves.append({"label": "perfectly calibrated", "x": [0.0, 1.0], "y": [0.0, 1.0], "x_name": "diagonal x", "y_name": "diagonal y",
+                   "colour": (0.6, 0.6, 0.6), "line": "dash"})
+    return _xy_chart(scene, name, curves, f"Reliability, {_nodes_text(comparison)}", "mean predicted probability", "fraction metastatic")
 
 
 def results_table(done_event: Mapping[str, Any], scene=None, table_node=None, name: str = "Training results"):
@@ -552,6 +754,7 @@ class TrainingRun:
         self.curves = curves or TrainingCurves(self.scene)
         self.results_node = None
         self.roc_nodes: list = []  # [chart, table, series...] of the test-set ROC once done
+        self.reliability_nodes: list = []  # [chart, table, series...] of the test-set reliability diagrams once done
         self.progress = 0.0
         self.status = ""
         self.outcome: str | None = None  # "done", "cancelled" or "error" once finished
@@ -564,6 +767,11 @@ class TrainingRun:
     def roc_chart_node(self):
         """The test-set ROC chart once the run is done (None before, or without a ROC)."""
         return self.roc_nodes[0] if self.roc_nodes else None
+
+    @property
+    def reliability_chart_node(self):
+        """The test-set reliability diagram chart once the run is done (None before, or without calibration)."""
+        return self.reliability_nodes[0] if self.reliability_nodes else None
 
     @property
     def finished(self) -> bool:
@@ -630,6 +838,7 @@ class TrainingRun:
             self.model_path = event.get("model_path")
             self.results_node = results_table(event, self.scene, self.results_node)
             self.roc_nodes = roc_chart(event, self.scene)
+            self.reliability_nodes = reliability_chart(event, self.scene)
             self.message = f"Model written to {self.model_path}."
             self.status = "Finished. " + self.message
         elif kind == "cancelled":
@@ -691,11 +900,19 @@ def scenario_training_process(scene=None, work_dir: str | os.PathLike | None = N
         card = model_registry.read_entry(model_path)
         assert card.ok, card.error
         rows = table_rows(run.results_node)
-        assert [row[0] for row in rows[2:-1]] == [label for label, _ in RESULT_METRICS], rows
-        assert rows[-1][0] == CONFUSION_ROW and rows[-1][3], rows[-1]
+        labels = [row[0] for row in rows]
+        metric_rows = [label for label, _ in RESULT_METRICS]
+        assert labels[2:] == [*metric_rows, CONFUSION_ROW, *(label for label, _ in CALIBRATION_METRICS), THRESHOLD_ROW], labels
+        by_label = dict(zip(labels, rows))
+        assert by_label[CONFUSION_ROW][3], by_label[CONFUSION_ROW]
         test_nodes = run.done_event["comparison"]["test_set"]["nodes"]
-        for text in (rows[-1][1], rows[-1][3]):  # new model, size rule: the four counts add up to the test nodes
+        for text in (by_label[CONFUSION_ROW][1], by_label[CONFUSION_ROW][3]):  # new model, size rule: the counts add up
             assert sum(int(v) for v in text.split(" / ")) == test_nodes, (text, test_nodes)
+        for label, _ in CALIBRATION_METRICS:  # new model and size rule have a calibration on the test nodes
+            assert by_label[label][1] != "n/a" and by_label[label][3] != "n/a", by_label[label]
+        assert by_label[THRESHOLD_ROW][1] and by_label[THRESHOLD_ROW][3], by_label[THRESHOLD_ROW]
+        reliability = run.reliability_chart_node
+        assert reliability is not None and reliability.GetNumberOfPlotSeriesNodes() >= 3, "no reliability diagram"
         chart = run.roc_chart_node
         assert chart is not None and chart.GetNumberOfPlotSeriesNodes() >= 2, "no ROC chart"
         roc_table = run.roc_nodes[1].GetTable()
@@ -709,7 +926,8 @@ def scenario_training_process(scene=None, work_dir: str | os.PathLike | None = N
         result = {"model": model_path.name, "epochs_run": epochs_run, "results": rows, "progress": run.progress,
                   "chart_title": run.curves.chart_node.GetTitle(), "comparison": run.done_event["comparison"]}
         result["roc_series"] = chart.GetNumberOfPlotSeriesNodes()
-        for node in run.curves.nodes() + [run.results_node] + run.roc_nodes:
+        result["reliability_series"] = reliability.GetNumberOfPlotSeriesNodes()
+        for node in run.curves.nodes() + [run.results_node] + run.roc_nodes + run.reliability_nodes:
             scene.RemoveNode(node)
     return result
 
