@@ -11,8 +11,8 @@ folder (each atomically), where the Curation tab lists them. Events, one JSON ob
 
 Cancel: SIGTERM / SIGINT (CTRL_BREAK on Windows) as for the training worker (`train_worker`):
 the search stops at the next case or fold and writes nothing, so a list written before stays. A
-cancel that arrives while the finished list is being written is too late: the new list is written
-whole (atomically) and `done` is reported.
+cancel that arrives once the list is being written (`Cancellation.commit`, the one step a cancel
+cannot split) is too late: the new list is written whole (atomically) and `done` is reported.
 Exit codes: 0 done, 1 unexpected error, 2 bad input, 130 cancelled.
 """
 
@@ -54,7 +54,10 @@ def run(args: argparse.Namespace, emit, is_cancelled) -> None:
     patchset = build_patchset(dataset, config.patch_spec(), config.window, progress=progress("patches"), is_cancelled=is_cancelled)
     result = find_suspects_in_dataset(dataset, patchset, folds=args.folds, seed=args.seed, progress=progress("features"),
                                       is_cancelled=is_cancelled)
-    if is_cancelled():
+    commit = getattr(is_cancelled, "commit", None)  # serve's Cancellation: a cancel either stops it here or is too late
+    if commit is not None:
+        commit()
+    elif is_cancelled():
         raise CancelledError(CANCEL_MESSAGE)  # the finder returned between its checks
     csv_path, json_path = write_outputs(result, dataset.folder, extra={"dataset_folder": str(dataset.folder)})
     summary = result.summary()
