@@ -42,7 +42,7 @@ import sys
 import time
 import webbrowser
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 from urllib.parse import quote, urlsplit
 
 from LymphNodeClassifierLib.errors import InputError, OneLineArgumentParser
@@ -51,6 +51,8 @@ PAGE_TITLE = "Lymph node review"
 TOKEN_COOKIE = "lnc_review_token"
 VIEW_NAMES = ("Red", "Green", "Yellow")  # axial, coronal, sagittal (Slicer's names for the three slice views)
 LAYOUT_ID = "LymphNodeClassifier review"
+RCA_FPS = 30.0
+RCA_JPEG_QUALITY = 90  # trame-rca's still quality: every frame is sent once, at this quality
 NODE_FIELD_OF_VIEW_MM = 80.0  # a clicked node is shown in at least this much of the patient
 NODE_FIELD_OF_VIEW_FACTOR = 3.0  # ... or this many times its long axis
 KEY_ACTIONS = {"n": "next", "ArrowDown": "next", "ArrowUp": "previous", "m": "metastatic", "b": "benign", "x": "exclude"}
@@ -221,7 +223,11 @@ class ReviewStation:
         vtk.vtkObject.GlobalWarningDisplayOff()
         try:
             self.slicer_app = SlicerApp()
-            register_rca_factories(self.slicer_app.view_manager, self.server)
+            # One full-quality frame per change, at up to 30 frames/s even when the mouse is not over
+            # the views (a click in the node table): trame-slicer's defaults re-render a still frame
+            # later and throttle unfocused views to 10/s, which adds up to 0.1 s to a row click.
+            register_rca_factories(self.slicer_app.view_manager, self.server, target_fps=RCA_FPS, blur_fps=RCA_FPS,
+                                   interactive_quality=RCA_JPEG_QUALITY)
             self.layout_manager = LayoutManager(self.slicer_app.scene, self.slicer_app.view_manager, self.server)
             views = [ViewLayoutDefinition.axial_view(), ViewLayoutDefinition.coronal_view(), ViewLayoutDefinition.sagittal_view()]
             self.layout_manager.register_layout(LAYOUT_ID, Layout(LayoutDirection.Horizontal, views))
@@ -238,7 +244,6 @@ class ReviewStation:
         self.times.dataset_s = time.perf_counter() - mark
 
         mark = time.perf_counter()
-        self._observed: list[tuple[Any, int]] = []
         self._init_state()
         self._build_ui()
         self._observe_slice_nodes()
@@ -266,9 +271,7 @@ class ReviewStation:
         import vtk
 
         for view in self.slice_views():
-            node = view.get_view_node()
-            tag = node.AddObserver(vtk.vtkCommand.ModifiedEvent, lambda *_: self._publish_view_centres())
-            self._observed.append((node, tag))
+            view.get_view_node().AddObserver(vtk.vtkCommand.ModifiedEvent, lambda *_: self._publish_view_centres())
         self._publish_view_centres()
 
     def _publish_view_centres(self) -> None:
@@ -682,13 +685,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise InputError(f"The port {args.port} is not between 0 and 65535; choose a free port, e.g. 8080.")
     _check_port_free(args.host, args.port)
     started = time.perf_counter()
+    _check_dataset(args.dataset, args.reader)
     station = ReviewStation(args.dataset, reader=args.reader, token=args.token, models_folder=args.models)
 
     def announce(**_):
         port = station.server.port
         url = station_url(args.host, port, args.token)
+        times = station.times
         print(f"review station for {station.dataset_folder} (reader {station.reader}) at {url} "
-              f"(ready in {time.perf_counter() - started:.1f} s)", flush=True)
+              f"(ready in {time.perf_counter() - started:.1f} s: Slicer views {times.slicer_app_s:.1f} s, "
+              f"dataset and model code {times.dataset_s:.1f} s)", flush=True)
         if args.open:
             webbrowser.open(url)
 
@@ -698,6 +704,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         station.controller.cleanup()
     return 0
+
+
+def _check_dataset(folder: str, reader: str | None) -> None:
+    """Fail in one line, before the seconds of starting Slicer, on what would stop the station later:
+    no dataset there, an unreadable dataset.json, a dataset another session is curating, a bad name."""
+    from LymphNodeClassifierLib.curation import CurationSession
+
+    CurationSession(folder, user=reader).close()
 
 
 def _check_port_free(host: str, port: int) -> None:
