@@ -306,16 +306,20 @@ def test_two_litre_component_gets_a_size_warning_not_a_plain_probability(tmp_pat
 
 def test_experience_warnings_from_the_card():
     node = type("Node", (), {"short_axis_mm": 8.0, "volume_mm3": 300.0, "node_id": 1})()
-    card = {"experience": {"short_axis_mm": [4.0, 20.0], "patch_mean": {"range": [0.3, 0.5], "sd": 0.04}, "patch_mean_channels": 3}}
-    inside = np.full((3, 8, 8), 0.4, np.float32)
+    rng = np.random.default_rng(5)
+    training = rng.uniform(0.3, 0.6, (40, 3, 8, 8)).astype(np.float32)  # soft tissue in the window
+    card = {"experience": validate.training_experience(rng.uniform(4, 20, 40), rng.uniform(5, 25, 40), training, 3, "test")}
+    inside = rng.uniform(0.3, 0.6, (3, 8, 8)).astype(np.float32)
     assert validate.experience_warnings(card, node, inside) == []
-    lung_like = np.full((3, 8, 8), 0.05, np.float32)  # mostly below the abdominal window
+    lung_like = np.zeros((3, 8, 8), np.float32)
+    lung_like[:, 3:5, 3:5] = 0.45  # a small nodule in air, which the abdominal window shows as 0
     [warning] = validate.experience_warnings(card, node, lung_like)
-    assert "0.05" in warning and "far from the training patches (0.30..0.50)" in warning
+    assert "patch intensities unlike every training patch (histogram distance 0.94 >" in warning
     with_mask = np.concatenate([inside, np.ones((1, 8, 8), np.float32)])  # the mask channel is not an intensity
     assert validate.experience_warnings(card, node, with_mask) == []
+    low, high = card["experience"]["short_axis_mm"]
     big = type("Node", (), {"short_axis_mm": 31.0, "volume_mm3": 9000.0, "node_id": 1})()
-    assert "outside the model's training range 4..20 mm" in validate.experience_warnings(card, big, inside)[0]
+    assert f"outside the model's training range {low:g}..{high:g} mm" in validate.experience_warnings(card, big, inside)[0]
     assert validate.experience_warnings({}, big, inside) == []  # an older card: nothing to compare with
 
 
@@ -328,6 +332,10 @@ def test_training_experience_matches_numpy():
     assert block["short_axis_mm"] == [round(short.min(), 3), round(short.max(), 3)]
     assert block["patch_mean"]["range"] == [round(float(means.min()), 3), round(float(means.max()), 3)]
     assert block["patch_mean"]["sd"] == pytest.approx(means.std(), abs=1e-4)
+    histograms = np.stack([np.histogram(patch[:3], bins=10, range=(0.0, 1.0))[0] / patch[:3].size for patch in images])
+    np.testing.assert_allclose(block["patch_histogram"]["mean"], histograms.mean(axis=0), atol=1e-5)
+    distances = 0.5 * np.abs(histograms - histograms.mean(axis=0)).sum(axis=1)
+    assert block["patch_histogram"]["distance_max"] == pytest.approx(distances.max(), abs=1e-4)
     assert block["nodes"] == 50
 
 
