@@ -17,12 +17,14 @@ import importlib.util
 import shutil
 import sys
 import types
+import unittest
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip install slicer-core)")
+import vtk  # noqa: E402
 
 from LymphNodeClassifierLib.curation import read_journal  # noqa: E402
 from LymphNodeClassifierLib.dataset import Dataset  # noqa: E402
@@ -333,7 +335,7 @@ def widget(tmp_path, monkeypatch):
     slm.ScriptedLoadableModule = type("ScriptedLoadableModule", (), {"__init__": lambda self, parent: setattr(self, "parent", parent)})
     slm.ScriptedLoadableModuleWidget = ScriptedLoadableModuleWidget
     slm.ScriptedLoadableModuleLogic = ScriptedLoadableModuleLogic
-    slm.ScriptedLoadableModuleTest = type("ScriptedLoadableModuleTest", (), {})
+    slm.ScriptedLoadableModuleTest = type("ScriptedLoadableModuleTest", (unittest.TestCase,), {"delayDisplay": lambda self, message: None})
     slm.__all__ = list(vars(slm).keys() - {"__name__", "__doc__"})
     wrapper = types.ModuleType("slicer.parameterNodeWrapper")
     wrapper.parameterNodeWrapper = parameter_node_wrapper
@@ -346,10 +348,23 @@ def widget(tmp_path, monkeypatch):
                          ("slicer.i18n", i18n)):
         monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
-    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(processEvents=lambda: None, testingEnabled=lambda: True,
-                                                            connect=lambda *a: None, layoutManager=lambda: None), raising=False)
+    # one slice view's composite node, as the layout manager's Red view has (real MRML: setSliceViewerLayers sets it)
+    composite = scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
+    composite.SetSingletonTag("vtkMRMLSliceNodeRed")
+    red = types.SimpleNamespace(mrmlSliceCompositeNode=lambda: scene.GetSingletonNode("vtkMRMLSliceNodeRed", "vtkMRMLSliceCompositeNode"))
+    layout_manager = types.SimpleNamespace(sliceWidget=lambda name: red, mrmlSliceLogics=vtk.vtkCollection)
+    timers = []  # processEvents runs a due timer, as Qt's event loop does
+
+    def process_events():
+        for timer in timers:
+            if timer.isActive():
+                timer.fire()
+
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(processEvents=process_events, testingEnabled=lambda: True,
+                                                            connect=lambda *a: None, layoutManager=lambda: layout_manager), raising=False)
     monkeypatch.setattr(slicer, "modules", types.SimpleNamespace(markups=types.SimpleNamespace(
         logic=lambda: types.SimpleNamespace(JumpSlicesToLocation=lambda x, y, z, centered: jumps.append((x, y, z))))), raising=False)
+    monkeypatch.setattr(slicer.util, "selectModule", lambda name: None)
     monkeypatch.setattr(slicer.util, "loadUI", lambda path: root)
     monkeypatch.setattr(slicer.util, "childWidgetVariables", lambda widget: ui)
     monkeypatch.setattr(slicer.util, "WaitCursor", contextlib.nullcontext)
@@ -361,7 +376,9 @@ def widget(tmp_path, monkeypatch):
     panel = module.LymphNodeClassifierWidget()
     panel.ensurePythonDependencies = lambda: True  # this venv has them; Slicer's installer is not here
     panel.setup()
-    panel.jumps, panel.errors, panel.scene = jumps, errors, scene
+    timers.append(panel._pollTimer)
+    panel.jumps, panel.errors, panel.scene, panel.module = jumps, errors, scene, module
+    slicer.modules.lymphnodeclassifier = types.SimpleNamespace(widgetRepresentation=lambda: types.SimpleNamespace(self=lambda: panel))
     yield panel
     panel.cleanup()
 
@@ -458,3 +475,12 @@ def test_start_training_then_cancel_through_the_buttons_and_one_timer(widget, tm
     assert widget.controller.state().training.phase == ctl.CANCELLED
     assert ui.startTrainingButton.enabled and "cancel" in ui.trainingStatusLabel.text.lower()
     assert not list((tmp_path / "models").glob("*.pt"))
+
+
+@pytest.mark.parametrize("name", ["test_ClassifyButton", "test_TrainingTabStartAndCancel", "test_CurationRelabelsASuspect"])
+def test_the_module_self_test_passes_headless(widget, name):
+    """The module's own self-test (what "Reload and Test" and the extension build machines run) on this harness."""
+    test = widget.module.LymphNodeClassifierTest(name)
+    test.setUp()  # clears the real scene: the Widget's scene-close observers run
+    getattr(test, name)()
+    assert not widget.errors, widget.errors
