@@ -86,8 +86,12 @@ class ClassificationLogic:
         progress: ProgressCallback | None = None,
         timer: StageTimer | None = None,
         policy: InputPolicy = InputPolicy(),
+        gradcam_target: str = "predicted",
     ) -> ClassificationOutputs:
         """Run the pipeline and create or update the segmentation, table and Grad-CAM nodes.
+
+        Grad-CAM explains each node's predicted class, or the class `gradcam_target` names
+        (`gradcam.CAM_TARGETS`, as `classify --gradcam-class`).
 
         `labels_node` is a labelmap volume node or a segmentation node (exported on the CT grid).
         `window` (low, high HU) is how the CT is displayed; the model always sees the window of its
@@ -97,7 +101,8 @@ class ClassificationLogic:
         scene = ct_volume_node.GetScene()
         model = self.load_model(model_path, device)
         # The same input checks as every command (validate: HU, geometry policy); notes/warnings land in the result.
-        result = classify_images(ct_image, labels_image, model, with_gradcam=gradcam, timer=timer, progress=progress, policy=policy)
+        result = classify_images(ct_image, labels_image, model, with_gradcam=gradcam, timer=timer, progress=progress, policy=policy,
+                                 gradcam_target=gradcam_target)
         if window is not None:
             show_ct_window(ct_volume_node, window)
             model_window = window_from_card(model.card)

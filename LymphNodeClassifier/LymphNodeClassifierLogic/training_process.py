@@ -843,6 +843,7 @@ class TrainingRun:
             self.status = "Finished. " + self.message
         elif kind == "cancelled":
             self.outcome = "cancelled"
+            self.model_path = event.get("model_path")  # set only when the model was written before the stop
             self.message = str(event.get("message") or "Training cancelled; no model was written.")
             self.status = self.message
         elif kind == "error":
