@@ -252,6 +252,40 @@ def test_random_augmentation_is_seeded_and_keeps_the_mask_binary():
 # training
 
 
+def test_appearance_augmentation_off_draws_nothing_and_on_changes_only_the_image_channels():
+    from LymphNodeClassifierLib.training import augment_appearance
+
+    x = torch.full((64, 4, 24, 24), 0.5)
+    x[:, -1] = (torch.rand(64, 24, 24) > 0.5).float()  # a mask channel
+    generator = torch.Generator().manual_seed(1)
+    state = generator.get_state()
+    assert augment_appearance(x, generator, TrainingConfig(mask_channel=True)) is x
+    assert torch.equal(generator.get_state(), state)  # no draws: runs without it stay identical
+    config = TrainingConfig(mask_channel=True, intensity_jitter=0.1, blur_sigma_px=2.0, noise_std=0.04)
+    out = augment_appearance(x, generator, config)
+    assert torch.equal(out[:, -1], x[:, -1]) and out.min() >= 0 and out.max() <= 1
+    # intensity only: a constant image stays constant per node, within 0.5 * (1 +- j) +- j
+    levels = augment_appearance(x, generator, TrainingConfig(intensity_jitter=0.1))[:, :3]
+    assert torch.allclose(levels, levels[:, :1, :1, :1].expand_as(levels))
+    assert levels.min() >= 0.5 * 0.9 - 0.1 - 1e-6 and levels.max() <= 0.5 * 1.1 + 0.1 + 1e-6 and levels.std() > 0.01
+    # noise only: std uniform in [0, s] per node, so the mean variance is s^2 / 3
+    noise = augment_appearance(x, generator, TrainingConfig(noise_std=0.06))[:, :3] - 0.5
+    assert float(noise.var()) == pytest.approx(0.06 ** 2 / 3, rel=0.2)
+
+
+def test_blur_augmentation_keeps_the_mass_and_spreads_an_impulse():
+    from LymphNodeClassifierLib.training import augment_appearance
+
+    x = torch.zeros((8, 3, 33, 33))
+    x[:, :, 16, 16] = 1.0
+    out = augment_appearance(x, torch.Generator().manual_seed(0), TrainingConfig(blur_sigma_px=3.0, translation_px=0.0))
+    assert torch.allclose(out.sum(dim=(2, 3)), torch.ones(8, 3), atol=1e-5)  # a normalised kernel
+    assert (out[:, :, 16, 16] < 1.0).all()  # every node blurred (sigma > 0 almost surely)
+    assert torch.allclose(out, out.flip(-1), atol=1e-6) and torch.allclose(out, out.transpose(-1, -2), atol=1e-6)  # isotropic
+    with pytest.raises(InputError, match="blur"):
+        TrainingConfig(blur_sigma_px=-1)
+
+
 def test_short_training_learns(trained, cohort):
     config, result, _ = trained
     assert result.metrics["validation"]["auc"] > 0.8

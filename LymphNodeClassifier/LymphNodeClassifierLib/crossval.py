@@ -417,6 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rotation", type=float, default=d.rotation_degrees)
     p.add_argument("--translation", type=float, default=d.translation_px)
     p.add_argument("--no-flips", action="store_true")
+    p.add_argument("--intensity-jitter", type=float, default=d.intensity_jitter)
+    p.add_argument("--blur", type=float, default=d.blur_sigma_px)
+    p.add_argument("--noise", type=float, default=d.noise_std)
     p.add_argument("--threshold-rule", default=d.threshold_rule, help="each fold's decision threshold on its inner validation part: youden (default) or sensitivity:0.9")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--cache", default=None, help="folder for cached patch arrays")
@@ -436,6 +439,7 @@ def config_from_args(args: argparse.Namespace) -> TrainingConfig:
         batch_size=args.batch_size, learning_rate=args.lr, weight_decay=args.weight_decay, patience=args.patience,
         lr_patience=args.lr_patience, rotation_degrees=args.rotation, translation_px=args.translation,
         flips=not args.no_flips, seed=args.seed, num_threads=args.threads, threshold_rule=args.threshold_rule,
+        intensity_jitter=args.intensity_jitter, blur_sigma_px=args.blur, noise_std=args.noise,
     )
 
 

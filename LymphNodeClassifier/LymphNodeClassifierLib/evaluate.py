@@ -203,7 +203,7 @@ def evaluate_patchset(
     probability = predict(model, patchset.x, batch_size=batch_size)
     metrics = evaluate_predictions(patchset, probability, threshold, n_boot=n_boot, seed=seed, size_threshold_mm=size_threshold_mm)
     metrics["threshold_source"] = source
-    metrics["threshold_rule"] = threshold_rule_of(model.card) if threshold is None else "given on the command line"
+    metrics["threshold_rule"] = threshold_rule_of(model.card) if source == "model card" else "given by the caller"
     metrics["model"] = {
         "path": None if model.path is None else str(model.path),
         "name": model.card.get("name", ""),

@@ -114,6 +114,10 @@ class TrainingConfig:
     num_threads: int | None = None  # torch threads for the run; None = leave torch's setting
     fov_rule: str = "fixed"  # "fixed" or "grow_to_fit" (patches.py): nodes larger than the view
     threshold_rule: str = "youden"  # decision threshold on the validation set: "youden" or "sensitivity:0.9"
+    # appearance augmentation of the image channels (what another scanner changes); 0 = off, no draws
+    intensity_jitter: float = 0.0  # per node: scale 1 +- j and shift +- j (windowed units, window = [0, 1])
+    blur_sigma_px: float = 0.0  # per node: Gaussian blur, sigma uniform in [0, this] pixels
+    noise_std: float = 0.0  # per node: Gaussian noise, std uniform in [0, this] (windowed units)
 
     def __post_init__(self) -> None:
         arch = str(self.architecture).strip().lower()
@@ -144,6 +148,9 @@ class TrainingConfig:
             self.num_threads = _positive_int(self.num_threads, "number of threads", 2)
         self.split_fractions = _check_fractions(self.split_fractions)
         self.threshold_rule = threshold_rule_name(self.threshold_rule)
+        self.intensity_jitter = _number(self.intensity_jitter, "intensity jitter", 0.0, 0.5, 0.1)
+        self.blur_sigma_px = _number(self.blur_sigma_px, "blur sigma (pixels)", 0.0, 5.0, 1.0)
+        self.noise_std = _number(self.noise_std, "noise standard deviation", 0.0, 0.5, 0.03)
         try:
             low, high = (float(v) for v in self.window)
         except (TypeError, ValueError):
@@ -318,7 +325,7 @@ def augment_batch(
     angles_deg = angles_deg.to(x.dtype)
     shifts_px = shifts_px.to(x.dtype)
     if not (angles_deg.abs().max() > 0 or shifts_px.abs().max() > 0):
-        return x
+        return augment_appearance(x, generator, config)
     # affine_grid maps output (u, v) in [-1, 1] (u = column, v = row) to input coordinates:
     # input = R(-angle) @ output - shift, so the content turns by +angle and moves by +shift.
     radians = torch.deg2rad(angles_deg)
@@ -334,6 +341,45 @@ def augment_batch(
     out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     if config.mask_channel:
         out[:, -1] = (out[:, -1] >= 0.5).to(out.dtype)
+    return augment_appearance(out, generator, config)
+
+
+def _gaussian_kernels(sigma_px: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(N, 2r+1) normalised 1-D Gaussians; sigma 0 gives the identity kernel."""
+    radius = max(1, int(math.ceil(3.0 * float(sigma_px.max()))))
+    offsets = torch.arange(-radius, radius + 1, dtype=dtype)
+    sigma = sigma_px.to(dtype).clamp_min(1e-3)[:, None]
+    kernels = torch.exp(-0.5 * (offsets[None, :] / sigma) ** 2)
+    return kernels / kernels.sum(dim=1, keepdim=True)
+
+
+def augment_appearance(x: torch.Tensor, generator: torch.Generator, config: TrainingConfig) -> torch.Tensor:
+    """Per node, on the image channels only (never the mask): intensity scale and shift, Gaussian blur
+    and Gaussian noise, as another scanner's calibration, kernel and dose would change them; values
+    clipped to the window's [0, 1]. No random number is drawn for a setting at 0, so runs without
+    them are unchanged."""
+    if not (config.intensity_jitter or config.blur_sigma_px or config.noise_std):
+        return x
+    n, channels = x.shape[:2]
+    images = channels - 1 if config.mask_channel else channels
+    image = x[:, :images]
+    if config.blur_sigma_px:
+        sigma = torch.rand(n, generator=generator) * config.blur_sigma_px
+        kernels = _gaussian_kernels(sigma, x.dtype).repeat_interleave(images, dim=0)  # one per (node, channel)
+        half = kernels.shape[1] // 2
+        flat = image.reshape(1, n * images, *image.shape[2:])
+        flat = F.conv2d(F.pad(flat, (half, half, 0, 0), mode="replicate"), kernels[:, None, None, :], groups=n * images)
+        flat = F.conv2d(F.pad(flat, (0, 0, half, half), mode="replicate"), kernels[:, None, :, None], groups=n * images)
+        image = flat.reshape(image.shape)
+    if config.intensity_jitter:
+        scale = 1.0 + (torch.rand(n, generator=generator) * 2 - 1) * config.intensity_jitter
+        shift = (torch.rand(n, generator=generator) * 2 - 1) * config.intensity_jitter
+        image = image * scale[:, None, None, None].to(x.dtype) + shift[:, None, None, None].to(x.dtype)
+    if config.noise_std:
+        std = torch.rand(n, generator=generator) * config.noise_std
+        image = image + torch.randn(image.shape, generator=generator, dtype=x.dtype) * std[:, None, None, None].to(x.dtype)
+    out = x.clone()
+    out[:, :images] = image.clamp(0.0, 1.0)
     return out
 
 
@@ -681,6 +727,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-flips", action="store_true", help="no random flips")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--threshold-rule", default=defaults.threshold_rule, help="decision threshold on the validation set: youden (default) or sensitivity:0.9")
+    parser.add_argument("--intensity-jitter", type=float, default=0.0, help="appearance augmentation: intensity scale / shift up to this (window units, e.g. 0.1)")
+    parser.add_argument("--blur", type=float, default=0.0, help="appearance augmentation: Gaussian blur sigma up to this many pixels")
+    parser.add_argument("--noise", type=float, default=0.0, help="appearance augmentation: Gaussian noise std up to this (window units, e.g. 0.03)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's setting)")
     parser.add_argument("--workers", type=int, default=1, help="processes for patch extraction")
     parser.add_argument("--cache", default=None, help="folder for cached patch arrays (reused while the data are unchanged)")
@@ -722,6 +771,7 @@ def run(args: argparse.Namespace, command: str) -> int:
         patch_size=args.patch_size, spacing_mm=(args.spacing,) * 3, batch_size=args.batch_size, learning_rate=args.lr, weight_decay=args.weight_decay, patience=args.patience, lr_patience=args.lr_patience,
         rotation_degrees=args.rotation, translation_px=translation, flips=not args.no_flips, seed=args.seed,
         num_threads=args.threads, fov_rule=args.fov_rule, threshold_rule=args.threshold_rule, split_fractions=fractions,
+        intensity_jitter=args.intensity_jitter, blur_sigma_px=args.blur, noise_std=args.noise,
     )
     # before any work: a model must never be lost to an unwritable --out after training
     out = check_writable_file(args.out, "--out", "model.pt")
