@@ -30,9 +30,10 @@ from typing import Sequence
 import SimpleITK as sitk
 
 from .cli import ProgressLine
+from .cohort import SUMMARY_FILE, CaseJob, JobOptions, cohort_summary, parse_shard, print_summary, run_jobs, shard_cases, write_shard
 from .dataset import Dataset
 from .errors import InputError, OneLineArgumentParser
-from .fileio import (atomic_write_text, check_writable_folder, csv_text, path_inside, remove_stale_staging, replace_folder,
+from .fileio import (atomic_write_json, atomic_write_text, check_writable_folder, csv_text, path_inside, remove_stale_staging, replace_folder,
                      staging_folder)
 from .gradcam import CAM_TARGETS, CLASS_NAMES
 from .model import LoadedModel, load_model
@@ -50,6 +51,7 @@ NODE_COLUMNS = [
     "volume_mm3", "short_axis_mm", "long_axis_mm", "touches_edge", "probability", "prediction", "warnings", "notes",
     "gradcam_class",  # the class the node's Grad-CAM explains ("" without Grad-CAM)
 ]
+COHORT_COLUMNS = ["patient_id", *NODE_COLUMNS, "given_label", "excluded"]  # the --dataset run's nodes.csv
 OUTPUT_FILES = ("nodes.csv", "nodes.seg.nrrd", "gradcam.nrrd", "report.png", "patches.png")  # every file a run may write
 TILE_FIELD_OF_VIEW_MM = 60.0  # a node plus its surroundings, as a radiologist would zoom
 TIMING_STAGES = ("read", "nodes", "patches", "model", "gradcam", "write", "report", "total")
@@ -194,58 +196,60 @@ def _case_folder(out_dir: Path, case_id: str) -> Path:
 
 
 def classify_dataset(dataset: Dataset, out_dir: Path, model: LoadedModel, with_gradcam: bool, with_report: bool, timer: StageTimer,
-                     policy: InputPolicy = InputPolicy(), gradcam_target: str = "predicted") -> list[dict]:
-    """Classify every non-excluded case; each case gets its own folder, plus one combined nodes.csv.
+                     policy: InputPolicy = InputPolicy(), gradcam_target: str = "predicted", *, workers: int = 1,
+                     shard: tuple[int, int] | None = None) -> list[dict]:
+    """Classify every non-excluded case; each case gets its own folder, plus one combined nodes.csv
+    and summary.json (with `shard`, only that shard's cases, and `shards/shard-I-of-N.*` instead:
+    see cohort.py; `workers` > 1 classifies in that many processes, same outputs).
 
     A case that fails is skipped (listed at the end) and its folder from an earlier run removed, as
     is an excluded case's; when every case fails nothing is written and the run is an error."""
-    cases = [case for case in dataset.cases if not case.excluded]
-    if not cases:
+    if not [case for case in dataset.cases if not case.excluded]:
         raise InputError(f"The dataset {dataset.folder} has no case that is not excluded; include at least one case.")
-    folders = {case.case_id: _case_folder(out_dir, case.case_id) for case in dataset.cases}  # refuse before any work
+    mine = shard_cases(dataset.cases, shard)  # the shard's cases, excluded ones too (their old folders are its to remove)
+    cases = [case for case in mine if not case.excluded]
+    folders = {case.case_id: _case_folder(out_dir, case.case_id) for case in mine}  # refuse before any work
     missing = [dataset.missing_file(case) for case in cases]
-    if all(missing):
+    if cases and all(missing):
         raise InputError(f"None of the {len(cases)} cases can be read: {missing[0]}" + (f" (and {len(cases) - 1} more)" if len(cases) > 1 else "") + ".")
     records = {record.key: record for record in dataset.nodes}
-    all_rows: list[dict] = []
-    failures = []
+    order = {case.case_id: index for index, case in enumerate(dataset.cases)}
+    jobs = [CaseJob(order[case.case_id], case.case_id, str(dataset.ct_path(case)), str(dataset.labels_path(case)), str(folders[case.case_id]),
+                    policy.for_case(case), case.per_label_value, missing_file or "") for case, missing_file in zip(cases, missing)]
     progress = ProgressLine("cases", len(cases))
-    for index, (case, missing_file) in enumerate(zip(cases, missing)):
-        progress.update(index)
-        try:
-            if missing_file:
-                raise InputError(missing_file[0].upper() + missing_file[1:] + ".")
-            rows, _ = classify_case_files(
-                dataset.ct_path(case), dataset.labels_path(case), folders[case.case_id], model,
-                case_id=case.case_id, with_gradcam=with_gradcam, with_report=with_report, timer=timer, policy=policy.for_case(case),
-                per_label_value=case.per_label_value, whole_folder=True, note=progress.note, gradcam_target=gradcam_target,
-            )
-        except InputError as error:
-            failures.append(f"{case.case_id}: {error}")
-            continue
-        for row in rows:
-            record = records.get((case.case_id, row["label_value"]))
-            row["patient_id"] = case.patient_id
+    outcomes = run_jobs(jobs, model, JobOptions(with_gradcam, with_report, gradcam_target), workers, timer, progress)
+    progress.done()
+    patients = {case.case_id: case.patient_id for case in cases}
+    all_rows: list[dict] = []
+    failures = [outcome.failure for outcome in outcomes if outcome.failure]
+    for outcome in outcomes:
+        for row in outcome.rows or []:
+            record = records.get((outcome.case_id, row["label_value"]))
+            row["patient_id"] = patients[outcome.case_id]
             row["given_label"] = "" if record is None or record.metastatic is None else record.metastatic
             row["excluded"] = "" if record is None else int(record.excluded)
-        all_rows.extend(rows)
-    progress.update(len(cases))
-    progress.done()
+            all_rows.append(row)
     for failure in failures:
         print(f"skipped {failure}", file=sys.stderr)
-    if len(failures) == len(cases):
+    if cases and len(failures) == len(cases):
         raise InputError(f"All {len(cases)} cases were skipped (listed above); nothing was written. Fix the inputs and rerun.")
-    classified = {row["case_id"] for row in all_rows} | {case.case_id for case in cases if case.case_id not in {f.split(":", 1)[0] for f in failures}}
+    classified = {outcome.case_id for outcome in outcomes if not outcome.failure}
     for case_id, folder in folders.items():  # an earlier run's results of cases without one now
         if case_id not in classified and folder.is_dir() and not folder.is_symlink() and _only_outputs(folder):
             shutil.rmtree(folder, ignore_errors=True)
-    atomic_write_text(out_dir / "nodes.csv", csv_text(all_rows, ["patient_id", *NODE_COLUMNS, "given_label", "excluded"], ignore_extra=True))
-    labelled = [row for row in all_rows if row["given_label"] != "" and not row["excluded"]]
-    if labelled and len({row["given_label"] for row in labelled}) == 2:
-        from sklearn.metrics import roc_auc_score
-
-        auc = roc_auc_score([row["given_label"] for row in labelled], [row["probability"] for row in labelled])
-        print(f"AUC against the dataset's labels: {auc:.3f} ({len(labelled)} nodes)")
+    summary = cohort_summary(all_rows, len(cases), failures)
+    if shard is not None:
+        run = {"dataset": str(Path(dataset.folder).resolve()), "model": str(model.path), "gradcam": with_gradcam,
+               "gradcam_class": gradcam_target, "report": with_report, "shards": shard[1]}
+        write_shard(out_dir, shard, all_rows, COHORT_COLUMNS, {
+            "run": run, "shard": shard[0], "cases_in_dataset_order": [[order[case.case_id], case.case_id] for case in cases],
+            "skipped": failures, "summary": summary,
+        })
+        print(f"shard {shard[0]} of {shard[1]}: {len(cases)} cases; run 'merge-results --out {out_dir}' when every shard has finished")
+    else:
+        atomic_write_text(out_dir / "nodes.csv", csv_text(all_rows, COHORT_COLUMNS, ignore_extra=True))
+        atomic_write_json(out_dir / SUMMARY_FILE, summary)
+    print_summary(summary)
     return all_rows
 
 
@@ -264,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the class each node's Grad-CAM explains (default: the class predicted for it)")
     parser.add_argument("--no-report", action="store_true", help="skip report.png")
     parser.add_argument("--timings", action="store_true", help="print per-stage seconds as a JSON line last")
+    parser.add_argument("--workers", type=int, default=1, help="with --dataset: classify in N processes on this machine (default 1)")
+    parser.add_argument("--shard", help="with --dataset: classify only shard I of N (I/N, split by patient; see merge-results)")
     add_input_options(parser, series_uid=True)
     return parser
 
@@ -274,17 +280,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise InputError("--ct needs --labels (the label volume masking the nodes).")
     if args.labels and not args.ct:
         raise InputError("--labels goes with --ct (one case); a --dataset names its label maps itself, so leave --labels out.")
+    if (args.workers != 1 or args.shard) and not args.dataset:
+        raise InputError("--workers and --shard split a cohort: use them with --dataset.")
+    if args.workers < 1:
+        raise InputError(f"--workers must be at least 1, got {args.workers}.")
+    shard = parse_shard(args.shard)
     timer = StageTimer()
     started = time.perf_counter()
     dataset = Dataset.load(args.dataset) if args.dataset else None
     model_path = choose_model(args.model)
     out_dir = check_writable_folder(args.out)  # before any work: a bad --out must not cost a run
-    remove_stale_staging(out_dir, depth=2 if dataset is not None else 1)
+    if shard is None:  # a shard's neighbours may be other machines' live runs: merge-results sweeps
+        remove_stale_staging(out_dir, depth=2 if dataset is not None else 1)
     with timer.stage("model"):
         model = load_model(model_path, args.device)
     if dataset is not None:
         rows = classify_dataset(dataset, out_dir, model, not args.no_gradcam, not args.no_report, timer, InputPolicy.from_args(args),
-                                gradcam_target=args.gradcam_class)
+                                gradcam_target=args.gradcam_class, workers=args.workers, shard=shard)
     else:
         case_id = Path(args.ct).name.split(".")[0]
         rows, _ = classify_case_files(args.ct, args.labels, out_dir, model, case_id, not args.no_gradcam, not args.no_report, timer,

@@ -19,6 +19,7 @@ from .errors import CancelledError, InputError
 COMMANDS = {
     "demo": ("classify", "demo_main", "classify the bundled sample case into demo-output/"),
     "classify": ("classify", "main", "classify one case (--ct/--labels) or a dataset (--dataset)"),
+    "merge-results": ("cohort", "merge_main", "join the outputs of 'classify --dataset --shard I/N' runs into one nodes.csv and summary.json"),
     "phantoms": ("phantoms", "main", "generate a CT phantom cohort in the dataset format"),
     "explore": ("explore", "main", "summarise a dataset and list cases to review"),
     "train": ("training", "main", "train a model on a dataset and export it as TorchScript"),
