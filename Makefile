@@ -22,10 +22,13 @@ PYTEST_ARGS ?= -q
 
 venv: $(STAMP)
 
+# pyradiomics (a test / bench extra) compiles against numpy without declaring it: numpy and the
+# build tools go in first, then the pinned list is installed without build isolation.
 $(STAMP): requirements-test.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install "$(TORCH_REQUIREMENT)"
-	$(PY) -m pip install -r requirements-test.txt
+	$(PY) -m pip install "$$(grep -E '^numpy==' requirements-test.txt)" setuptools wheel
+	$(PY) -m pip install --no-build-isolation -r requirements-test.txt
 	$(PY) -m pip install -e .
 	touch $@
 
