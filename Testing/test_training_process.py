@@ -501,6 +501,27 @@ def test_suspect_search_cancel_through_a_launcher_stops_the_whole_tree(cohort, t
     assert (folder / "suspects.csv").read_text(encoding="utf-8") == previous and not (folder / "suspects.json").exists()
 
 
+def test_a_late_cancel_is_either_a_clean_stop_or_a_finished_run(cohort, models):
+    """A cancel at the very end (while the models are compared, just before the install): the run
+    either stops with no model written, or it had committed and finishes with its model reported.
+    Never a model after a 'cancelled', never 'done' without the model."""
+    before = folder_state(models)
+    run = tp.TrainingRun(slicer.vtkMRMLScene(), cohort, models, {**tp.TINY_OPTIONS, "bootstrap": 0})
+    run.start()
+    wait_for(lambda: any(e.get("event") == "comparing" for e in run.process.events) or run.process.finished, run.process, 180,
+             "the comparison step", step=run.step)
+    run.cancel(wait=True, timeout=CANCEL_SECONDS)
+    run.wait(timeout=30)
+    assert run.finished and not run.process.is_running
+    job_model = models / f"{run.process.job_id}.pt"
+    if run.outcome == "cancelled":
+        assert "synthesized" not in run.process.final_event and not job_model.exists()
+        assert folder_state(models) == before and run.model_path is None
+    else:
+        assert run.outcome == "done", (run.outcome, run.message)
+        assert Path(run.model_path) == job_model and job_model.is_file()
+
+
 def test_a_cancel_that_comes_before_the_commit_stops_the_run_and_one_after_it_is_ignored():
     """The install step is guarded by Cancellation.commit: a cancel is either seen there or ignored."""
     from LymphNodeClassifierLib.errors import CancelledError
