@@ -1,6 +1,6 @@
 """MRML logic: takes and returns MRML nodes, runs the Lib pipeline in between.
 
-Imports `slicer` and `vtk` but never `qt`, so it runs inside Slicer and headless on slicer-core.
+Imports `vtk` and (through its helpers) `slicer`, never `qt`, so it runs inside Slicer and headless on slicer-core.
 Outputs (segmentation, table, Grad-CAM volume) are referenced from the CT node, so classifying the
 same CT again updates them in place instead of piling up nodes.
 """
@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-import slicer
 import vtk
 
 from LymphNodeClassifierLib.errors import InputError
