@@ -448,3 +448,23 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path, untrained_m
     code, _, err = run_cli(["classify", "--ct", ct_path, "--labels", labels_path, "--out", out, "--model", untrained_model, *extra], capsys)
     assert_one_line_error(code, err, *words)
     assert not out.exists() or not [p for p in out.rglob("*") if p.is_file()]
+
+
+def test_training_data_follow_the_same_geometry_policy(tmp_path):
+    """train / evaluate / crossval / suspects build their patches through build_patchset(policy=...)."""
+    from LymphNodeClassifierLib.patches import PatchSpec
+    from LymphNodeClassifierLib.patchset import build_patchset
+
+    root = tmp_path / "src"
+    root.mkdir()
+    ct = image(ct_array())
+    sitk.WriteImage(ct, str(root / "ct.nrrd"))
+    sitk.WriteImage(_label_moved(ct, ball_mask(centre=(12, 50, 60)), "spacing1.5"), str(root / "mask.nrrd"))
+    dataset = Dataset.create(tmp_path / "ds", "moved")
+    dataset.add_case("C1", "P1", root / "ct.nrrd", root / "mask.nrrd")
+    dataset.add_node("C1", 1, 1)
+    dataset.save()
+    spec = PatchSpec(spacing_mm=(1.0, 1.0, 1.0), size=16)
+    assert len(build_patchset(dataset, spec)) == 1  # resampled, as classify does
+    with pytest.raises(InputError, match=r"Case 'C1': .*spacing \(1.35, 1.05, 3.75\) mm .*--strict-geometry refuses"):
+        build_patchset(dataset, spec, policy=validate.InputPolicy(strict_geometry=True))

@@ -55,6 +55,7 @@ from .metrics import METRIC_NAMES, binary_metrics, bootstrap_ci, calibration, gr
 from .patchset import PatchSet
 from .training import ARCHITECTURE_NAMES, TrainingConfig, _one_fold, train
 from .training import assign_folds as training_assign_folds
+from .validate import InputPolicy, add_input_options
 
 PREDICTION_COLUMNS = (
     "case_id", "patient_id", "label_value", "fold", "probability", "threshold", "prediction", "label",
@@ -429,6 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-definition", default=None)
     p.add_argument("--model-version", default="1.0.0")
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    add_input_options(p)
     return p
 
 
@@ -458,7 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.export_model and Path(args.export_model).is_dir():
         raise InputError(f"--export-model {args.export_model} is a folder; give a model file name.")
     dataset = Dataset.load(args.dataset)
-    patchset = build_patchset(dataset, config.patch_spec(), config.window, cache_dir=args.cache)
+    patchset = build_patchset(dataset, config.patch_spec(), config.window, cache_dir=args.cache, policy=InputPolicy.from_args(args))
     print(f"patches: {len(patchset)} nodes of {len(set(patchset.patient_ids.tolist()))} patients, {int(patchset.y.sum())} positive", flush=True)
 
     def show(event: dict) -> None:

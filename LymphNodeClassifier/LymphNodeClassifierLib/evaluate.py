@@ -52,6 +52,7 @@ from .metrics import METRIC_NAMES, binary_metrics, bootstrap_ci, calibration, js
 from .model import LoadedModel, load_model
 from .model_registry import choose_model
 from .patchset import PatchSet, build_patchset
+from .validate import InputPolicy, add_input_options
 
 SIZE_RULE_THRESHOLD_MM = 10.0  # short axis >= 10 mm: enlarged, called metastatic
 PREDICTION_COLUMNS = ("case_id", "patient_id", "label_value", "probability", "prediction", "label", "short_axis_mm")
@@ -320,6 +321,7 @@ def evaluate_dataset(
     cache_dir: str | os.PathLike | None = None,
     progress: Callable[[int, int], None] | None = None,
     is_cancelled: Callable[[], bool] | None = None,
+    policy: InputPolicy = InputPolicy(),
 ) -> Evaluation:
     """Patches with the card's preprocessing -> model -> metrics; the files too when `out_dir` is given."""
     from .pipeline import patch_spec_from_card, window_from_card
@@ -333,7 +335,7 @@ def evaluate_dataset(
     data = dataset if isinstance(dataset, Dataset) else Dataset.load(dataset)
     patchset = build_patchset(
         data, patch_spec_from_card(loaded.card), window_from_card(loaded.card), cache_dir=cache_dir,
-        progress=progress, is_cancelled=is_cancelled,
+        progress=progress, is_cancelled=is_cancelled, policy=policy,
     )
     if len(patchset) == 0:
         raise InputError(f"The dataset {data.folder} has no labelled, non-excluded node to evaluate; label some nodes (or include excluded ones) first.")
@@ -360,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--cache", default=None, help="folder for cached patch arrays")
+    add_input_options(parser)
     return parser
 
 
@@ -378,7 +381,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     model_path = choose_model(args.model)
     check_writable_folder(args.out)  # before any work
-    evaluation = evaluate_dataset(model_path, args.dataset, args.out, args.threshold, args.bootstrap, args.seed, args.device, args.cache, progress=show)
+    evaluation = evaluate_dataset(model_path, args.dataset, args.out, args.threshold, args.bootstrap, args.seed, args.device, args.cache, progress=show,
+                                  policy=InputPolicy.from_args(args))
     m = evaluation.metrics
     for problem in m["skipped"][:10]:
         print(f"skipped: {problem}", file=sys.stderr)

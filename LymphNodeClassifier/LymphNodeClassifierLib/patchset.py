@@ -175,9 +175,10 @@ def case_nodes(ct_path: Path, labels_path: Path, case: CaseRecord, policy: Input
     return ct, infos, component_image
 
 
-def _case_patches(ct_path: Path, labels_path: Path, case: CaseRecord, spec: PatchSpec, window: tuple[float, float]):
+def _case_patches(ct_path: Path, labels_path: Path, case: CaseRecord, spec: PatchSpec, window: tuple[float, float],
+                  policy: InputPolicy = InputPolicy()):
     """(label values, patches (n, C, H, W), short axes, long axes, fov grown) of one case, all label values."""
-    ct, infos, component_image = case_nodes(ct_path, labels_path, case)
+    ct, infos, component_image = case_nodes(ct_path, labels_path, case, policy)
     patches = extract_patches(ct, component_image, infos, spec, window)
     values = np.array([p.node.label_value for p in patches], dtype=np.int64)
     images = np.stack([p.image for p in patches]).astype(np.float32) if patches else np.zeros((0, spec.channels, spec.size, spec.size), np.float32)
@@ -203,11 +204,13 @@ def build_patchset(
     workers: int = 1,
     progress: Callable[[int, int], None] | None = None,
     is_cancelled: Callable[[], bool] | None = None,
+    policy: InputPolicy = InputPolicy(),
 ) -> PatchSet:
     """The labelled, non-excluded nodes of `dataset` as a PatchSet (from the cache when valid).
 
     `progress(done_cases, total_cases)` is called after each case; `is_cancelled()` before each
-    case (raises `CancelledError`). `workers > 1` extracts cases in a process pool.
+    case (raises `CancelledError`). `workers > 1` extracts cases in a process pool. `policy`: the
+    input checks' options (`--strict-geometry`, `--not-hu-ok`), as in every command.
     """
     if not isinstance(dataset, Dataset):
         raise TypeError("build_patchset needs a dataset.Dataset (Dataset.load(folder))")
@@ -216,6 +219,8 @@ def build_patchset(
     if not window[0] < window[1]:
         raise InputError(f"The window low ({window[0]:g}) must be below high ({window[1]:g}); fix the window values.")
     fingerprint = data_fingerprint(dataset, spec, window)
+    if policy != InputPolicy():  # another verdict on the same files: its own cache (the default keeps existing ones)
+        fingerprint = hashlib.sha256(f"{fingerprint}|{policy}".encode("utf-8")).hexdigest()
     cache_file = Path(cache_dir) / f"patchset-{fingerprint}.npz" if cache_dir is not None else None
     if cache_file is not None and cache_file.is_file():
         cached = _load_cache(cache_file, spec, window, fingerprint, dataset.generator)
@@ -223,7 +228,7 @@ def build_patchset(
             return cached
 
     cases = [case for case in dataset.cases if not case.excluded]
-    jobs = [(dataset.ct_path(c), dataset.labels_path(c), c, spec, window) for c in cases]
+    jobs = [(dataset.ct_path(c), dataset.labels_path(c), c, spec, window, policy) for c in cases]
     results = []
 
     def check_cancel() -> None:

@@ -90,6 +90,7 @@ from .metrics import json_safe, rank_auc as _rank_auc
 from .node_features import FEATURE_NAMES, feature_matrix
 from .patchset import PatchSet, build_patchset
 from .training import TrainingConfig, _check_patchset, assign_folds, check_folds, check_seed, split_by_patient, train
+from .validate import InputPolicy, add_input_options
 
 TOP_FRACTION = 0.2  # the share of the ranking a reader is expected to re-check
 VALIDATION_SHARE = 0.2  # of the other folds' nodes, by patient: picks each fold model's epoch
@@ -527,6 +528,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache", default=None, help="folder for cached patch arrays")
     parser.add_argument("--no-tta", action="store_true", help="cnn: no test-time flips/turns for the OOF probabilities")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
+    add_input_options(parser)
     return parser
 
 
@@ -538,7 +540,7 @@ def run(args: argparse.Namespace) -> int:
     config = suspect_config(epochs=args.epochs, seed=check_seed(args.seed), num_threads=args.threads)
     dataset = Dataset.load(args.dataset)
     start = time.perf_counter()
-    patchset = build_patchset(dataset, config.patch_spec(), config.window, cache_dir=args.cache)
+    patchset = build_patchset(dataset, config.patch_spec(), config.window, cache_dir=args.cache, policy=InputPolicy.from_args(args))
     say = (lambda text: None) if args.quiet else (lambda text: print(text, flush=True))
     say(f"patches: {len(patchset)} nodes from {patchset.n_cases} cases in {time.perf_counter() - start:.1f} s")
     for line in patchset.problems[:10]:

@@ -60,6 +60,7 @@ from .metrics import binary_metrics, bootstrap_ci, calibration, choose_threshold
 from .model import build_model, export_torchscript, new_card
 from .patches import FOV_RULES, VIEW_MODES, PatchSpec
 from .patchset import PatchSet, build_patchset
+from .validate import InputPolicy, add_input_options
 from .windowing import WINDOW_PRESETS
 
 ARCHITECTURE_NAMES = {"custom": "custom_cnn", "resnet": "small_resnet"}
@@ -739,6 +740,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--description", default="")
     parser.add_argument("--data-command", action="append", default=[], metavar="COMMAND",
                         help="command line that made the training or held-out data (repeatable; stored in the card)")
+    add_input_options(parser)
     return parser
 
 
@@ -778,7 +780,8 @@ def run(args: argparse.Namespace, command: str) -> int:
     held_out_sets = [Dataset.load(folder) for folder in args.held_out]  # fail early on a bad path
     dataset = Dataset.load(args.dataset)
     t0 = time.perf_counter()
-    patchset = build_patchset(dataset, config.patch_spec(), config.window, cache_dir=args.cache, workers=args.workers)
+    patchset = build_patchset(dataset, config.patch_spec(), config.window, cache_dir=args.cache, workers=args.workers,
+                              policy=InputPolicy.from_args(args))
     print(f"patches: {len(patchset)} nodes from {patchset.n_cases} cases ({'cache' if patchset.from_cache else f'{time.perf_counter() - t0:.1f} s'}), "
           f"{int(patchset.y.sum())} metastatic, fingerprint {patchset.fingerprint[:12]}", flush=True)
     _print_problems(patchset.problems, args.dataset)
@@ -791,7 +794,8 @@ def run(args: argparse.Namespace, command: str) -> int:
 
     held_sets: dict[str, PatchSet] = {}
     for folder, held_dataset in zip(args.held_out, held_out_sets):
-        held_patchset = build_patchset(held_dataset, config.patch_spec(), config.window, cache_dir=args.cache, workers=args.workers)
+        held_patchset = build_patchset(held_dataset, config.patch_spec(), config.window, cache_dir=args.cache, workers=args.workers,
+                                       policy=InputPolicy.from_args(args))
         _print_problems(held_patchset.problems, folder)
         key = held_dataset.name or Path(folder).name
         held_sets[key if key not in held_sets else f"{key} ({folder})"] = held_patchset
