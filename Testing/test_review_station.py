@@ -389,6 +389,12 @@ def test_row_click_centres_all_three_views_on_the_node(alice, driver, truth):
         assert changed.mean() > 0.05, f"the views barely changed after clicking node {value} ({changed.mean():.3f})"
     record_timing("row click to three views redrawn (sample CT, worst of 2)", max(timings))
 
+    # the Grad-CAM opacity control reaches the views: at 0 only the CT and the outlines remain
+    with_cam = views_screenshot(driver)
+    driver.execute_script("window.trame.state.set('cam_opacity', 0.0)")
+    wait_for(lambda: (np.abs(views_screenshot(driver) - with_cam).max(axis=2) > 16).mean() > 0.02, what="the views without Grad-CAM")
+    driver.execute_script("window.trame.state.set('cam_opacity', 0.4)")
+
 
 @needs_browser
 def test_keys_and_buttons_write_reads_with_the_reader_name(alice, driver, dataset):
@@ -420,10 +426,21 @@ def test_keys_and_buttons_write_reads_with_the_reader_name(alice, driver, datase
     wait_for(lambda: journal(dataset)[-1]["field"] == "excluded", what="the exclusion line")
     assert (journal(dataset)[-1]["user"], journal(dataset)[-1]["target"]["label_value"], journal(dataset)[-1]["reason"]) == ("alice", 5, "motion artefact")
 
+    driver.find_element(By.CSS_SELECTOR, "input#lnc-note, #lnc-note input").send_keys("calcified rim")
+    wait_for(lambda: state(driver, "note_text") == "calcified rim", what="the note in the server's state")
+    driver.find_element(By.ID, "lnc-save-note").click()
+    wait_for(lambda: journal(dataset)[-1]["field"] == "note", what="the note line")
+    assert (journal(dataset)[-1]["user"], journal(dataset)[-1]["new"]) == ("alice", "calcified rim")
+
+    driver.find_element(By.ID, "lnc-classify").click()  # the active model again (the bundled default here)
+    wait_for(lambda: "classified" in (state(driver, "message") or "") and not state(driver, "busy"), what="the classification")
+    assert all(row["probability"] for row in state(driver, "nodes"))
+
     driver.refresh()  # a reload shows the saved reads
     wait_for(lambda: rows(driver, "lnc-nodes", "data-node"), what="the nodes after a reload")
     shown = {row["label_value"]: row for row in state(driver, "nodes")}
-    assert (shown[3]["label"], shown[3]["my_read"], shown[4]["my_read"], shown[5]["excluded"]) == ("benign", "benign", "benign", True)
+    assert (shown[3]["label"], shown[3]["my_read"], shown[4]["my_read"], shown[5]["excluded"], shown[5]["note"]) == (
+        "benign", "benign", "benign", True, "calcified rim")
     cells = rows(driver, "lnc-nodes", "data-node")["3"].find_element(By.CLASS_NAME, "lnc-my-read")
     assert cells.text == "benign"
 
@@ -510,9 +527,10 @@ def test_second_reader_sees_the_first_and_both_reads_are_kept(bob, driver, datas
     reads = [(line["user"], line["old"], line["new"]) for line in journal(dataset)
              if line["field"] == "read" and line["target"] == {"case_id": CASE_ID, "label_value": 3}]
     assert reads == [("alice", None, 0), ("bob", None, 1)]
-    record = node_record(dataset, 3)
-    assert record["reads"] == {"alice": 0, "bob": 1}  # neither read overwrote the other
+    # neither read overwrote the other (dataset.json is replaced just after the journal line)
+    wait_for(lambda: node_record(dataset, 3).get("reads") == {"alice": 0, "bob": 1}, what="both reads in dataset.json")
     wait_for(lambda: {r["label_value"]: r for r in state(driver, "nodes")}[3]["my_read"] == "metastatic", what="bob's read shown")
+    assert {r["label_value"]: r for r in state(driver, "nodes")}[3]["source"].startswith("tie of 2 readers")  # curation's rule
 
 
 @needs_browser
