@@ -258,7 +258,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def poll_until(controller, condition, timeout: float = 120.0) -> None:
+def poll_until(controller, condition, timeout: float = 300.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition(controller.state()) and time.monotonic() < deadline:
         controller.poll()
