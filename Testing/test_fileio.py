@@ -81,19 +81,31 @@ def test_check_writable_refuses_a_file_or_a_folder_that_cannot_be_written(tmp_pa
     from LymphNodeClassifierLib.errors import InputError
     from LymphNodeClassifierLib.fileio import check_writable_file, check_writable_folder
 
-    assert check_writable_folder(tmp_path / "new" / "out") == tmp_path / "new" / "out" and (tmp_path / "new" / "out").is_dir()
-    assert sorted(p.name for p in (tmp_path / "new" / "out").iterdir()) == []  # the probe file is gone
+    assert check_writable_folder(tmp_path / "new" / "out") == tmp_path / "new" / "out"
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing created, the probe file gone
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(InputError, match="^--out .*file is a file, not a folder"):
         check_writable_folder(blocker)
+    with pytest.raises(InputError, match="^--out .*sub lies in .*file, which is a file, not a folder"):
+        check_writable_folder(blocker / "sub")
     with pytest.raises(InputError, match="is a folder; give a file name such as"):
         check_writable_file(tmp_path)
-    with pytest.raises(InputError, match="which is a file; give a path inside a folder"):
+    with pytest.raises(InputError, match="which is a file, not a folder"):
         check_writable_file(blocker / "model.pt")
-    with pytest.raises(InputError, match="^Cannot create the folder of the output file"):
-        check_writable_file(blocker / "sub" / "model.pt")
     assert check_writable_file(tmp_path / "m" / "model.pt") == tmp_path / "m" / "model.pt"
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        (locked / "probe").touch()
+    except OSError:  # permissions hold (not root): the folder and a folder to be made in it are refused
+        for target, verb in ((locked, "write into"), (locked / "new", "create")):
+            with pytest.raises(InputError, match=f"^Cannot {verb} the output folder .*Permission denied"):
+                check_writable_folder(target)
+    else:
+        (locked / "probe").unlink()
+    locked.chmod(0o755)
 
 
 def test_stale_staging_of_a_dead_process_is_removed_a_live_ones_kept(tmp_path):

@@ -480,7 +480,7 @@ def test_a_killed_dataset_run_leaves_staging_that_the_next_run_removes(world, tm
     code, _, err = run(["classify", "--dataset", folder, "--out", out, "--model", world["model"], *FAST], capsys)
     assert code == 0, err
     assert not [p for p in files_under(out) if ".staging-" in p], "a stale staging folder survived the rerun"
-    assert {p.name for p in out.iterdir()} == {"nodes.csv", *(f"C{n}" for n in range(1, 9))}
+    assert {p.name for p in out.iterdir()} == {"nodes.csv", "summary.json", *(f"C{n}" for n in range(1, 9))}
 
 
 def test_a_rerun_replaces_the_previous_outputs_as_a_whole(world, tmp_path, capsys):
@@ -503,7 +503,7 @@ def test_a_rerun_replaces_the_previous_outputs_as_a_whole(world, tmp_path, capsy
     for case in ("C1", "C2"):
         assert {p.name for p in (out_set / case).iterdir()} == {"nodes.csv", "nodes.seg.nrrd"}
     assert b"earlier run" not in (out_set / "nodes.csv").read_bytes()
-    assert {p.name for p in out_set.iterdir()} == {"nodes.csv", "C1", "C2"}
+    assert {p.name for p in out_set.iterdir()} == {"nodes.csv", "summary.json", "C1", "C2"}
 
 
 def test_a_closed_stdout_pipe_ends_quietly(world, tmp_path, capsys):

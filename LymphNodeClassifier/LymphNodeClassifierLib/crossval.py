@@ -50,7 +50,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from .errors import InputError, OneLineArgumentParser
-from .fileio import atomic_path, atomic_write_json, atomic_write_text, csv_text, ensure_folder
+from .fileio import atomic_path, atomic_write_json, atomic_write_text, check_writable_file, check_writable_folder, csv_text, ensure_folder
 from .metrics import METRIC_NAMES, binary_metrics, bootstrap_ci, calibration, group_members, json_safe, parse_threshold_rule, plot_reliability, rank_auc, roc_points
 from .patchset import PatchSet
 from .training import ARCHITECTURE_NAMES, TrainingConfig, _one_fold, train
@@ -457,8 +457,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "python -m LymphNodeClassifierLib crossval " + shlex.join(argv)
     args = build_parser().parse_args(argv)
     config = config_from_args(args)
-    if args.export_model and Path(args.export_model).is_dir():
-        raise InputError(f"--export-model {args.export_model} is a folder; give a model file name.")
+    check_writable_folder(args.out)  # before any work: a bad output place must not cost the folds
+    if args.export_model:
+        check_writable_file(args.export_model, "--export-model")
     dataset = Dataset.load(args.dataset)
     patchset = build_patchset(dataset, config.patch_spec(), config.window, cache_dir=args.cache, policy=InputPolicy.from_args(args))
     print(f"patches: {len(patchset)} nodes of {len(set(patchset.patient_ids.tolist()))} patients, {int(patchset.y.sum())} positive", flush=True)

@@ -46,16 +46,24 @@ def ensure_folder(folder: str | os.PathLike, is_file_message: str, what: str = "
 
 
 def check_writable_folder(folder: str | os.PathLike, option: str = "--out", what: str = "output folder") -> Path:
-    """`ensure_folder` plus proof that a file can be created in it, so that an unwritable output
-    location (a read-only mount, no permission) is refused before any work, in one line."""
-    folder = ensure_folder(folder, f"{option} {folder} is a file, not a folder; give {option} a folder for the outputs.", what=what,
-                           advice=f"give {option} a writable folder")
+    """Refuse, in one line and before any work, an output folder that could not be written: a file in
+    its place or in its path, or no right to create files (a read-only mount, permissions). Probes the
+    folder, or the nearest folder above it that exists, with a temporary file; creates nothing, so a
+    run refused later for its input leaves no empty folder behind. Returns `folder` as a Path."""
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = f"{option} {folder} is a file" if existing == folder else f"{option} {folder} lies in {existing}, which is a file"
+        raise InputError(f"{where}, not a folder; give {option} a folder for the outputs.")
     try:
-        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=existing)
         os.close(fd)
         os.unlink(probe)
     except OSError as error:
-        raise InputError(f"Cannot write into the {what} {folder} ({error.strerror}); give {option} a writable folder.") from None
+        verb = "write into" if existing == folder else "create"
+        raise InputError(f"Cannot {verb} the {what} {folder} ({error.strerror} in {existing}); give {option} a writable folder.") from None
     return folder
 
 
@@ -66,7 +74,7 @@ def check_writable_file(path: str | os.PathLike, option: str = "--out", example:
     if path.is_dir():
         raise InputError(f"{option} {path} is a folder; give a file name such as {path / example}.")
     if path.parent.exists() and not path.parent.is_dir():
-        raise InputError(f"{option} {path} lies in {path.parent}, which is a file; give a path inside a folder.")
+        raise InputError(f"{option} {path} lies in {path.parent}, which is a file, not a folder; give a path inside a folder.")
     check_writable_folder(path.parent, option, what="folder of the output file")
     return path
 

@@ -85,7 +85,7 @@ from sklearn.preprocessing import QuantileTransformer
 from .cli import exit_code
 from .dataset import Dataset
 from .errors import CancelledError, InputError, OneLineArgumentParser
-from .fileio import atomic_write_json, atomic_write_text, ensure_folder
+from .fileio import atomic_write_json, atomic_write_text, check_writable_folder, ensure_folder
 from .metrics import json_safe, rank_auc as _rank_auc
 from .node_features import FEATURE_NAMES, feature_matrix
 from .patchset import PatchSet, build_patchset
@@ -533,9 +533,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is a file; choose a folder for suspects.csv and suspects.json.")
+    out = check_writable_folder(args.out)  # before any work
     check_folds(args.folds)
     config = suspect_config(epochs=args.epochs, seed=check_seed(args.seed), num_threads=args.threads)
     dataset = Dataset.load(args.dataset)
