@@ -942,7 +942,7 @@ def _label_word(text: str, option: str, allow_none: bool) -> int | None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(
-        prog="curate",
+        prog="python -m LymphNodeClassifierLib curate",
         description="Journalled curation of a dataset from the command line: edits (with the reader's name), suspect suggestions, "
                     "the readers' agreement, the edit history, the review list and dataset.json rebuilt from the journal.",
     )

@@ -670,7 +670,7 @@ def station_url(host: str, port: int, token: str | None) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`review --dataset D [--port 8080] [--reader NAME] [--host 127.0.0.1] [--token T] [--open]`."""
-    parser = OneLineArgumentParser(prog="review", description="Serve a dataset to a browser for reading: real Slicer slice views, "
+    parser = OneLineArgumentParser(prog="python -m LymphNodeClassifierLib review", description="Serve a dataset to a browser for reading: real Slicer slice views, "
                                    "the model's probabilities, journalled relabelling by a named reader.")
     parser.add_argument("--dataset", required=True, help="dataset folder (with dataset.json)")
     parser.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080; 0 = any free port)")
