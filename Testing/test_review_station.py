@@ -507,6 +507,10 @@ def test_loopback_station_refuses_foreign_host_and_origin(alice):
 def bob(alice, dataset):
     """The second reader's station, after the first one stopped; on a non-loopback address with a token when this machine has one."""
     alice.stop()
+    from LymphNodeClassifierLib.curation import CurationSession
+
+    with CurationSession(dataset, user="alice") as session:  # alice's read of node 3, when her page test did not run
+        session.read_node(CASE_ID, 3, 0)
     host = non_loopback_ipv4() or "127.0.0.1"
     station = Station(dataset, "bob", host=host, token="t0ken-for-the-review-test")
     yield station
