@@ -187,3 +187,14 @@ def test_grid_difference_is_described_in_physical_terms():
     assert describe_grid_difference(ct, shifted) == "origin offset (18, 24, 0) mm (30.0 mm)"
     coarse = make_ct(size=(14, 12, 8), spacing=(1.05, 1.2, 3.0), direction=TILTED)
     assert describe_grid_difference(ct, coarse) == "spacing (1.05, 1.2, 3) mm vs the CT's (0.7, 0.8, 2) mm, size (14, 12, 8) vs (20, 18, 12)"
+
+
+def test_resampling_says_which_label_values_vanished():
+    ct = make_ct(size=(10, 10, 6), spacing=(2.0, 2.0, 4.0))
+    fine = sitk.Image([40, 40, 24], sitk.sitkUInt8)
+    fine.SetSpacing((0.5, 0.5, 1.0))
+    fine.SetOrigin(ct.TransformContinuousIndexToPhysicalPoint((-0.25, -0.25, -0.375)))
+    fine[20:28, 20:28, 12:20] = 1  # 4 x 4 x 8 mm: survives
+    fine[5, 5, 3] = 2  # 0.5 mm, between the CT's voxel centres
+    _, resampled, message = prepare_label_image(ct, fine)
+    assert resampled and "Label value 2 had no voxel left on the CT grid" in message

@@ -224,4 +224,9 @@ def prepare_label_image(ct: sitk.Image, label: sitk.Image, strict_geometry: bool
         )
     resampled = sitk.Resample(label, ct, sitk.Transform(), sitk.sitkNearestNeighbor, 0, label.GetPixelID())
     message = f"The label map's grid differs from the CT's ({difference}); it was resampled onto the CT grid (nearest neighbour)."
+    # A node smaller than a CT voxel can fall between the CT's voxel centres: say so rather than drop it silently.
+    lost = np.setdiff1d(np.unique(sitk.GetArrayViewFromImage(label)), np.unique(sitk.GetArrayViewFromImage(resampled)))
+    if lost.size:
+        message += (f" Label value{'s' if lost.size > 1 else ''} {', '.join(str(int(v)) for v in lost[:10])}{', ...' if lost.size > 10 else ''}"
+                    " had no voxel left on the CT grid (smaller than a CT voxel) and are not classified.")
     return resampled, True, message
