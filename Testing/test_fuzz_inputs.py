@@ -543,3 +543,28 @@ def test_a_progress_line_is_ended_before_any_other_output(capsys):
     for done in range(21):
         progress.update(done)
     assert "\r" not in logged.getvalue() and logged.getvalue().count("\n") == 11
+
+
+def test_a_model_whose_folder_breaks_during_training_is_saved_elsewhere_not_lost(world, tmp_path):
+    from LymphNodeClassifierLib.errors import InputError
+    from LymphNodeClassifierLib.model import load_model
+    from LymphNodeClassifierLib.patchset import build_patchset
+    from LymphNodeClassifierLib.training import TrainingConfig, train_and_export
+
+    dataset = make_dataset(tmp_path / "cohort", cases=6)
+    config = TrainingConfig(patch_size=16, spacing_mm=(2.0, 2.0, 2.0), epochs=1, batch_size=4, translation_px=2, num_threads=1,
+                            split_fractions=(0.5, 0.25, 0.25))
+    patchset = build_patchset(dataset, config.patch_spec(), config.window)
+    folder = tmp_path / "models"
+    folder.mkdir()
+
+    def folder_turns_into_a_file(event):  # after the checks passed: the place breaks while the model trains
+        if event["event"] == "epoch" and folder.is_dir():
+            shutil.rmtree(folder)
+            folder.write_text("not a folder any more")
+
+    with pytest.raises(InputError, match=r"^Cannot write the trained model to .*model\.pt \(.*\); it was saved as (\S+model\.pt): move it") as error:
+        train_and_export(patchset, config, folder / "model.pt", "test", on_event=folder_turns_into_a_file)
+    rescued = Path(str(error.value).split("it was saved as ")[1].split(": move it")[0])
+    assert load_model(rescued).card["preprocessing"]["patch_size"] == 16
+    shutil.rmtree(rescued.parent)

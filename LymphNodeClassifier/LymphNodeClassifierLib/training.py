@@ -38,6 +38,7 @@ import json
 import math
 import shlex
 import sys
+import tempfile
 import time
 import warnings
 from contextlib import contextmanager
@@ -683,12 +684,20 @@ def train_and_export(
     **card_fields: Any,
 ) -> tuple[TrainingResult, dict[str, dict]]:
     """Train, evaluate the held-out sets, then write the model: `path` is only replaced (atomically)
-    by a finished run; a cancelled or failed run leaves any existing file untouched."""
+    by a finished run; a cancelled or failed run leaves any existing file untouched. A finished model
+    is never lost: when `path` cannot be written (the disk filled, the folder went away) it is saved
+    in the temporary folder instead and the InputError says where."""
     result = train(patchset, config, on_event=on_event, is_cancelled=is_cancelled)
     held_metrics = evaluate_held_out(result, held_out or {})
     if is_cancelled is not None and is_cancelled():
         raise CancelledError("Training cancelled; no model was written.")
-    export_trained_model(result, patchset.summary(), config, path, command, held_metrics, **card_fields)
+    try:
+        export_trained_model(result, patchset.summary(), config, path, command, held_metrics, **card_fields)
+    except OSError as error:
+        rescue = Path(tempfile.mkdtemp(prefix="lymphnode-model-")) / Path(path).name
+        export_trained_model(result, patchset.summary(), config, rescue, command, held_metrics, **card_fields)
+        raise InputError(f"Cannot write the trained model to {path} ({error.strerror or error}); it was saved as {rescue}: "
+                         "move it where it belongs.") from None
     return result, held_metrics
 
 
