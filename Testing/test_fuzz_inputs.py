@@ -298,7 +298,25 @@ def test_a_dataset_whose_images_moved_is_one_clear_error(world, tmp_path, capsys
     out = tmp_path / "out"
     code, _, err = run(["classify", "--dataset", moved, "--out", out, "--model", world["model"], *FAST], capsys)
     assert_refused(code, err, "does not exist", "relative to")
+    code, _, err = run(["evaluate", "--dataset", moved, "--out", out, "--model", world["model"], "--bootstrap", 0], capsys)
+    assert_refused(code, err, "does not exist")
+    code, _, err = run(["train", "--dataset", moved, "--out", out / "model.pt", "--patch-size", 16], capsys)
+    assert_refused(code, err, "does not exist")
     assert files_under(out) == set()
+
+
+def test_symlinked_output_files_are_replaced_never_written_through(world, tmp_path, capsys):
+    outside = tmp_path / "outside.csv"
+    outside.write_text("mine")
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("nodes.csv", "report.png"):  # one this run writes, one it removes as an earlier run's
+        (out / name).symlink_to(outside)
+    code, _, err = run(classify_case(world, out), capsys)
+    assert code == 0, err
+    assert outside.read_text() == "mine"
+    assert not (out / "nodes.csv").is_symlink() and (out / "nodes.csv").read_text().startswith("case_id,")
+    assert not (out / "report.png").exists() and not (out / "report.png").is_symlink()
 
 
 def test_every_case_skipped_is_an_error_and_writes_no_table(world, tmp_path, capsys):
