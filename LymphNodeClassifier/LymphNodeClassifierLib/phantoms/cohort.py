@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from ..cli import exit_code
+from ..cli import ProgressLine, exit_code
 from ..dataset import DATASET_FILE, Dataset, _now_iso
 from ..errors import InputError, OneLineArgumentParser
 from ..fileio import atomic_path
@@ -230,12 +230,16 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
 
+    progress = None if args.quiet else ProgressLine("phantom cases", args.cases)  # ended before an error line too (cli)
+
     def report(done: int, total: int) -> None:
-        if not args.quiet:
-            print(f"\rphantoms: {done}/{total} cases", end="" if done < total else "\n", file=sys.stderr, flush=True)
+        if progress is not None:
+            progress.update(done)
 
     dataset = generate_cohort(args.out, args.cases, args.seed, args.label_noise, config=preset_config(args.preset), progress=report,
                               clinical_size=args.clinical_size, name=None if args.preset == "default" else f"phantoms seed {args.seed}, {args.preset} settings")
+    if progress is not None:
+        progress.done()
     if not args.quiet:
         n_meta = sum(1 for n in dataset.nodes if n.true_metastatic)
         print(
