@@ -76,6 +76,35 @@ def time_clicks(driver, station: Station, case_id: str, rounds: int) -> dict:
             "click_to_views_max_s": round(max(clicks), 3)}
 
 
+def click_cpu_in_process(folder: Path, case_id: str, rounds: int) -> dict:
+    """What a click costs the station itself, in this process: select the node (controller, centring,
+    state) and render the three views at the page's size; wall and CPU seconds (CPU counts every
+    thread, Mesa's too, and is what an idle machine would take in wall time, less encoding and transport)."""
+    from LymphNodeClassifierLogic.review_app import ReviewStation
+
+    station = ReviewStation(folder, reader="bench-in-process")
+    try:
+        station.open_case(case_id)
+        views = station.slice_views()
+        for view in views:  # the page's view size (365 x 415 px at a 1400 px wide window)
+            view.render_window().SetSize(365, 415)
+            view.update_size(365, 415)
+        values = [row["label_value"] for row in station.state.nodes]
+        wall, cpu = [], []
+        for _ in range(rounds):
+            for value in values:
+                wall_start, cpu_start = time.perf_counter(), time.process_time()
+                station.select_node(value)
+                for view in views:
+                    view.render_window().Render()
+                wall.append(time.perf_counter() - wall_start)
+                cpu.append(time.process_time() - cpu_start)
+    finally:
+        station.controller.cleanup()
+    return {"clicks": len(cpu), "wall_median_s": round(statistics.median(wall), 3), "cpu_median_s": round(statistics.median(cpu), 3),
+            "cpu_max_s": round(max(cpu), 3)}
+
+
 def screenshots(work: Path, out: Path) -> list[Path]:
     """The README's pictures: reader alice on the sample case (node 3 read benign), then reader bob's page."""
     folder = sample_dataset_with_suspects(work / "screenshots")
@@ -137,6 +166,7 @@ def main() -> int:
                     station.stop()
         finally:
             driver.quit()
+        results["clinical in-process select + render three views"] = click_cpu_in_process(folder, case_id, args.rounds)
         results["load_average_1min_after"] = round(os.getloadavg()[0], 2)
         print(json.dumps(results))
     finally:

@@ -171,6 +171,15 @@ def _css_colour(probability: float | None) -> str:
     return f"rgb({round(255 * r)}, {round(255 * g)}, {round(255 * b)})"
 
 
+def _whole_number(value, what: str) -> int:
+    """A number the page sent (a row's label value): an InputError line, not a traceback, when it is none."""
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise InputError(f"The {what} {value!r} is not a whole number; click a row of the table.") from None
+    return number
+
+
 def _label_text(metastatic: str) -> str:
     return {"1": "metastatic", "0": "benign"}.get(str(metastatic), "unlabelled")
 
@@ -299,7 +308,6 @@ class ReviewStation:
         state.busy = ""
         state.model_text = ""
         state.view_centres = {}
-        state.render_count = 0
         state.change("cam_opacity")(self._on_cam_opacity)
 
     def refresh(self) -> None:
@@ -311,10 +319,12 @@ class ReviewStation:
         self.state.cases = [self._case_row(case) for case in dataset.cases]
         loaded = panel.loaded_case
         self.state.case_id = loaded
-        self.state.nodes = self._node_rows(loaded) if loaded is not None else []
+        suspects = self._suspect_rows(panel.suspects_table)
+        self.state.suspects = suspects
+        ranks = {(row["case_id"], row["label_value"]): row["rank"] for row in suspects}
+        self.state.nodes = self._node_rows(loaded, ranks) if loaded is not None else []
         selected = panel.selected
         self.state.selected = selected[1] if selected is not None and selected[0] == loaded else None
-        self.state.suspects = self._suspect_rows(panel.suspects_table)
         info = controller.selected_info()
         self.state.note_text = (info or {}).get("note", "") if self.state.selected is not None else ""
         self.state.busy = panel.busy
@@ -328,9 +338,9 @@ class ReviewStation:
     def _case_status(self, case) -> str:
         return self.controller.curation.session_or_fail().case_read_status(case.case_id, self.reader)
 
-    def _node_rows(self, case_id: str) -> list[dict]:
+    def _node_rows(self, case_id: str, ranks: dict) -> list[dict]:
+        """One row per node of the loaded case; `ranks`: (case_id, label_value) -> suspect rank."""
         curation = self.controller.curation
-        ranks = {(row["case_id"], row["label_value"]): row["rank"] for row in self._suspect_rows(self.controller.state().suspects_table)}
         session = curation.session_or_fail()
         cautions = self._node_warnings()
         rows = []
@@ -399,8 +409,8 @@ class ReviewStation:
             self.refresh()
         return None
 
-    def open_case(self, case_id: str):
-        return self._act(self._open_case, str(case_id))
+    def open_case(self, case_id):
+        return self._act(lambda: self._open_case(str(case_id)))
 
     def _open_case(self, case_id: str):
         self.controller.curation.dataset.case(case_id)  # only a case of the served dataset (InputError otherwise)
@@ -409,7 +419,7 @@ class ReviewStation:
         self._show_layers(fit=True)
 
     def select_node(self, label_value):
-        return self._act(self._select_node, int(label_value))
+        return self._act(lambda: self._select_node(_whole_number(label_value, "node label value")))
 
     def _select_node(self, label_value: int):
         case_id = self.controller.state().loaded_case
@@ -419,7 +429,7 @@ class ReviewStation:
         self._centre_on(case_id, label_value)
 
     def select_suspect(self, row):
-        return self._act(self._select_suspect, int(row))
+        return self._act(lambda: self._select_suspect(_whole_number(row, "suspect row")))
 
     def _select_suspect(self, row: int):
         self.controller.select_suspect(row)
@@ -441,7 +451,7 @@ class ReviewStation:
 
     def read(self, metastatic: int):
         """This reader's read of the selected node (several readers' reads are kept; the label follows them)."""
-        return self._act(self.controller.read, int(metastatic))
+        return self._act(lambda: self.controller.read(_whole_number(metastatic, "label")))
 
     def exclude(self):
         return self._act(self.controller.exclude_node, str(self.state.exclude_reason or ""))
