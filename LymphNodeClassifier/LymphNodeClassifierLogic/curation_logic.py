@@ -394,7 +394,8 @@ class CurationLogic:
         if classify:
             path = model_path if model_path not in (None, "") else self.model_path
             try:
-                loaded.outputs = self.classification.classify(ct_node, labels_node, model_path=path or None, device=self.device, gradcam=gradcam)
+                loaded.outputs = self.classification.classify(ct_node, labels_node, model_path=path or None, device=self.device, gradcam=gradcam,
+                                                              per_label_value=case.per_label_value)  # the case's node definition
             except InputError as error:
                 loaded.message = f"Not classified: {error}"
             if loaded.outputs is not None:

@@ -86,8 +86,12 @@ class ClassificationLogic:
         timer: StageTimer | None = None,
         policy: InputPolicy = InputPolicy(),
         gradcam_target: str = "predicted",
+        per_label_value: bool = False,
     ) -> ClassificationOutputs:
         """Run the pipeline and create or update the segmentation, table and Grad-CAM nodes.
+
+        A node is a connected component of the label map, or with `per_label_value` all voxels of one
+        label value (a dataset case's `node_definition`, as `classify --dataset` follows it).
 
         Grad-CAM explains each node's predicted class, or the class `gradcam_target` names
         (`gradcam.CAM_TARGETS`, as `classify --gradcam-class`).
@@ -101,7 +105,7 @@ class ClassificationLogic:
         model = self.load_model(model_path, device)
         # The same input checks as every command (validate: HU, geometry policy); notes/warnings land in the result.
         result = classify_images(ct_image, labels_image, model, with_gradcam=gradcam, timer=timer, progress=progress, policy=policy,
-                                 gradcam_target=gradcam_target)
+                                 gradcam_target=gradcam_target, per_label_value=per_label_value)
         if window is not None:
             show_ct_window(ct_volume_node, window)
             model_window = window_from_card(model.card)
