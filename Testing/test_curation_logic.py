@@ -184,3 +184,30 @@ def test_review_and_suspects_lists(logic, dataset_folder):
     expected = "relabelled " + ("benign" if nodes[0].metastatic else "metastatic")
     assert [cell(suspects, r, "since_ranked") for r in range(2)] == [expected, "excluded"]
     json.dumps(logic.summary())
+
+
+def test_load_case_follows_the_case_node_definition(logic, tmp_path, model_path):
+    """One label value in two separate blobs: one node for a 'label_value' case (an imported file that
+    holds one lesion), two for a 'component' case -- the same count as classify --dataset and evaluate."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    array = np.full((12, 40, 40), -1000, np.int16)
+    array[:, 5:35, 5:35] = 40
+    labels = np.zeros(array.shape, np.uint8)
+    labels[4:8, 8:14, 8:14] = 1
+    labels[4:8, 26:32, 26:32] = 1
+    dataset = Dataset.create(tmp_path / "ds", "two blobs")
+    for name, definition in (("merged", "label_value"), ("split", "component")):
+        paths = []
+        for what, values in (("ct", array), ("labels", labels)):
+            image = sitk.GetImageFromArray(values)
+            image.SetSpacing((1.0, 1.0, 2.0))
+            paths.append(tmp_path / "ds" / f"{name}_{what}.nrrd")
+            sitk.WriteImage(image, str(paths[-1]))
+        dataset.add_case(name, name, *paths, node_definition=definition)
+        dataset.add_node(name, 1, 1)
+    dataset.save()
+    logic.open_dataset(tmp_path / "ds")
+    counts = {name: len(logic.load_case(name, model_path=model_path, gradcam=False).outputs.result.nodes) for name in ("merged", "split")}
+    assert counts == {"merged": 1, "split": 2}
