@@ -1,7 +1,15 @@
 """Command line: `python -m LymphNodeClassifierLib <command> ...` (or `lymphnode-classifier <command>`).
 
-Every command is a small module with a `main(argv) -> exit code`; this file only dispatches and
-turns user errors into one line on stderr (exit 2) instead of a traceback.
+Every command is a small module with a `main(argv) -> exit code`; this file dispatches and holds
+what every command shares, so a stage module keeps only its stage:
+
+- one error path (`exit_code`): a user's error is one line on stderr, "error: <problem>; <what to
+  do>", exit 2 (bad options too: every parser is an `errors.OneLineArgumentParser`); a closed stdout
+  pipe ends quietly (141); a cancel 130;
+- one progress line (`ProgressLine`), always ended before any other output;
+- `--version`. The other shared pieces live with what they check: `fileio.check_writable_folder` /
+  `check_writable_file` (the output place, before any work) and `model_registry.choose_model`
+  (`--model`: a file, a bundled model's name, or the active model).
 """
 
 from __future__ import annotations
