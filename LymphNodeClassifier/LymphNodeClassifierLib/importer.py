@@ -192,6 +192,12 @@ def _suffix(path: Path) -> str:
     return path.suffix
 
 
+def _copy_name(base: str, what: str, source: Path) -> str:
+    """`<base>_<what><suffix>`, the name of a copy or link in DATASET/images: `base` is a safe case
+    name and the source's suffix (.nii.gz, .nrrd, ...) keeps only letters, digits and dots."""
+    return f"{base}_{what}{re.sub(r'[^A-Za-z0-9.]', '_', _suffix(source))}"
+
+
 def _stem(path: Path) -> str:
     suffix = _suffix(path)
     return path.name[: -len(suffix)] if suffix else path.name
@@ -393,14 +399,14 @@ def import_table(
             with atomic_path(ct_stored) as tmp:
                 sitk.WriteImage(ct, str(tmp), True)
         else:
-            ct_stored = _place(image_path, out / "images", f"{base}_ct{_suffix(image_path)}", files)
+            ct_stored = _place(image_path, out / "images", _copy_name(base, "ct", image_path), files)
         if rewrite:
             labels_stored = out / "labels" / f"{base}_labels.nrrd"
             labels_stored.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(labels_stored) as tmp:  # tmp ends with .nrrd too
                 sitk.WriteImage(label_map, str(tmp), True)
         else:
-            labels_stored = _place(mask_path, out / "images", f"{base}_mask{_suffix(mask_path)}", files)
+            labels_stored = _place(mask_path, out / "images", _copy_name(base, "mask", mask_path), files)
         origin = {"source_case_id": source_case_id} if source_case_id != case_id else {}
         dataset.add_case(case_id, patient_id, ct_stored.absolute(), labels_stored.absolute(), node_definition=node_definition,
                          source_row=number, **origin, **({"not_hu_ok": True} if not_hu else {}))
