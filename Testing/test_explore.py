@@ -97,3 +97,20 @@ def test_explore_writes_summary_and_histograms(messy_dataset, tmp_path, capsys):
 def test_explore_on_real_shaped_summary_counts(messy_dataset, tmp_path):
     summary = explore_dataset(messy_dataset, tmp_path / "o")
     assert summary["nodes_by_class"]["benign"] + summary["nodes_by_class"]["metastatic"] == summary["nodes"] - summary["nodes_by_class"]["unlabelled"]
+
+
+def test_excluded_cases_and_nodes_are_left_out_of_counts_histograms_and_the_review_list(messy_dataset, tmp_path):
+    everything = explore_dataset(messy_dataset, tmp_path / "all")
+    assert "emptymask-1" in everything["cases_with_problems"] and everything["excluded"] == {"cases": 0, "nodes": 0}
+    messy_dataset.case("emptymask-1").excluded = True  # the curator's verdict on a bad case
+    messy_dataset.node("good-1", 2).excluded = True  # and on one node
+    messy_dataset.save()
+    dataset = Dataset.load(messy_dataset.folder)
+    summary = explore_dataset(dataset, tmp_path / "kept")
+    assert "emptymask-1" not in summary["cases_with_problems"]
+    assert summary["cases"] == everything["cases"] - 1
+    assert summary["nodes"] == everything["nodes"] - 1 and summary["excluded"] == {"cases": 1, "nodes": 1}
+    assert summary["nodes_by_class"]["metastatic"] == everything["nodes_by_class"]["metastatic"] - 1  # good-1's node 2 is metastatic
+    per_case = {case["case_id"]: case for case in summary["per_case"]}
+    assert per_case["emptymask-1"]["excluded"] is True and per_case["good-1"]["excluded"] is False  # still checked and listed
+    assert len(per_case["good-1"]["nodes"]) == 2

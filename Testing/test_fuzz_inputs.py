@@ -586,3 +586,41 @@ def test_a_model_whose_folder_breaks_during_training_is_saved_elsewhere_not_lost
     rescued = Path(str(error.value).split("it was saved as ")[1].split(": move it")[0])
     assert load_model(rescued).card["preprocessing"]["patch_size"] == 16
     shutil.rmtree(rescued.parent)
+
+
+# ----------------------------------------------------------------------------------- command line: defaults and options
+
+
+def test_evaluate_defaults_to_the_active_model_like_classify(world, tmp_path, capsys):
+    from LymphNodeClassifierLib import model_registry
+
+    model_registry.set_active_model(None, world["model"])  # the user's folder is this test's (no_active_model)
+    code, _, err = run(["evaluate", "--dataset", world["dataset"], "--out", tmp_path / "ev", "--bootstrap", 0], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["model"]["name"] == "untrained test model"
+    def change(card):
+        card["preprocessing"]["patch_size"] = 12
+    edited = tmp_path / "edited.pt"
+    shutil.copyfile(world["model"], edited)
+    model_registry.set_active_model(None, edited)
+    rewrite_card(world["model"], edited, change)  # edited after it was made active: load refuses it, which shows who took it
+    for command in (["classify", "--ct", world["ct"], "--labels", world["labels"], *FAST], ["evaluate", "--dataset", world["dataset"]]):
+        code, _, err = run([*command, "--out", tmp_path / "refused"], capsys)
+        assert_refused(code, err, "edited.pt")
+    model_registry.set_active_model(None, None)  # no active model: the bundled default, for both
+    assert model_registry.choose_model(None).name == "lymph_node_phantom.pt"
+    code, _, err = run(["evaluate", "--dataset", world["dataset"], "--out", tmp_path / "lung", "--bootstrap", 0, "--model", "lung_nodule_lidc"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "lung" / "metrics.json").read_text())["model"]["name"].startswith("Lung nodule malignancy")
+
+
+def test_train_uses_the_given_validation_and_test_fractions(world, tmp_path, capsys):
+    from LymphNodeClassifierLib.model import read_card
+
+    make_dataset(tmp_path / "cohort", cases=8)
+    code, _, err = run(["train", "--dataset", tmp_path / "cohort", "--out", tmp_path / "m.pt", "--patch-size", 16, "--spacing", 2.0,
+                        "--epochs", 1, "--batch-size", 4, "--threads", 1, "--val-fraction", 0.25, "--test-fraction", 0.25], capsys)
+    assert code == 0, err
+    split = read_card(tmp_path / "m.pt")["training"]["split"]
+    assert split["fractions"] == [0.5, 0.25, 0.25]
+    assert split["train_nodes"] + split["validation_nodes"] + split["test_nodes"] == 16 and split["test_nodes"] >= 2
