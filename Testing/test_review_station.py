@@ -109,8 +109,11 @@ class Station:
     def __init__(self, dataset: Path, reader: str, host: str = "127.0.0.1", token: str | None = None,
                  extra: tuple[str, ...] = ()) -> None:
         self.host, self.token = host, token
+        # an empty model folder of its own: the bundled default model classifies, whatever another run made active
+        models = dataset.parent / "models"
+        models.mkdir(exist_ok=True)
         command = [sys.executable, "-m", "LymphNodeClassifierLib", "review", "--dataset", str(dataset), "--port", "0",
-                   "--reader", reader, "--host", host, *(["--token", token] if token else []), *extra]
+                   "--reader", reader, "--host", host, "--models", str(models), *(["--token", token] if token else []), *extra]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         self.started = time.perf_counter()
         self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -368,6 +371,11 @@ def test_page_lists_the_dataset_nodes(alice, driver, dataset):
     for record in manifest["nodes"]:
         assert shown[record["label_value"]]["label"] == {1: "metastatic", 0: "benign"}[record["metastatic"]]
         assert 0.0 <= float(shown[record["label_value"]]["probability"]) <= 1.0  # classified on opening
+    from LymphNodeClassifierLib.model import read_card
+    from LymphNodeClassifierLogic.logic import DEFAULT_MODEL_PATH
+
+    preprocessing = read_card(DEFAULT_MODEL_PATH)["preprocessing"]  # the CT is shown at the model's window
+    assert state(driver, "window_text") == f"CT window {preprocessing['window_low']:g} to {preprocessing['window_high']:g} HU (the model's)"
 
 
 @needs_browser

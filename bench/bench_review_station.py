@@ -82,7 +82,7 @@ def click_cpu_in_process(folder: Path, case_id: str, rounds: int) -> dict:
     thread, Mesa's too, and is what an idle machine would take in wall time, less encoding and transport)."""
     from LymphNodeClassifierLogic.review_app import ReviewStation
 
-    station = ReviewStation(folder, reader="bench-in-process")
+    station = ReviewStation(folder, reader="bench-in-process", models_folder=folder.parent / "models")  # as the stations: the bundled model
     try:
         station.open_case(case_id)
         views = station.slice_views()

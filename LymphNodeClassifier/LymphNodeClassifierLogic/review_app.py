@@ -316,6 +316,7 @@ class ReviewStation:
         state.busy = ""
         state.model_text = ""
         state.view_centres = {}
+        state.window_text = ""
         state.change("cam_opacity")(self._on_cam_opacity)
 
     def refresh(self) -> None:
@@ -508,6 +509,7 @@ class ReviewStation:
         layers = self.controller.state().layers
         if layers is None:
             return
+        self._show_model_window(layers.background)
         app_logic = self.slicer_app.app_logic
         for view in self.slice_views():
             view.set_background_volume_id(layers.background.GetID() if layers.background is not None else None)
@@ -518,6 +520,20 @@ class ReviewStation:
             if fit:
                 view.fit_view_to_content()
         self._outline_segments()
+
+    def _show_model_window(self, ct_node) -> None:
+        """The CT at the window the model classified it at (its card's), when the case was classified."""
+        from LymphNodeClassifierLib.pipeline import window_from_card
+
+        from .logic import show_ct_window
+
+        loaded = self.controller.curation.loaded
+        if ct_node is None or loaded is None or loaded.outputs is None:
+            return
+        model = self.controller.classification.load_model(self.controller.resolved_model_path(), self.controller.curation.device)
+        low, high = window_from_card(model.card)
+        show_ct_window(ct_node, (low, high))
+        self.state.window_text = f"CT window {low:g} to {high:g} HU (the model's)"
 
     def _outline_segments(self) -> None:
         """Node outlines only (no fill), so the CT under a node stays readable; Grad-CAM below the
@@ -616,6 +632,7 @@ class ReviewStation:
                             v.VBtn("Next node (n)", id="lnc-next", click=(self.step_node, "[1]"), disabled=("!nodes.length",))
                             v.VBtn("Classify this case", id="lnc-classify", color="primary", click=self.classify_case,
                                    disabled=("case_id === null || !!busy",))
+                            html.Span("{{ window_text }}", classes="ml-2 text-caption", id="lnc-window")
                             html.Span("Grad-CAM", classes="ml-2")
                             v.VSlider(v_model=("cam_opacity",), min=0.0, max=1.0, step=0.05, hide_details=True,
                                       style="max-width: 160px", id="lnc-cam-opacity")
