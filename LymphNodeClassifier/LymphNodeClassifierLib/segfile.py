@@ -49,6 +49,11 @@ def write_segmentation_file(
     probabilities: Sequence[float],
 ) -> None:
     """One segment per node (label value = node_id), named and coloured by probability, written atomically."""
+    if nodes:  # only the nodes' bounding box, which Slicer places by its own origin: the whole CT grid
+        # cost a transpose, a copy and the compression of every voxel (~0.5-0.8 s on a 512x512x110 CT)
+        boxes = np.array([node.bbox_index for node in nodes], dtype=np.int64)
+        lower, upper = boxes[:, :3].min(axis=0), boxes[:, 3:].max(axis=0) + 1
+        component_image = component_image[int(lower[0]):int(upper[0]), int(lower[1]):int(upper[1]), int(lower[2]):int(upper[2])]
     # slicerio takes voxels in (i, j, k) order with an IJK->LPS matrix; SimpleITK arrays are (k, j, i).
     voxels = np.ascontiguousarray(sitk.GetArrayFromImage(component_image).transpose(2, 1, 0))
     voxels = voxels.astype(np.uint16 if len(nodes) > 255 else np.uint8)
