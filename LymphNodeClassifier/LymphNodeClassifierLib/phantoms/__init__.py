@@ -48,6 +48,14 @@ Everything is deterministic for a seed (numpy Generators only, no global state).
 cohort with seed `s` uses `default_rng([s, p])` and its study `t` uses `default_rng([s, p, 1000 + t])`,
 so a smaller cohort with the same seed is a prefix of a larger one.
 
+What a scanner and a patient change is a setting of `PhantomConfig`: slice thicknesses, pixel
+size, PSF, noise level and grain, the reconstruction kernel's noise texture (`noise_kernels`:
+smooth low-pass or sharp band-pass), contrast timing (`contrast_timing`, > 1 = delayed phase),
+tissue HU ranges and the node texture (`node_texture_wavelength_mm`, `*_texture_hu`). Their defaults
+keep every random stream of earlier versions (same seed, same arrays). `PRESETS["unseen"]`
+(`phantoms --preset unseen`) holds settings the bundled model was never trained on, for testing
+whether a model learned the generator rather than the nodes.
+
 Package layout, by what each part models: `config` (settings, tissue ids, results), `shapes`
 (geometry primitives and the targets they paint), `anatomy` (the patient's body, organs, vessels,
 bowel), `nodes` (lymph node sizes, shapes, textures and placement), `scanner` (studies: contrast
