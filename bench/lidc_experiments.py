@@ -70,7 +70,7 @@ def run(dataset: Dataset, out: Path, name: str, overrides: dict, cache: str) -> 
 def summary_line(name: str, m: dict, seconds: float, overrides: dict) -> dict:
     return {
         "name": name, "auc": m["auc"], "auc_ci": m["ci95"]["auc"], "accuracy": m["accuracy"], "sensitivity": m["sensitivity"],
-        "specificity": m["specificity"], "per_fold_auc": m["per_fold_auc"],
+        "specificity": m["specificity"], "per_fold_auc": m["per_fold_auc"], "ece": m["calibration"]["ece"], "brier": m["calibration"]["brier"],
         "short_axis_auc": m["size_rules"]["short_axis_mm"]["auc"], "short_axis_ci": m["size_rules"]["short_axis_mm"]["ci95"]["auc"],
         "long_axis_auc": m["size_rules"]["long_axis_mm"]["auc"], "long_axis_ci": m["size_rules"]["long_axis_mm"]["ci95"]["auc"],
         "minus_long": m["size_rules"]["long_axis_mm"]["model_minus_rule_auc"],
