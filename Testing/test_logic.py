@@ -143,7 +143,8 @@ def test_classifying_again_registers_no_converter_rules_or_node_classes(untraine
     logic.classify(ct_node, segmentation_input, model_path=untrained_model, device="cpu", gradcam=False)
     rules, classes = converter_rules(), scene.GetNumberOfRegisteredNodeClasses()
     assert rules, "no converter rule is registered at all"
-    assert len(rules) == len(set(rules)), f"duplicate converter rules: {rules}"
+    # no check for duplicates in the whole list: the factory is process-wide, and another test's
+    # offscreen Slicer app (trame-slicer) registers its own Segmentations logic's rules too
     for labels in (labels_node, segmentation_input, labels_node):
         again = logic.classify(ct_node, labels, model_path=untrained_model, device="cpu", gradcam=False)
         assert again.segmentation_node is first.segmentation_node
