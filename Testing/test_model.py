@@ -438,3 +438,19 @@ def test_reexport_keeps_weights_card_and_predictions(tmp_path, exported):
         assert torch.equal(after.module(x), want)
     assert card["integrity"]["weights_sha256"] == model.weights_digest(before.module) and card["experience"] == experience
     assert {k: v for k, v in after.card.items() if k not in ("integrity", "experience")} == before.card
+
+
+@pytest.mark.parametrize("name", ["lymph_node_phantom.pt", "lung_nodule_lidc.pt"])
+def test_bundled_models_carry_a_digest_and_their_training_experience(name):
+    from LymphNodeClassifierLib.validate import PATCH_HISTOGRAM_BINS
+
+    loaded = model.load_model(Path(__file__).resolve().parents[1] / "LymphNodeClassifier" / "Resources" / "Models" / name)
+    integrity, experience = loaded.card["integrity"], loaded.card["experience"]
+    assert integrity["weights_sha256"] == model.weights_digest(loaded.module)
+    assert integrity["input_shape"] == [loaded.in_channels, loaded.patch_size, loaded.patch_size]
+    assert experience["nodes"] == loaded.card["training"]["dataset"]["nodes"]  # the whole training set was regenerated
+    histogram = experience["patch_histogram"]
+    assert histogram["bins"] == PATCH_HISTOGRAM_BINS and sum(histogram["mean"]) == pytest.approx(1.0, abs=1e-3)
+    assert 0 < histogram["distance_p99"] <= histogram["distance_max"] < 1
+    low, high = experience["short_axis_mm"]
+    assert 0 < low < high
