@@ -37,7 +37,7 @@ from torch import nn
 
 from .errors import InputError
 from .inference import _check_batch_size, check_patches
-from .model import LoadedModel
+from .model import LoadedModel, interpreted_execution
 
 VIEW_ORDER = ("axial", "coronal", "sagittal")
 
@@ -93,7 +93,7 @@ def gradcam(
     was_training = module.training
     module.eval()
     try:
-        with torch.inference_mode(False), torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad(), interpreted_execution():
             for start in range(0, n, batch_size):
                 x = torch.from_numpy(patches[start:start + batch_size]).to(device)
                 stop = start + x.shape[0]

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .errors import InputError
-from .model import LoadedModel
+from .model import LoadedModel, interpreted_execution
 
 
 def check_patches(patches: np.ndarray, card: dict | None = None) -> np.ndarray:
@@ -95,7 +95,7 @@ def predict_logits(loaded_model: LoadedModel, patches: np.ndarray, batch_size: i
     module = loaded_model.module
     module.eval()
     out = np.empty((patches.shape[0],), dtype=np.float32)
-    with deterministic(), torch.inference_mode():
+    with deterministic(), torch.inference_mode(), interpreted_execution():
         for start in range(0, patches.shape[0], batch_size):
             batch = torch.from_numpy(patches[start:start + batch_size]).to(loaded_model.device)
             logits = module(batch)

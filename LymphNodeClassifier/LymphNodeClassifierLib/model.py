@@ -575,6 +575,16 @@ def check_card_integrity(card: dict, path: Path | str) -> None:
         )
 
 
+def interpreted_execution():
+    """The context every call of a loaded model runs in: TorchScript's interpreter without the
+    profiling executor's optimisation pass. That pass profiles the first call and compiles on a
+    later one, so a fresh process's first calls cost several times the later ones; these small
+    networks spend their time in ATen's convolutions either way (bench/bench_classify.py: fresh
+    process, 10 nodes, load with the zero-batch check 171 -> 83 ms, first predict 64 -> 36 ms,
+    later ones 31 -> 30 ms). Scoped, so other TorchScript code in the process (Slicer) keeps its setting."""
+    return torch.jit.optimized_execution(False)
+
+
 def check_network_fits_card(module: torch.jit.ScriptModule, card: dict, path: Path | str, device: torch.device) -> None:
     """The recorded weights digest, then one run on a zero batch of the card's shape: the network must take it and return one logit."""
     block = card.get("integrity")
@@ -584,7 +594,7 @@ def check_network_fits_card(module: torch.jit.ScriptModule, card: dict, path: Pa
         )
     shape = card_input_shape(card)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), interpreted_execution():
             out = module(torch.zeros((1, *shape), device=device))
     except Exception as exc:  # noqa: BLE001 - any failure means the card does not describe this network's input
         detail = next((line.strip() for line in str(exc).splitlines() if line.strip() and "Traceback" not in line), type(exc).__name__)

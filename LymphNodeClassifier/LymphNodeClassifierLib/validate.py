@@ -93,7 +93,12 @@ def add_input_options(parser: argparse.ArgumentParser, series_uid: bool = False)
 
 
 def read_image(path: str | os.PathLike, what: str = "CT", series_uid: str | None = None) -> sitk.Image:
-    """Read an image file (checked complete first) or, for a folder, its DICOM series."""
+    """Read an image file, checked complete, or, for a folder, its DICOM series.
+
+    A raw file is checked by its size before the read; a compressed one by its stream's own
+    checksum against the voxels read (`_StoredChecksum`), and only when they differ by the full
+    second decompression of `check_complete`, which gives the verdict.
+    """
     path = Path(path)
     if path.is_dir():
         return read_dicom_series(path, what, series_uid)
@@ -101,13 +106,90 @@ def read_image(path: str | os.PathLike, what: str = "CT", series_uid: str | None
         raise InputError(f"The {what} file {path} does not exist; check the path.")
     if series_uid is not None:
         raise InputError(f"{SERIES_UID_OPTION} applies to a DICOM series folder, but the {what} {path} is a file; leave it out.")
-    check_complete(path, what)
+    stored = _stored_checksum(path)
+    if stored is None:  # raw data (checked by its size before the read) or a compressed layout checked the long way
+        check_complete(path, what)
     try:
-        return sitk.ReadImage(str(path))
+        image = sitk.ReadImage(str(path))
     except RuntimeError as error:
+        if stored is not None:
+            check_complete(path, what)  # a cut-off or damaged stream is named as such
         raise InputError(
             f"The {what} file {path} cannot be read as an image ({_first_line(error)}); use NRRD, NIfTI, MHA or a DICOM series folder."
         ) from None
+    if stored is not None and not stored.matches(sitk.GetArrayViewFromImage(image)):
+        # A truncated or damaged stream, or a complete one whose voxels ITK changed (scaled NIfTI
+        # values, big-endian data): the full check refuses the first and passes the second.
+        check_complete(path, what)
+    return image
+
+
+@dataclass(frozen=True)
+class _StoredChecksum:
+    """What a compressed file's trailer says its whole uncompressed stream was (gzip: CRC-32 and
+    length mod 2**32; zlib: Adler-32), to compare with the voxels ITK decompressed: one
+    decompression verifies the file instead of a second one of its own (`check_complete`)."""
+
+    adler32: bool
+    value: int
+    length: int | None = None
+    prefix: bytes = b""  # stream bytes before the voxels (a .nii.gz's header and extensions)
+
+    def matches(self, voxels: np.ndarray) -> bool:
+        if not voxels.flags.c_contiguous:
+            return False
+        if self.adler32:
+            return zlib.adler32(voxels, zlib.adler32(self.prefix)) == self.value
+        return (len(self.prefix) + voxels.nbytes) % (1 << 32) == self.length and zlib.crc32(voxels, zlib.crc32(self.prefix)) == self.value
+
+
+def _stored_checksum(path: Path) -> _StoredChecksum | None:
+    """The trailer checksum of a single-stream compressed image file (.nii.gz, gzip NRRD, compressed MHA), else None."""
+    name = path.name.lower()
+    size = path.stat().st_size
+    if name.endswith(".nii.gz"):
+        offset = _nifti_data_offset(path)
+        if offset is None or not 348 <= offset <= 1 << 24 or size < 18:
+            return None
+        try:
+            with gzip.open(path, "rb") as stream:
+                prefix = stream.read(offset)
+        except (OSError, EOFError, zlib.error):
+            return None
+        if len(prefix) != offset:
+            return None
+        data_start = 0
+    elif name.endswith(".nrrd"):
+        data_start, fields = _text_header(path, b"\n\n", ":")
+        if (data_start is None or fields.get("data file") or fields.get("datafile") or fields.get("encoding") not in ("gzip", "gz")
+                or fields.get("byte skip", "0") != "0" or fields.get("line skip", "0") != "0"):
+            return None
+        prefix = b""
+    elif name.endswith(".mha"):
+        data_start, fields = _text_header(path, b"ElementDataFile = LOCAL\n", "=")
+        if data_start is None or fields.get("compresseddata", "false") != "true":
+            return None
+        declared = fields.get("compresseddatasize")
+        if declared is not None and (not declared.isdigit() or data_start + int(declared) != size):
+            return None
+        with open(path, "rb") as stream:
+            stream.seek(data_start)
+            magic = stream.read(2)
+            stream.seek(-4, os.SEEK_END)
+            trailer = stream.read(4)
+        if size < data_start + 6 or len(magic) < 2 or (magic[0] & 0x0F) != 8 or int.from_bytes(magic, "big") % 31:
+            return None  # not one zlib stream
+        return _StoredChecksum(adler32=True, value=int.from_bytes(trailer, "big"))
+    else:
+        return None
+    with open(path, "rb") as stream:
+        stream.seek(data_start)
+        magic = stream.read(2)
+        stream.seek(-8, os.SEEK_END)
+        trailer = stream.read(8)
+    if magic != b"\x1f\x8b" or size < data_start + 18:
+        return None  # not a gzip stream (a zlib-wrapped NRRD is checked the long way)
+    return _StoredChecksum(adler32=False, value=int.from_bytes(trailer[:4], "little"), length=int.from_bytes(trailer[4:], "little"), prefix=prefix)
 
 
 def _first_line(error: Exception) -> str:
