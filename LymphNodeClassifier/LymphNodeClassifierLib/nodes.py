@@ -75,8 +75,14 @@ def extract_nodes(label_image: sitk.Image, per_label_value: bool = False) -> tup
         )
     # Nodes fill a tiny part of a clinical CT: label the bounding box of the foreground only, then put
     # the result back on the full grid (connected components over 512x512x110 voxels cost ~0.3 s).
-    foreground_array = sitk.GetArrayViewFromImage(label_image) != 0
-    occupied = [np.flatnonzero(foreground_array.any(axis=axes)) for axes in ((0, 1), (0, 2), (1, 2))]  # i, j, k
+    # Two max-projections find the occupied slices, rows and columns: half the time of a boolean
+    # volume and three any() passes (~12 vs ~23 ms on 512x512x110). Signed maps: non-zero, not > 0.
+    values = sitk.GetArrayViewFromImage(label_image)
+    if values.dtype.kind == "i":
+        values = values != 0
+    plane_ji = values.max(axis=0)
+    occupied = [np.flatnonzero(plane_ji.max(axis=0)), np.flatnonzero(plane_ji.max(axis=1)),
+                np.flatnonzero(values.reshape(values.shape[0], -1).max(axis=1))]  # i, j, k
     if any(index.size == 0 for index in occupied):
         return [], sitk.Cast(label_image * 0, sitk.sitkUInt16)
     start = [int(index[0]) for index in occupied]
@@ -228,6 +234,10 @@ def _axes_on_axial_slices(image: sitk.Image, mask: np.ndarray, crop_start_ijk: t
         faces_ij = _boundary_face_points(mask[k]) + (i0, j0)
         faces_ijk = np.column_stack([faces_ij, np.full(len(faces_ij), float(k0 + k))])
         faces_lps = physical_points_of_indices(image, faces_ijk)  # one z: the slice is axial
+        # A slice whose bounding-box diagonal (>= its largest diameter) falls short of the best so far
+        # cannot replace it under the rule below: skip its hull (same result, ~half the slices).
+        if np.hypot(*np.ptp(faces_lps[:, :2], axis=0)) < best.long_axis_mm - 1e-9:
+            continue
         long_mm, short_mm, long_ends_xy, short_ends_xy = _feret_axes(faces_lps[:, :2])
         if long_mm > best.long_axis_mm + 1e-9 or (abs(long_mm - best.long_axis_mm) <= 1e-9 and short_mm > best.short_axis_mm):
             z_lps = float(faces_lps[:, 2].mean())
