@@ -31,7 +31,8 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
-# What Slicer ships and an install must never change (held even if the metadata scan missed them).
+# What Slicer ships and an install must never change: held even if the metadata scan missed them (a package built
+# with Slicer, such as its VTK, may have no pip metadata), then at the imported module's __version__.
 SLICER_PACKAGES = ("numpy", "SimpleITK", "scipy", "vtk")
 MINIMUM_TORCH_VERSION = "2.1"  # the bundled TorchScript models are saved with a recent PyTorch
 
@@ -83,14 +84,32 @@ def _pinnable(version: str) -> bool:
     return True
 
 
+def _module_version(import_name: str) -> str | None:
+    """The ``__version__`` of an importable module (None when it is not importable or has none)."""
+    try:
+        module = importlib.import_module(import_name)
+    except Exception:  # not installed, or broken: then there is nothing of it to hold
+        return None
+    version = getattr(module, "__version__", None)
+    return version if isinstance(version, str) else None
+
+
 def constraint_lines(requirements: Iterable[Requirement], installed: Mapping[str, str] | None = None,
                      held: Iterable[str] = SLICER_PACKAGES) -> list[str]:
     """``name==version`` for every installed distribution except those `requirements` install or upgrade.
 
-    A package of `held` (Slicer's own) is pinned even when a requirement names it: its requirement must
+    A package of `held` (Slicer's own, named as it is imported) is pinned even when a requirement names it,
+    and even when the metadata scan did not see it (then at its module's ``__version__``): its requirement must
     then accept the installed version or the install fails, rather than replacing what Slicer ships.
     """
-    installed = installed_versions() if installed is None else installed
+    installed = dict(installed_versions() if installed is None else installed)
+    held = tuple(held)
+    for import_name in held:
+        name = canonicalize_name(import_name)
+        if name not in installed:
+            version = _module_version(import_name)
+            if version is not None:
+                installed[name] = version
     held_names = {canonicalize_name(name) for name in held}
     installing = {canonicalize_name(r.name) for r in requirements} - held_names
     return sorted(f"{name}=={version}" for name, version in installed.items()
@@ -142,7 +161,8 @@ def torch_status(minimum: str = MINIMUM_TORCH_VERSION, installed: Mapping[str, s
 def install_requirements(requirements_path: str | os.PathLike, requester: str = "Lymph Node Classifier") -> list[str]:
     """Install the file's missing requirements inside Slicer with every installed version held; returns what was missing.
 
-    Raises RuntimeError when the user declines, subprocess.CalledProcessError when pip fails
+    Raises RuntimeError when the user declines or when requirements are still missing afterwards (pip_ensure
+    installs nothing in testing mode: skip_in_testing), subprocess.CalledProcessError when pip fails
     (e.g. a requirement would need another version of a package Slicer has).
     """
     import slicer
@@ -167,4 +187,17 @@ def install_requirements(requirements_path: str | os.PathLike, requester: str = 
             slicer.util.pip_install([str(r) for r in missing] + ["-c", str(constraints)])
     finally:
         constraints.unlink(missing_ok=True)
+    importlib.invalidate_caches()  # the metadata of what pip just wrote
+    still_missing = missing_requirements(missing)
+    if still_missing:
+        raise RuntimeError("these Python packages are still not installed: " + ", ".join(str(r) for r in still_missing)
+                           + (" (Slicer installs nothing in testing mode)" if _testing(slicer) else "")
+                           + "; install them with pip_install from Slicer's Python console, then try again.")
     return [str(r) for r in missing]
+
+
+def _testing(slicer) -> bool:
+    try:
+        return bool(slicer.app.testingEnabled())
+    except AttributeError:  # no application (a bare Python with slicer-core)
+        return False
