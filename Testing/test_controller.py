@@ -361,3 +361,26 @@ def test_the_suspect_search_runs_in_the_background_and_a_cancel_keeps_the_old_li
     assert not _alive(pid)
     assert (dataset_folder / "suspects.csv").read_text(encoding="utf-8") == previous
     assert state.suspects_table.GetNumberOfRows() == 1 and state.enabled[ctl.FIND_SUSPECTS]
+
+
+def test_the_report_footer_says_what_the_panel_says_about_the_model(controller, tmp_path, monkeypatch):
+    """The intended-use line next to the model chooser is also the first footer line of report.png."""
+    from LymphNodeClassifierLib import classify, report
+    from LymphNodeClassifierLib.model import load_model
+    from LymphNodeClassifierLogic.scenarios import SAMPLE_DATASET
+
+    footers = []
+    real_write_report = report.write_report
+
+    def keep_notes(path, *args, **kwargs):
+        footers.append(list(kwargs.get("notes", ())))
+        return real_write_report(path, *args, **kwargs)
+
+    monkeypatch.setattr(report, "write_report", keep_notes)
+    dataset = Dataset.load(SAMPLE_DATASET)
+    case = dataset.cases[0]
+    classify.classify_case_files(dataset.ct_path(case), dataset.labels_path(case), tmp_path / "out",
+                                 load_model(DEFAULT_MODEL_PATH, "cpu"), with_gradcam=False, note=lambda text: None)
+    assert footers and footers[0][0] == controller.state().intended_use
+    assert "not a diagnostic device" in footers[0][0]
+    assert (tmp_path / "out" / "report.png").is_file()

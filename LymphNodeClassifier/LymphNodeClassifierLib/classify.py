@@ -124,6 +124,7 @@ def write_case_outputs(
                 sitk.WriteImage(result.cam_volume, str(staging / "gradcam.nrrd"), True)
         if with_report:
             with timer.stage("report"):
+                from .model_registry import intended_use_text
                 from .report import write_report
 
                 window = window_from_card(model.card)
@@ -139,7 +140,7 @@ def write_case_outputs(
                     title=f"{case_id}: {len(result.nodes)} node{'' if len(result.nodes) == 1 else 's'}, model {model.card.get('name', '')}",
                     window=window,
                     field_of_view_mm=TILE_FIELD_OF_VIEW_MM,
-                    notes=result.messages + [f"node {node.node_id}: {warning}" for node, warnings in zip(result.nodes, result.warnings) for warning in warnings],
+                    notes=[intended_use_text(model.card)] + result.messages + [f"node {node.node_id}: {warning}" for node, warnings in zip(result.nodes, result.warnings) for warning in warnings],
                     cam_classes=result.cam_classes,
                 )
         if whole_folder:

@@ -130,6 +130,19 @@ def _model_files(directory: Path | None) -> list[Path]:
     return [p for p in directory.iterdir() if p.suffix == MODEL_SUFFIX and not p.name.startswith(".") and p.is_file()]
 
 
+NO_INTENDED_USE = "This model's card does not say what it is for; treat its output as unvalidated."
+
+
+def intended_use_text(card: dict | None) -> str:
+    """The card's statement of what the model is for (`intended_use`, else its description), after its
+    name: shown next to the panel's model chooser and in the report footer."""
+    if not card:
+        return NO_INTENDED_USE
+    text = str(card.get("intended_use") or card.get("description") or "").strip() or NO_INTENDED_USE
+    name = str(card.get("name") or "").strip()
+    return f"{name}: {text}" if name else text
+
+
 def read_entry(path: str | os.PathLike, source: str = "user") -> ModelEntry:
     """A `ModelEntry` for one file; a file that is not a model gets `error` (one sentence)."""
     path = Path(path)

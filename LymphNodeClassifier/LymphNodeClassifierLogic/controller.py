@@ -110,7 +110,6 @@ IDLE, RUNNING, CANCELLING, DONE, CANCELLED, FAILED = "idle", "running", "cancell
 
 WINDOW_HELP = ("The window changes how the CT is DISPLAYED only; the model always classifies at the window "
                "it was trained with (its card's window).")
-NO_INTENDED_USE = "This model's card does not say what it is for; treat its output as unvalidated."
 
 Key = tuple  # (case_id, label_value or None for the whole case)
 
@@ -179,14 +178,10 @@ class PanelState:
 
 
 def intended_use_text(card: Mapping[str, Any] | None) -> str:
-    """The card's statement of what the model is for: `intended_use`, else its description."""
-    if not card:
-        return NO_INTENDED_USE
-    text = str(card.get("intended_use") or card.get("description") or "").strip()
-    name = str(card.get("name") or "").strip()
-    if not text:
-        return f"{name}: {NO_INTENDED_USE}" if name else NO_INTENDED_USE
-    return f"{name}: {text}" if name else text
+    """The card's statement of what the model is for (model_registry.intended_use_text, also the report footer's)."""
+    from LymphNodeClassifierLib.model_registry import intended_use_text as card_text
+
+    return card_text(card)
 
 
 def preset_window(preset: str) -> tuple[float, float]:
