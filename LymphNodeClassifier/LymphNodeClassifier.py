@@ -8,6 +8,7 @@ even before PyTorch is installed.
 """
 
 import logging
+import pathlib
 import sys
 import os
 import traceback
@@ -96,13 +97,31 @@ def registerSampleData():
     category = "LymphNodeClassifier"
     if hasattr(SampleData.SampleDataLogic, "registerCustomSampleDataCategory"):  # Slicer >= 5.10
         SampleData.SampleDataLogic.registerCustomSampleDataCategory(category, title=_("Lymph Node Classifier"))
-    # The case ships with the extension (no download): the custom downloader loads it from Resources/SampleData.
+    # The case ships with the extension: its files are registered as file:// URIs (SampleDataLogic.downloadFile
+    # copies them into the cache with urllib), so SampleData.downloadSample(...) works from scripts. Its
+    # loadFileProperties are common to all files (SampleData.downloadFromURL's docstring), so the label map can't
+    # be loaded as a labelmap there: scripts get the CT node, the labels file is only copied (loadFiles False).
+    # The Sample Data panel's button calls the custom downloader instead: the module panel's own Load sample case,
+    # which loads both as the panel expects and tells the open panel about them.
+    imagesPath = os.path.join(os.path.dirname(__file__), "Resources", "SampleData", "images")
+    fileNames = ["P0001-S1_ct.nrrd", "P0001-S1_labels.nrrd"]
     SampleData.SampleDataLogic.registerCustomSampleDataSource(
         category=category,
         sampleName="LymphNodeClassifierSampleCase",
+        uris=[pathlib.Path(imagesPath, name).as_uri() for name in fileNames],
+        fileNames=["LymphNodeClassifier-" + name for name in fileNames],
+        nodeNames=["P0001-S1_ct", "P0001-S1_labels"],
+        loadFileTypes=["VolumeFile", "VolumeFile"],
+        loadFiles=[True, False],
         thumbnailFileName=os.path.join(iconsPath, "LymphNodeClassifier.png"),
-        customDownloader=lambda source: LymphNodeClassifierLogic().loadSampleCase(),
+        customDownloader=lambda source: loadSampleCaseInPanel(),
     )
+
+
+def loadSampleCaseInPanel():
+    """The Sample Data button: the module panel's Load sample case (the panel then shows the loaded nodes)."""
+    slicer.util.selectModule("LymphNodeClassifier")
+    return slicer.modules.lymphnodeclassifier.widgetRepresentation().self().onLoadSampleCase()
 
 
 #
@@ -178,6 +197,7 @@ class LymphNodeClassifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._updatingModelWidgets = False
+        self._choosingModelFile = False  # "Model file..." chosen in the model combo box (a view state: not saved)
         self._pollTimer = None
         self._plotViewNode = None
         self._shownLayers = None
@@ -255,6 +275,8 @@ class LymphNodeClassifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self._pollTimer.stop()
         if self.controller is not None:
             self.controller.cleanup()  # cancels and waits for every worker: none is ever left running
+        self.setParameterNode(None)  # disconnects the GUI from the parameter node, removes its observer
+        self._removePlotViewNode()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -269,9 +291,9 @@ class LymphNodeClassifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     def onSceneStartClose(self, caller, event) -> None:
         self.setParameterNode(None)
+        self._removePlotViewNode()  # a singleton would outlive the close, owned by a removed parameter node
 
     def onSceneEndClose(self, caller, event) -> None:
-        self._plotViewNode = None  # went with the scene
         self._shownLayers = None
         self.controller.scene_closed()
         if self.parent.isEntered:
@@ -292,7 +314,9 @@ class LymphNodeClassifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     def setParameterNode(self, inputParameterNode) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+            self._parameterNodeGuiTag = None
+            if self.hasObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified):  # exit() removed it
+                self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             # Widgets with a "SlicerParameterName" dynamic property in the .ui are bound here.
@@ -312,6 +336,10 @@ class LymphNodeClassifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             with slicer.util.NodeModify(parameters):
                 parameters.windowLow, parameters.windowHigh = low, high
         self.ui.trainFoldsSpinBox.enabled = parameters.trainSplit == panel.TRAIN_SPLIT_KFOLD
+        if not parameters.curationDatasetFolder and self.ui.datasetFolderPathLineEdit.currentPath:
+            # ctkPathLineEdit::retrieveHistory (run by setSettingKey) shows the last folder used, with its signals
+            # blocked: a parameter node that has none takes it, rather than wiping it.
+            parameters.curationDatasetFolder = self.ui.datasetFolderPathLineEdit.currentPath
         if self.ui.datasetFolderPathLineEdit.currentPath != parameters.curationDatasetFolder:
             self.ui.datasetFolderPathLineEdit.currentPath = parameters.curationDatasetFolder
         self._updateModelWidgets()
@@ -387,9 +415,20 @@ class LymphNodeClassifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self._shownTrainedModel = state.trained_model
             if state.trained_model:
                 self._populateModelChoosers()
-                index = self.ui.trainedModelComboBox.findData(state.trained_model)
+                index = self._findPath(self.ui.trainedModelComboBox, state.trained_model)
                 if index >= 0:
                     self.ui.trainedModelComboBox.currentIndex = index
+
+    @staticmethod
+    def _findPath(comboBox, path) -> int:
+        """The index of the item whose data is the file `path` (compared as real paths: the model folder may be given
+        through a symbolic link or with another spelling), -1 if none."""
+        wanted = os.path.realpath(str(path))
+        for index in range(comboBox.count):
+            data = comboBox.itemData(index)
+            if data and os.path.realpath(str(data)) == wanted:
+                return index
+        return -1
 
     @staticmethod
     def _setTable(tableView, tableNode) -> None:
@@ -400,10 +439,28 @@ class LymphNodeClassifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         if chartNode is None:
             return
         if self._plotViewNode is None or self._plotViewNode.GetScene() is None:
-            self._plotViewNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLPlotViewNode", "LymphNodeClassifier training plot view")
+            self._plotViewNode = self._addPlotViewNode()
             self.ui.trainingPlotWidget.setMRMLPlotViewNode(self._plotViewNode)
         if self._plotViewNode.GetPlotChartNodeID() != chartNode.GetID():
             self._plotViewNode.SetPlotChartNodeID(chartNode.GetID())
+
+    def _addPlotViewNode(self):
+        """The panel's own plot view: owned by the parameter node, so the layout manager makes no second widget for it
+        (qMRMLLayoutViewFactory::onNodeAdded takes only view nodes without a parent layout node), and not following
+        the application's chart selection (another module's ShowChartInLayout would replace the training curves)."""
+        viewNode = slicer.vtkMRMLPlotViewNode()
+        viewNode.SetName("LymphNodeClassifier training plot view")
+        viewNode.SetLayoutName("LymphNodeClassifierTrainingPlot")  # the singleton tag: no layout uses this name
+        viewNode.SetLayoutLabel("LNC")
+        viewNode.SetDoPropagatePlotChartSelection(False)
+        viewNode.SetSaveWithScene(False)
+        viewNode.SetAndObserveParentLayoutNodeID(self._parameterNode.parameterNode.GetID())  # set before AddNode, the factory looks then
+        return slicer.mrmlScene.AddNode(viewNode)  # a singleton: the scene's node of that tag if one is left
+
+    def _removePlotViewNode(self) -> None:
+        if self._plotViewNode is not None and self._plotViewNode.GetScene() is not None:
+            self._plotViewNode.GetScene().RemoveNode(self._plotViewNode)
+        self._plotViewNode = None
 
     def onPollTimer(self) -> None:
         if not self.controller.poll():
@@ -467,9 +524,13 @@ class LymphNodeClassifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self._updatingModelWidgets = True
         try:
             modelPath = self._parameterNode.modelPath
-            index = self.ui.modelChooserComboBox.findData(modelPath) if modelPath else 0
-            if index < 0:  # a file that is not in the model folder
-                index = self.ui.modelChooserComboBox.count - 1
+            otherFileIndex = self.ui.modelChooserComboBox.count - 1
+            if modelPath:
+                index = self._findPath(self.ui.modelChooserComboBox, modelPath)
+                if index < 0:  # a file that is not in the model folder
+                    index = otherFileIndex
+            else:  # "" is the active model, unless "Model file..." was chosen and no path is entered yet
+                index = otherFileIndex if self._choosingModelFile else 0
             self.ui.modelChooserComboBox.currentIndex = index
             isOtherFile = index == self.ui.modelChooserComboBox.count - 1
             self.ui.modelPathLineEdit.enabled = isOtherFile
@@ -482,10 +543,12 @@ class LymphNodeClassifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         if self._updatingModelWidgets or not self._parameterNode:
             return
         path = self.ui.modelChooserComboBox.itemData(index)
-        if path is None:  # "Model file...": take the path field
+        # "Model file..." (no item data) takes the path field, which stays enabled while it is empty.
+        self._choosingModelFile = path is None
+        if self._choosingModelFile:
             path = self.ui.modelPathLineEdit.currentPath
-            self.ui.modelPathLineEdit.enabled = True
         self._parameterNode.modelPath = path
+        self._updateModelWidgets()  # an unchanged path sends no Modified event
 
     def onModelPathEdited(self, path: str) -> None:
         if self._updatingModelWidgets or not self._parameterNode:
@@ -505,10 +568,12 @@ class LymphNodeClassifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     # -- Classify tab ------------------------------------------------------------------
 
-    def onLoadSampleCase(self) -> None:
+    def onLoadSampleCase(self):
+        """Load the bundled sample case as the inputs; returns (CT node, label map node), None if it failed."""
         nodes = self._call(self.controller.load_sample_case, _("Failed to load the sample case."))
         if nodes is not None:
             self._parameterNode.inputCT, self._parameterNode.inputLabels = nodes
+        return nodes
 
     def onClassifyButton(self) -> None:
         if not self.ensurePythonDependencies():
@@ -612,8 +677,17 @@ class LymphNodeClassifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             if torch.too_old and "torch" in sys.modules:  # an imported torch can't be replaced in this session
                 slicer.util.errorDisplay(torch.message())
                 return False
-            installed = PyTorchUtils.PyTorchUtilsLogic().installTorch(
-                askConfirmation=True, torchVersionRequirement=f">={dependencies.MINIMUM_TORCH_VERSION}")
+            if slicer.app.testingEnabled():  # installTorch skips its confirmation in testing mode: never download unasked
+                slicer.util.errorDisplay(torch.message())
+                return False
+            try:
+                installed = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+                    askConfirmation=True, torchVersionRequirement=f">={dependencies.MINIMUM_TORCH_VERSION}")
+            except Exception as error:  # pip's CalledProcessError, an ImportError of the new torch, ...
+                logging.exception("PyTorch installation failed")
+                slicer.util.errorDisplay(_("PyTorch could not be installed: {error}").format(error=error),
+                                         detailedText=traceback.format_exc())
+                return False
             if installed is None or not dependencies.torch_status().ok:
                 slicer.util.errorDisplay(dependencies.torch_status().message())
                 return False

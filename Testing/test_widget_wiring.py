@@ -271,6 +271,7 @@ class ParameterNode:
     def __init__(self, defaults, node):
         object.__setattr__(self, "_node", node)
         object.__setattr__(self, "_values", dict(defaults))
+        object.__setattr__(self, "parameterNode", node)  # the wrapper's underlying MRML node
 
     def __getattr__(self, name):
         values = object.__getattribute__(self, "_values")
@@ -484,3 +485,82 @@ def test_the_module_self_test_passes_headless(widget, name):
     test.setUp()  # clears the real scene: the Widget's scene-close observers run
     getattr(test, name)()
     assert not widget.errors, widget.errors
+
+
+def test_the_training_plot_view_is_the_panel_s_own_and_goes_with_cleanup(widget):
+    """qMRMLLayoutViewFactory::onNodeAdded makes a layout widget for every view node without a parent layout node,
+    and a plot view that propagates the chart selection follows other modules' ShowChartInLayout."""
+    chart = widget.scene.AddNewNodeByClass("vtkMRMLPlotChartNode")
+    widget._showChart(chart)
+    view = widget.ui.trainingPlotWidget.plot_view_node
+    assert view.IsA("vtkMRMLPlotViewNode") and view.GetScene() is widget.scene
+    assert view.GetParentLayoutNode() is widget._parameterNode.parameterNode
+    assert not view.GetDoPropagatePlotChartSelection() and not view.GetSaveWithScene()
+    assert view.GetLayoutName() and view.GetPlotChartNodeID() == chart.GetID()
+    widget._showChart(chart)
+    assert len(slicer.util.getNodesByClass("vtkMRMLPlotViewNode", widget.scene)) == 1
+    parameterNode = widget._parameterNode
+    widget.cleanup()
+    assert view.GetScene() is None, "cleanup() left the plot view node in the scene"
+    assert widget._parameterNode is None and not widget.hasObserver(parameterNode, vtk.vtkCommand.ModifiedEvent,
+                                                                    widget._onParameterNodeModified)
+
+
+def test_choosing_model_file_keeps_the_path_field_enabled_until_a_path_is_entered(widget, tmp_path):
+    ui = widget.ui
+    chooser, otherFile = ui.modelChooserComboBox, ui.modelChooserComboBox.count - 1
+    assert chooser.itemData(otherFile) is None and not ui.modelPathLineEdit.enabled
+    chooser.currentIndex = otherFile
+    assert widget._parameterNode.modelPath == ""
+    assert chooser.currentIndex == otherFile and ui.modelPathLineEdit.enabled
+    widget._parameterNode.gradcamOpacity = 0.5  # any other parameter change re-renders the model widgets
+    assert chooser.currentIndex == otherFile and ui.modelPathLineEdit.enabled
+    model = tmp_path / "elsewhere" / "my.pt"
+    ui.modelPathLineEdit.currentPath = str(model)
+    assert widget._parameterNode.modelPath == str(model) and chooser.currentIndex == otherFile
+    chooser.currentIndex = 0  # back to the active model
+    assert widget._parameterNode.modelPath == "" and not ui.modelPathLineEdit.enabled
+
+
+def test_a_remembered_dataset_folder_fills_an_empty_parameter_instead_of_being_wiped(widget, tmp_path):
+    ui = widget.ui
+    assert widget._parameterNode.curationDatasetFolder == ""
+    ui.datasetFolderPathLineEdit._path = str(tmp_path)  # what ctkPathLineEdit::retrieveHistory shows, signals blocked
+    widget._onParameterNodeModified()
+    assert ui.datasetFolderPathLineEdit.currentPath == str(tmp_path)
+    assert widget._parameterNode.curationDatasetFolder == str(tmp_path)
+
+
+def test_a_model_path_is_found_in_a_model_list_through_a_symbolic_link(widget, tmp_path):
+    real = tmp_path / "models" / "a.pt"
+    real.parent.mkdir(parents=True, exist_ok=True)
+    real.write_bytes(b"")
+    (tmp_path / "link").symlink_to(real.parent)
+    combo = ComboBox("combo", "QComboBox")
+    combo.addItem("other", str(tmp_path / "b.pt"))
+    combo.addItem("a", str(real))
+    assert combo.findData(str(tmp_path / "link" / "a.pt")) == -1  # what an exact comparison finds
+    assert widget._findPath(combo, tmp_path / "link" / "a.pt") == 1
+    assert widget._findPath(combo, tmp_path / "missing.pt") == -1
+
+
+def test_the_sample_data_source_is_registered_with_local_files_and_loads_through_the_panel(widget, tmp_path, monkeypatch):
+    """SampleDataSource.__init__ checks len(uris) == len(fileNames) == len(nodeNames) == len(loadFiles)
+    == len(loadFileTypes); SampleDataLogic.downloadFile fetches each uri with urllib.request.urlretrieve."""
+    import urllib.request
+
+    registered = {}
+    sample_data = types.ModuleType("SampleData")
+    sample_data.SampleDataLogic = types.SimpleNamespace(
+        registerCustomSampleDataSource=lambda **kwargs: registered.update(kwargs))
+    monkeypatch.setitem(sys.modules, "SampleData", sample_data)
+    widget.module.registerSampleData()
+    lists = [registered[key] for key in ("uris", "fileNames", "nodeNames", "loadFiles", "loadFileTypes")]
+    assert len({len(values) for values in lists}) == 1 and len(registered["uris"]) == 2
+    for uri, fileName in zip(registered["uris"], registered["fileNames"]):
+        copied, _ = urllib.request.urlretrieve(uri, tmp_path / fileName)
+        assert Path(copied).stat().st_size > 0
+    nodes = registered["customDownloader"](None)  # the Sample Data panel's button
+    assert nodes is not None and not widget.errors, widget.errors
+    assert (widget._parameterNode.inputCT, widget._parameterNode.inputLabels) == nodes
+    assert widget.ui.classifyButton.enabled  # the open panel knows the loaded nodes
