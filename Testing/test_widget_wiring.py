@@ -564,3 +564,29 @@ def test_the_sample_data_source_is_registered_with_local_files_and_loads_through
     assert nodes is not None and not widget.errors, widget.errors
     assert (widget._parameterNode.inputCT, widget._parameterNode.inputLabels) == nodes
     assert widget.ui.classifyButton.enabled  # the open panel knows the loaded nodes
+
+
+@pytest.mark.parametrize("testing", [True, False])
+def test_a_pytorch_install_failure_is_shown_and_testing_mode_never_installs(widget, monkeypatch, testing):
+    """PyTorchUtils.installTorch skips its confirmation in testing mode and runs pip through
+    slicer.util._executePythonModule (CalledProcessError on failure), then imports torch."""
+    import subprocess
+
+    from LymphNodeClassifierLogic import dependencies
+
+    calls = []
+
+    def install_torch(**kwargs):
+        calls.append(kwargs)
+        raise subprocess.CalledProcessError(1, ["light-the-torch", "install", "torch"])
+
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(
+        PyTorchUtilsLogic=lambda: types.SimpleNamespace(installTorch=install_torch)))
+    monkeypatch.setattr(dependencies, "torch_status", lambda *a, **k: dependencies.TorchStatus(None, "2.1"))
+    monkeypatch.setattr(slicer.app, "testingEnabled", lambda: testing)
+    assert type(widget).ensurePythonDependencies(widget) is False  # the real method (the fixture replaced it)
+    assert len(widget.errors) == 1
+    if testing:
+        assert calls == [] and "not installed" in widget.errors[0]
+    else:
+        assert calls[0]["askConfirmation"] and "PyTorch could not be installed" in widget.errors[0]
