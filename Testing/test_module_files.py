@@ -344,7 +344,7 @@ def test_window_presets_match_the_lib():
 def test_module_file_imports_heavy_packages_lazily():
     # Slicer imports the module file at startup, before PyTorch may be installed: only Slicer's own
     # packages may be imported at module level; the Lib/Logic packages are imported in methods.
-    allowed = {"__future__", "logging", "os", "sys", "traceback", "typing", "json", "pathlib", "vtk", "qt", "ctk", "slicer",
+    allowed = {"__future__", "hashlib", "logging", "os", "sys", "traceback", "typing", "json", "pathlib", "vtk", "qt", "ctk", "slicer",
                "LymphNodeClassifierLogic"}
     imported = imports_of(MODULE_PY, module_level_only=True)
     assert imported <= allowed, f"import these lazily, inside methods: {sorted(imported - allowed)}"
