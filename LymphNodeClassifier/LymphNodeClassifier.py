@@ -7,6 +7,7 @@ All computation lives in the `LymphNodeClassifierLogic` package (MRML, no Qt) an
 even before PyTorch is installed.
 """
 
+import hashlib
 import logging
 import pathlib
 import sys
@@ -110,6 +111,8 @@ def registerSampleData():
         sampleName="LymphNodeClassifierSampleCase",
         uris=[pathlib.Path(imagesPath, name).as_uri() for name in fileNames],
         fileNames=["LymphNodeClassifier-" + name for name in fileNames],
+        # SampleDataLogic.downloadFile reuses a cached file of that name unless its checksum differs (an older copy)
+        checksums=["SHA256:" + hashlib.sha256(pathlib.Path(imagesPath, name).read_bytes()).hexdigest() for name in fileNames],
         nodeNames=["P0001-S1_ct", "P0001-S1_labels"],
         loadFileTypes=["VolumeFile", "VolumeFile"],
         loadFiles=[True, False],

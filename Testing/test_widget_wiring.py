@@ -547,6 +547,7 @@ def test_a_model_path_is_found_in_a_model_list_through_a_symbolic_link(widget, t
 def test_the_sample_data_source_is_registered_with_local_files_and_loads_through_the_panel(widget, tmp_path, monkeypatch):
     """SampleDataSource.__init__ checks len(uris) == len(fileNames) == len(nodeNames) == len(loadFiles)
     == len(loadFileTypes); SampleDataLogic.downloadFile fetches each uri with urllib.request.urlretrieve."""
+    import hashlib
     import urllib.request
 
     registered = {}
@@ -557,9 +558,11 @@ def test_the_sample_data_source_is_registered_with_local_files_and_loads_through
     widget.module.registerSampleData()
     lists = [registered[key] for key in ("uris", "fileNames", "nodeNames", "loadFiles", "loadFileTypes")]
     assert len({len(values) for values in lists}) == 1 and len(registered["uris"]) == 2
-    for uri, fileName in zip(registered["uris"], registered["fileNames"]):
+    assert len(registered["checksums"]) == 2
+    for uri, fileName, checksum in zip(registered["uris"], registered["fileNames"], registered["checksums"]):
         copied, _ = urllib.request.urlretrieve(uri, tmp_path / fileName)
-        assert Path(copied).stat().st_size > 0
+        algo, digest = checksum.split(":")  # slicer.util.extractAlgoAndDigest's format
+        assert algo == "SHA256" and hashlib.sha256(Path(copied).read_bytes()).hexdigest() == digest
     nodes = registered["customDownloader"](None)  # the Sample Data panel's button
     assert nodes is not None and not widget.errors, widget.errors
     assert (widget._parameterNode.inputCT, widget._parameterNode.inputLabels) == nodes
