@@ -172,24 +172,25 @@ def _stored_checksum(path: Path) -> _StoredChecksum | None:
         declared = fields.get("compresseddatasize")
         if declared is not None and (not declared.isdigit() or data_start + int(declared) != size):
             return None
-        with open(path, "rb") as stream:
-            stream.seek(data_start)
-            magic = stream.read(2)
-            stream.seek(-4, os.SEEK_END)
-            trailer = stream.read(4)
+        magic, trailer = _stream_ends(path, data_start, 4)
         if size < data_start + 6 or len(magic) < 2 or (magic[0] & 0x0F) != 8 or int.from_bytes(magic, "big") % 31:
             return None  # not one zlib stream
         return _StoredChecksum(adler32=True, value=int.from_bytes(trailer, "big"))
     else:
         return None
-    with open(path, "rb") as stream:
-        stream.seek(data_start)
-        magic = stream.read(2)
-        stream.seek(-8, os.SEEK_END)
-        trailer = stream.read(8)
+    magic, trailer = _stream_ends(path, data_start, 8)
     if magic != b"\x1f\x8b" or size < data_start + 18:
         return None  # not a gzip stream (a zlib-wrapped NRRD is checked the long way)
     return _StoredChecksum(adler32=False, value=int.from_bytes(trailer[:4], "little"), length=int.from_bytes(trailer[4:], "little"), prefix=prefix)
+
+
+def _stream_ends(path: Path, data_start: int, trailer_bytes: int) -> tuple[bytes, bytes]:
+    """The compressed stream's first two bytes (its format's magic) and the file's last `trailer_bytes`."""
+    with open(path, "rb") as stream:
+        stream.seek(data_start)
+        magic = stream.read(2)
+        stream.seek(-min(trailer_bytes, path.stat().st_size), os.SEEK_END)
+        return magic, stream.read(trailer_bytes)
 
 
 def _first_line(error: Exception) -> str:
