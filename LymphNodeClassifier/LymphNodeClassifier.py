@@ -295,6 +295,7 @@ class LymphNodeClassifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     def onSceneStartClose(self, caller, event) -> None:
         self.setParameterNode(None)
         self._removePlotViewNode()  # a singleton would outlive the close, owned by a removed parameter node
+        self._choosingModelFile = False
 
     def onSceneEndClose(self, caller, event) -> None:
         self._shownLayers = None
@@ -439,7 +440,7 @@ class LymphNodeClassifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             tableView.setMRMLTableNode(tableNode)
 
     def _showChart(self, chartNode) -> None:
-        if chartNode is None:
+        if chartNode is None or self._parameterNode is None:  # no parameter node (the scene is closing): no owner
             return
         if self._plotViewNode is None or self._plotViewNode.GetScene() is None:
             self._plotViewNode = self._addPlotViewNode()
