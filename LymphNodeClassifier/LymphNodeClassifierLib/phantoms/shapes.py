@@ -244,12 +244,6 @@ class _Cylinder(_Prim):
         self.lo = np.array([cx.min() - ax, cy.min() - ay, zs[0]])
         self.hi = np.array([cx.max() + ax, cy.max() + ay, zs[1]])
 
-    def centre_at(self, z: float) -> np.ndarray:
-        return self.c + self.slope * (z - self.z0)
-
-    def semi_at(self, z: float) -> np.ndarray:
-        return np.maximum(self.semi + self.grow * (z - self.z0), 2.0)
-
     def paint(self, x, y, z, m):
         dz = z - np.float32(self.z0)
         cx = np.float32(self.c[0]) + np.float32(self.slope[0]) * dz if self.slope[0] else np.float32(self.c[0])
