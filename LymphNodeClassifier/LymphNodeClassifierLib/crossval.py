@@ -53,7 +53,8 @@ from .errors import InputError, OneLineArgumentParser
 from .fileio import atomic_path, atomic_write_json, atomic_write_text, check_writable_file, check_writable_folder, csv_text, ensure_folder
 from .metrics import METRIC_NAMES, binary_metrics, bootstrap_ci, calibration, group_members, json_safe, parse_threshold_rule, plot_reliability, rank_auc, roc_points
 from .patchset import PatchSet
-from .training import ARCHITECTURE_NAMES, TrainingConfig, _one_fold, train
+from .patches import VIEW_MODES
+from .training import ARCHITECTURE_NAMES, TrainingConfig, _one_fold, check_exportable, train
 from .training import assign_folds as training_assign_folds
 from .validate import InputPolicy, add_input_options
 
@@ -403,7 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inner-val", type=float, default=0.2, help="share of each fold's training patients used for early stopping (default 0.2)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs (0: none)")
     p.add_argument("--architecture", choices=list(ARCHITECTURE_NAMES), default=d.architecture)
-    p.add_argument("--views", choices=["triplanar", "axial"], default=d.views)
+    p.add_argument("--views", choices=list(VIEW_MODES), default=d.views, help="triplanar_stack: 2.5D; volume: 3D (with --architecture resnet3d)")
+    p.add_argument("--stack-offset", type=float, default=d.stack_offset_mm, help="--views triplanar_stack: neighbour planes at +- this many mm")
     p.add_argument("--mask-channel", action="store_true")
     p.add_argument("--fov-rule", choices=["fixed", "grow_to_fit"], default=d.fov_rule)
     p.add_argument("--window", type=float, nargs=2, metavar=("LOW", "HIGH"), default=list(d.window), help="HU window (default: abdomen -135 215)")
@@ -436,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> TrainingConfig:
     return TrainingConfig(
-        architecture=args.architecture, views=args.views, mask_channel=args.mask_channel, fov_rule=args.fov_rule,
+        architecture=args.architecture, views=args.views, stack_offset_mm=args.stack_offset, mask_channel=args.mask_channel, fov_rule=args.fov_rule,
         window=tuple(args.window), patch_size=args.patch_size, spacing_mm=(args.spacing,) * 3, epochs=args.epochs,
         batch_size=args.batch_size, learning_rate=args.lr, weight_decay=args.weight_decay, patience=args.patience,
         lr_patience=args.lr_patience, rotation_degrees=args.rotation, translation_px=args.translation,
@@ -459,6 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = config_from_args(args)
     check_writable_folder(args.out)  # before any work: a bad output place must not cost the folds
     if args.export_model:
+        check_exportable(config)
         check_writable_file(args.export_model, "--export-model")
     dataset = Dataset.load(args.dataset)
     patchset = build_patchset(dataset, config.patch_spec(), config.window, cache_dir=args.cache, policy=InputPolicy.from_args(args))

@@ -44,7 +44,13 @@ from .fileio import atomic_path
 CARD_VERSION = 1
 CARD_FILE_NAME = "model_card.json"
 
-VIEW_CHANNELS = {"triplanar": ["axial", "coronal", "sagittal"], "axial": ["axial"]}
+VIEW_CHANNELS = {
+    "triplanar": ["axial", "coronal", "sagittal"],
+    "axial": ["axial"],
+    # 2.5D: the centre views, then each view's neighbours at -d / +d mm (preprocessing.stack_offset_mm; patches.py)
+    "triplanar_stack": ["axial", "coronal", "sagittal", "axial-d", "axial+d", "coronal-d", "coronal+d", "sagittal-d", "sagittal+d"],
+    "volume": ["volume"],  # 3D: one size^3 block (patches.py); needs a 3D architecture
+}
 MASK_CHANNEL_NAME = "mask"
 
 DEFAULT_LABEL_DEFINITION = (
@@ -178,7 +184,75 @@ class SmallResNet(nn.Module):
         return self.stages[-1]
 
 
-ARCHITECTURES: dict[str, type[nn.Module]] = {"custom_cnn": CustomCNN, "small_resnet": SmallResNet}
+# --------------------------------------------------------------------------------------------
+# 3D architecture (views "volume": input (N, C, size, size, size), patches.py)
+
+
+class BasicBlock3d(nn.Module):
+    """BasicBlock with 3x3x3 convolutions: conv-BN-ReLU-conv-BN + shortcut, ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv3d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm3d(out_channels)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv3d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm3d(out_channels)
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(nn.Conv3d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm3d(out_channels))
+        else:
+            self.shortcut = nn.Identity()
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu2(out + self.shortcut(x))
+
+
+class SmallResNet3D(nn.Module):
+    """SmallResNet in 3D, at half its widths (a CPU budget: a 24^3 block costs about twice a 40^2 tri-planar patch).
+
+    Stem 3x3x3 conv 16 (stride 2) + BN + ReLU, blocks of 16 / 32 / 64 channels (strides 1, 2, 1),
+    global average pooling, dropout, linear -> 1 logit. ``features`` is the last block's output
+    (``size / 4`` voxels a side), so a Grad-CAM of it is a 3D map on the patch grid.
+    """
+
+    def __init__(self, in_channels: int = 2, size: int = 24, dropout: float = 0.3):
+        super().__init__()
+        _check_shape_args(in_channels, size)
+        self.architecture_name = "small_resnet3d"
+        self.in_channels = in_channels
+        self.size = size
+        self.stem = nn.Sequential(nn.Conv3d(in_channels, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm3d(16), nn.ReLU())
+        self.stages = nn.Sequential(BasicBlock3d(16, 16, 1), BasicBlock3d(16, 32, 2), BasicBlock3d(32, 64, 1))
+        self.pool = nn.AdaptiveAvgPool3d(1)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(64, 1)
+        for module in self.modules():
+            if isinstance(module, nn.Conv3d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    @torch.jit.export
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stages(self.stem(x))
+
+    @torch.jit.export
+    def head(self, feature_map: torch.Tensor) -> torch.Tensor:
+        pooled = torch.flatten(self.pool(feature_map), 1)
+        return self.fc(self.dropout(pooled))[:, 0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def feature_layer(self) -> nn.Module:
+        return self.stages[-1]
+
+
+VOLUME_ARCHITECTURES = ("small_resnet3d",)  # take views "volume" only; the 2D ones take every other view mode
+
+
+ARCHITECTURES: dict[str, type[nn.Module]] = {"custom_cnn": CustomCNN, "small_resnet": SmallResNet, "small_resnet3d": SmallResNet3D}
 
 
 def architecture_names() -> list[str]:
@@ -189,7 +263,8 @@ def _normalise_architecture(name: str) -> str:
     if not isinstance(name, str):
         raise InputError(f"The architecture must be a name, got {name!r}; choose one of {', '.join(ARCHITECTURES)}.")
     key = name.strip().lower().replace("-", "_")
-    aliases = {"custom": "custom_cnn", "customcnn": "custom_cnn", "cnn": "custom_cnn", "smallresnet": "small_resnet", "resnet": "small_resnet"}
+    aliases = {"custom": "custom_cnn", "customcnn": "custom_cnn", "cnn": "custom_cnn", "smallresnet": "small_resnet", "resnet": "small_resnet",
+               "resnet3d": "small_resnet3d", "smallresnet3d": "small_resnet3d"}
     key = aliases.get(key, key)
     if key not in ARCHITECTURES:
         raise InputError(f"Unknown architecture '{name}'; choose one of {', '.join(ARCHITECTURES)}.")
@@ -242,7 +317,7 @@ ModelCard = dict
 def expected_channels(views: str, mask_channel: bool) -> list[str]:
     """Channel names, in order, of a patch with these views (ARCHITECTURE.md, patch frame)."""
     if views not in VIEW_CHANNELS:
-        raise InputError(f"Unknown views '{views}'; use 'triplanar' or 'axial'.")
+        raise InputError(f"Unknown views '{views}'; use one of: {', '.join(VIEW_CHANNELS)}.")
     return list(VIEW_CHANNELS[views]) + ([MASK_CHANNEL_NAME] if mask_channel else [])
 
 
@@ -288,7 +363,9 @@ def _check_card(card: dict) -> None:
     _require(pre, "spacing_mm", w, lambda v: isinstance(v, list) and len(v) == 3 and all(_is_number(s) and s > 0 for s in v), "a list of 3 positive numbers")
     _require(pre, "patch_size", w, lambda v: _is_int(v) and v >= 8, "an integer >= 8")
     _require(pre, "field_of_view_mm", w, lambda v: _is_number(v) and v > 0, "a positive number")
-    views = _require(pre, "views", w, lambda v: v in VIEW_CHANNELS, "'triplanar' or 'axial'")
+    views = _require(pre, "views", w, lambda v: v in VIEW_CHANNELS, f"one of {', '.join(VIEW_CHANNELS)}")
+    if views == "triplanar_stack":
+        _require(pre, "stack_offset_mm", w, lambda v: _is_number(v) and v > 0, "a positive number (mm)")
     mask = _require(pre, "mask_channel", w, lambda v: isinstance(v, bool), "true or false")
     channels = _require(pre, "channels", w, lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v), "a list of channel names")
     _require(pre, "air_hu", w, _is_number, "a number (HU)")
@@ -302,6 +379,8 @@ def _check_card(card: dict) -> None:
     _require(arch, "parameters", "architecture.", lambda v: _is_int(v) and v >= 0, "a non-negative integer")
     if in_channels != len(channels):
         raise _CardError(f"architecture.in_channels ({in_channels}) differs from the {len(channels)} preprocessing channels")
+    if (arch["name"] in VOLUME_ARCHITECTURES) != (views == "volume"):
+        raise _CardError(f"architecture.name {arch['name']} does not take '{views}' patches (3D architectures take views 'volume' only)")
 
     training = _require(card, "training", "", dict_, "an object")
     _require(training, "command", "training.", str_, "a string")
@@ -498,7 +577,7 @@ def export_torchscript(model: nn.Module, card: dict, path: str | os.PathLike) ->
 
     eager = copy.deepcopy(model).to("cpu").eval()
     generator = torch.Generator().manual_seed(0)
-    example = torch.rand((2, in_channels, size, size), generator=generator)
+    example = torch.rand((2, *card_input_shape(card)), generator=generator)
     scripted = _script_or_trace(eager, example)
     scripted.eval()
     with torch.no_grad():
@@ -534,9 +613,9 @@ def weights_digest(module: nn.Module) -> str:
 
 
 def card_input_shape(card: dict) -> list[int]:
-    """(channels, size, size) of one patch as the card describes it."""
+    """(channels, size, size) of one patch as the card describes it; (channels, size, size, size) for views "volume"."""
     size = int(card["preprocessing"]["patch_size"])
-    return [len(card["preprocessing"]["channels"]), size, size]
+    return [len(card["preprocessing"]["channels"])] + [size] * (3 if card["preprocessing"]["views"] == "volume" else 2)
 
 
 def _bound_digest(card: dict, weights_sha256: str, input_shape: list[int]) -> str:

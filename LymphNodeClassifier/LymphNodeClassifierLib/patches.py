@@ -9,6 +9,19 @@ View orientation (radiological display, like Slicer's slice views):
 - coronal: rows superior -> inferior (-z), columns patient right -> left (+x);
 - sagittal: rows superior -> inferior (-z), columns anterior -> posterior (+y).
 
+2.5D (`views="triplanar_stack"`): the three centre views, then for each view the two parallel
+planes at -d and +d mm along the view's normal (`stack_offset_mm`; axial +d superior (+z),
+coronal +d posterior (+y), sagittal +d patient right (-x): the normal is column x row), each
+resampled like the centre view. Channels `[axial, coronal, sagittal, axial-d, axial+d, coronal-d,
+coronal+d, sagittal-d, sagittal+d]` (+ axial mask); `NodePatch.planes` and `NodePatch.mask` hold
+the three centre views (what Grad-CAM maps back), `NodePatch.channel_planes` every image channel.
+
+3D (`views="volume"`): one `size^3` block on a patient-aligned grid (LPS, identity direction) at
+`spacing_mm`, centred on the centroid, indexed `[k, j, i]` = (+z inferior -> superior, +y anterior
+-> posterior, +x right -> left), so `image[0][k]` is an axial slice in the axial view's orientation;
+channels `[volume]` (+ `mask`, the node on the same grid). `NodePatch.planes` holds the block's
+centre axial plane, `NodePatch.volume_origin_lps` voxel (0, 0, 0) and `mask` is `(1, size, size, size)`.
+
 Field of view (`PatchSpec.fov_rule`, recorded in the model card as `preprocessing.fov_rule` and
 `preprocessing.fov_margin`; cards without them mean "fixed"):
 - "fixed": every node is sampled at `spacing_mm`; a node larger than `size x spacing` is cut off
@@ -37,7 +50,9 @@ from .geometry import physical_points_of_indices
 from .nodes import NodeInfo
 from .windowing import apply_window
 
-VIEW_MODES = ("triplanar", "axial")
+VIEW_MODES = ("triplanar", "axial", "triplanar_stack", "volume")
+STACK_MODES = ("triplanar_stack",)  # 2.5D: each view plus its neighbours at +-stack_offset_mm
+DEFAULT_STACK_OFFSET_MM = 2.0
 FOV_RULES = ("fixed", "grow_to_fit")
 DEFAULT_FOV_MARGIN = 0.2  # grow_to_fit: 20 % room beyond the node's reach
 TRIPLANAR_VIEWS = ("axial", "coronal", "sagittal")
@@ -64,6 +79,7 @@ class PatchSpec:
     air_hu: float = -1024.0
     fov_rule: str = "fixed"
     fov_margin: float = DEFAULT_FOV_MARGIN
+    stack_offset_mm: float = DEFAULT_STACK_OFFSET_MM  # triplanar_stack only: neighbour planes at +-this
 
     def __post_init__(self) -> None:
         spacing = self.spacing_mm
@@ -90,6 +106,13 @@ class PatchSpec:
         if isinstance(self.fov_margin, bool) or not (math.isfinite(margin) and 0.0 <= margin <= 10.0):
             raise InputError(f"The field-of-view margin {self.fov_margin!r} must be a fraction from 0 to 10; e.g. 0.2 for 20 %.")
         object.__setattr__(self, "fov_margin", margin)
+        try:
+            offset = float(self.stack_offset_mm)
+        except (TypeError, ValueError):
+            offset = math.nan
+        if isinstance(self.stack_offset_mm, bool) or not (math.isfinite(offset) and 0.0 < offset <= 50.0):
+            raise InputError(f"The slice-stack offset {self.stack_offset_mm!r} must be a distance in mm above 0 and at most 50; e.g. 2.")
+        object.__setattr__(self, "stack_offset_mm", offset)
         object.__setattr__(self, "spacing_mm", spacing)
         object.__setattr__(self, "size", int(self.size))
         object.__setattr__(self, "mask_channel", bool(self.mask_channel))
@@ -97,13 +120,30 @@ class PatchSpec:
 
     @property
     def view_names(self) -> tuple[str, ...]:
-        """Names of the sampled views, in channel order."""
-        return TRIPLANAR_VIEWS if self.views == "triplanar" else ("axial",)
+        """Names of the centre views (`NodePatch.planes`), in channel order."""
+        return TRIPLANAR_VIEWS if self.views in ("triplanar", "triplanar_stack") else ("axial",)
+
+    @property
+    def image_channel_names(self) -> tuple[str, ...]:
+        """Names of the image channels (mask excluded), in order: the views, then the stacks' neighbours."""
+        if self.views == "volume":
+            return ("volume",)
+        return self.view_names + tuple(f"{name}{sign}d" for name in self.view_names for sign in "-+") * (self.views in STACK_MODES)
+
+    @property
+    def channel_names(self) -> tuple[str, ...]:
+        """Every channel name, in order (the card's `preprocessing.channels`)."""
+        return self.image_channel_names + (("mask",) if self.mask_channel else ())
 
     @property
     def channels(self) -> int:
-        """Number of image channels: one per view, plus the axial mask when `mask_channel`."""
-        return len(self.view_names) + int(self.mask_channel)
+        """Number of channels: the image channels, plus the mask when `mask_channel`."""
+        return len(self.channel_names)
+
+    @property
+    def patch_shape(self) -> tuple[int, ...]:
+        """Shape of one node's `image`: (C, size, size), or (C, size, size, size) for `volume`."""
+        return (self.channels,) + (self.size,) * (3 if self.views == "volume" else 2)
 
 
 @dataclass(frozen=True)
@@ -135,6 +175,8 @@ class NodePatch:
     spacing_mm: tuple[float, float, float] | None = None  # pixel spacing used for this node (x, y, z)
     fov_scale: float = 1.0  # spacing_mm / the spec's spacing (> 1 when grow_to_fit enlarged the view)
     fov_grown: bool = False  # True when the field of view was enlarged to hold the whole node
+    channel_planes: list[PlaneGeometry] | None = None  # triplanar_stack: the plane of every image channel, in order
+    volume_origin_lps: tuple[float, float, float] | None = None  # volume: LPS of voxel [0, 0, 0] (grid axes +x, +y, +z)
 
 
 class _PlaneSampler:
@@ -286,6 +328,9 @@ def _extract(
         areas = axial_masks.sum(axis=(1, 2))
         largest = int(np.lexsort((np.abs(steps), -areas))[0])  # most pixels, then closest to the centroid
         largest_z = float(centre[2] + steps[largest] * spacing_z)
+        if spec.views == "volume":
+            patches.append(_volume_patch(sampler, node, centre, spec, (low, high), scale, largest_z, float(areas[largest] * spacing_x * spacing_y)))
+            continue
         images, masks, planes = [], [], []
         for name in spec.view_names:
             plane_centre = centre.copy()
@@ -300,6 +345,15 @@ def _extract(
                 footprint = _footprint(plane, corners, spec.size)
                 masks.append(_sample_mask(sampler, node.node_id, plane, direction, grid_spacing, footprint, spec.size)[0])
             planes.append(plane)
+        channel_planes = None
+        if spec.views in STACK_MODES:
+            channel_planes = list(planes)
+            for name in spec.view_names:
+                for sign in (-1.0, 1.0):  # same lattice as the centre view, shifted along its normal
+                    plane, direction, grid_spacing = _plane(name, centre + sign * spec.stack_offset_mm * _VIEW_NORMALS[name], spec)
+                    hu = sampler.ct_values(plane.origin_lps, grid_spacing, direction, (spec.size, spec.size, 1))[0]
+                    images.append(apply_window(hu, low, high))
+                    channel_planes.append(replace(plane, name=f"{name}{'-+'[sign > 0]}d"))
         mask = np.stack(masks).astype(np.uint8)
         if spec.mask_channel:
             images.append(mask[0].astype(np.float32))
@@ -315,9 +369,37 @@ def _extract(
                 spacing_mm=spec.spacing_mm,
                 fov_scale=scale,
                 fov_grown=scale > 1.0,
+                channel_planes=channel_planes,
             )
         )
     return patches
+
+
+def _volume_patch(
+    sampler: _PlaneSampler, node: NodeInfo, centre: np.ndarray, spec: PatchSpec, window: tuple[float, float], scale: float,
+    largest_z: float, largest_area_mm2: float,
+) -> NodePatch:
+    """A `size^3` block on a patient-aligned grid centred on `centre` (module docstring, 3D)."""
+    spacing = np.asarray(spec.spacing_mm)
+    origin = centre - (spec.size - 1) / 2.0 * spacing
+    size = (spec.size,) * 3
+    hu = sampler.ct_values(origin, spacing, np.eye(3), size)
+    mask = sampler.node_mask(node.node_id, origin, spacing, np.eye(3), size)
+    images = [apply_window(hu, *window)] + ([mask.astype(np.float32)] if spec.mask_channel else [])
+    centre_plane, _, _ = _plane("axial", centre, spec)
+    return NodePatch(
+        node=node,
+        image=np.stack(images).astype(np.float32, copy=False),
+        mask=mask[None].astype(np.uint8),
+        planes=[centre_plane],
+        centre_lps=_point(centre),
+        largest_axial_z_lps=largest_z,
+        largest_axial_area_mm2=largest_area_mm2,
+        spacing_mm=spec.spacing_mm,
+        fov_scale=scale,
+        fov_grown=scale > 1.0,
+        volume_origin_lps=_point(origin),
+    )
 
 
 def _check_images(ct: sitk.Image, component_image: sitk.Image) -> None:
@@ -330,11 +412,13 @@ def extract_patches(
 ) -> list[NodePatch]:
     """Sample each node's views from the CT (linear, air outside) and its mask (nearest neighbour).
 
-    `component_image` holds each node's `node_id` (from `nodes.extract_nodes`); the CT is windowed
-    to [0, 1] with `window = (low_hu, high_hu)` after resampling.
+    `component_image` holds each node's `node_id` on the CT grid (`nodes.extract_nodes`) or on a
+    sub-grid of it (`nodes.extract_nodes_cropped`: masks are resampled in physical space, and the
+    nodes' `bbox_index` are CT-grid indices either way); the CT is windowed to [0, 1] with
+    `window = (low_hu, high_hu)` after resampling.
     """
     _check_images(ct, component_image)
-    return _extract(_PlaneSampler(ct, component_image, spec.air_hu), nodes, spec, window, bbox_image=component_image)
+    return _extract(_PlaneSampler(ct, component_image, spec.air_hu), nodes, spec, window, bbox_image=ct)
 
 
 def resample_whole_volume_then_crop(

@@ -41,7 +41,7 @@ from .dataset import CaseRecord, Dataset
 from .errors import CancelledError, InputError
 from .fileio import atomic_path
 from .nodes import NodeInfo, extract_nodes
-from .patches import PatchSpec, extract_patches
+from .patches import STACK_MODES, PatchSpec, extract_patches
 from .validate import InputPolicy, read_case, training_experience
 
 CACHE_VERSION = 1
@@ -57,7 +57,7 @@ class PatchSet:
     (`has_truth` tells whether any node has one).
     """
 
-    x: np.ndarray  # float32 (N, C, H, W) in [0, 1]
+    x: np.ndarray  # float32 (N, C, H, W) in [0, 1]; (N, C, D, H, W) for views "volume"
     y: np.ndarray  # int64 (N,) 0 benign / 1 metastatic, as labelled
     patient_ids: np.ndarray  # str (N,)
     case_ids: np.ndarray  # str (N,)
@@ -74,6 +74,7 @@ class PatchSet:
     from_cache: bool = False
     generator: dict | None = None  # the dataset's "generator" entry (phantoms), None for real data
     fov_grown: np.ndarray | None = None  # bool (N,): the node's view was enlarged (fov_rule grow_to_fit)
+    node_features: np.ndarray | None = None  # float64 (N, F): node_features of each row, for fused models (fusion.attach_features)
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
@@ -90,6 +91,7 @@ class PatchSet:
             **arrays, spec=self.spec, window=self.window, fingerprint=self.fingerprint,
             dataset_name=self.dataset_name, n_cases=len(set(arrays["case_ids"].tolist())),
             fov_grown=None if self.fov_grown is None else self.fov_grown[indices], generator=self.generator,
+            node_features=None if self.node_features is None else self.node_features[indices],
         )
 
     def summary(self) -> dict:
@@ -124,6 +126,8 @@ def _spec_dict(spec: PatchSpec) -> dict:
     out = {"spacing_mm": list(spec.spacing_mm), "size": spec.size, "views": spec.views, "mask_channel": spec.mask_channel, "air_hu": spec.air_hu}
     if spec.fov_rule != "fixed":  # fixed specs keep their old fingerprints and caches
         out.update(fov_rule=spec.fov_rule, fov_margin=spec.fov_margin)
+    if spec.views in STACK_MODES:  # only where it changes the arrays
+        out["stack_offset_mm"] = spec.stack_offset_mm
     return out
 
 
@@ -181,7 +185,7 @@ def _case_patches(ct_path: Path, labels_path: Path, case: CaseRecord, spec: Patc
     ct, infos, component_image = case_nodes(ct_path, labels_path, case, policy)
     patches = extract_patches(ct, component_image, infos, spec, window)
     values = np.array([p.node.label_value for p in patches], dtype=np.int64)
-    images = np.stack([p.image for p in patches]).astype(np.float32) if patches else np.zeros((0, spec.channels, spec.size, spec.size), np.float32)
+    images = np.stack([p.image for p in patches]).astype(np.float32) if patches else np.zeros((0, *spec.patch_shape), np.float32)
     short = np.array([p.node.short_axis_mm for p in patches], dtype=np.float64)
     long = np.array([p.node.long_axis_mm for p in patches], dtype=np.float64)
     grown = np.array([p.fov_grown for p in patches], dtype=bool)
@@ -279,8 +283,7 @@ def build_patchset(
             if value not in found and not record.excluded:
                 problems.append(f"Case '{case.case_id}': node {value} has no voxels in the label map; fix the label map or exclude the node.")
 
-    n_channels = spec.channels
-    x = np.stack(rows_x).astype(np.float32) if rows_x else np.zeros((0, n_channels, spec.size, spec.size), np.float32)
+    x = np.stack(rows_x).astype(np.float32) if rows_x else np.zeros((0, *spec.patch_shape), np.float32)
     columns = list(zip(*rows)) if rows else [[]] * 7
     patchset = PatchSet(
         x=x,

@@ -20,7 +20,7 @@ from .gradcam import cam_to_volume, gradcam, label_cam_volume
 from .inference import predict
 from .model import LoadedModel
 from .nodes import NodeInfo, extract_nodes
-from .patches import DEFAULT_FOV_MARGIN, NodePatch, PatchSpec, extract_patches
+from .patches import DEFAULT_FOV_MARGIN, DEFAULT_STACK_OFFSET_MM, NodePatch, PatchSpec, extract_patches
 from .validate import InputPolicy, check_ct, labels_on_ct, node_warnings
 
 ProgressCallback = Callable[[float, str], None]
@@ -67,6 +67,7 @@ def patch_spec_from_card(card: dict) -> PatchSpec:
         air_hu=float(preprocessing["air_hu"]),
         fov_rule=preprocessing.get("fov_rule", "fixed"),
         fov_margin=preprocessing.get("fov_margin", DEFAULT_FOV_MARGIN),
+        stack_offset_mm=preprocessing.get("stack_offset_mm", DEFAULT_STACK_OFFSET_MM),  # triplanar_stack cards only
     )
 
 

@@ -42,7 +42,7 @@ import tempfile
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -59,12 +59,12 @@ from .fileio import check_writable_file
 from .inference import deterministic
 from .metrics import binary_metrics, bootstrap_ci, calibration, choose_threshold, json_safe, threshold_rule_name, youden_threshold  # noqa: F401 (youden_threshold: public here too)
 from .model import build_model, export_torchscript, new_card
-from .patches import FOV_RULES, VIEW_MODES, PatchSpec
+from .patches import DEFAULT_STACK_OFFSET_MM, FOV_RULES, STACK_MODES, VIEW_MODES, PatchSpec
 from .patchset import PatchSet, build_patchset
 from .validate import InputPolicy, add_input_options
 from .windowing import WINDOW_PRESETS
 
-ARCHITECTURE_NAMES = {"custom": "custom_cnn", "resnet": "small_resnet"}
+ARCHITECTURE_NAMES = {"custom": "custom_cnn", "resnet": "small_resnet", "resnet3d": "small_resnet3d"}  # resnet3d: views "volume" only
 # A validation loss counts as lower when it is below best * (1 - this): ReduceLROnPlateau's default
 # relative threshold, used for early stopping and the best epoch too so the three agree.
 _MIN_IMPROVEMENT = 1e-4
@@ -96,7 +96,8 @@ class TrainingConfig:
     """One training run. Defaults: the abdominal-CT study (64 px at 0.79 mm, W350 L40, 10 px shifts)."""
 
     architecture: str = "custom"  # "custom" (the study's CNN) or "resnet" (small residual CNN)
-    views: str = "triplanar"  # "triplanar" (axial, coronal, sagittal) or "axial"
+    views: str = "triplanar"  # "triplanar" (axial, coronal, sagittal), "axial", "triplanar_stack" (2.5D) or "volume" (3D, resnet3d)
+    stack_offset_mm: float = DEFAULT_STACK_OFFSET_MM  # triplanar_stack: neighbour planes at +-this (patches.py)
     mask_channel: bool = False
     patch_size: int = 64
     spacing_mm: tuple[float, float, float] = (0.79, 0.79, 0.79)
@@ -129,6 +130,9 @@ class TrainingConfig:
         self.architecture = arch
         if self.views not in VIEW_MODES:
             raise InputError(f"Unknown views '{self.views}'; use one of: {', '.join(VIEW_MODES)}.")
+        if (self.architecture == "resnet3d") != (self.views == "volume"):
+            raise InputError(f"Architecture '{self.architecture}' does not take views '{self.views}'; use --architecture resnet3d with --views volume (3D), "
+                             "and custom or resnet with the other views.")
         self.mask_channel = bool(self.mask_channel)
         self.epochs = _positive_int(self.epochs, "number of epochs", 40)
         self.batch_size = _positive_int(self.batch_size, "batch size", 32)
@@ -153,6 +157,8 @@ class TrainingConfig:
         self.intensity_jitter = _number(self.intensity_jitter, "intensity jitter", 0.0, 0.5, 0.1)
         self.blur_sigma_px = _number(self.blur_sigma_px, "blur sigma (pixels)", 0.0, 5.0, 1.0)
         self.noise_std = _number(self.noise_std, "noise standard deviation", 0.0, 0.5, 0.03)
+        if self.views == "volume" and (self.intensity_jitter or self.blur_sigma_px or self.noise_std):
+            raise InputError("Appearance augmentation (--intensity-jitter, --blur, --noise) works on 2D patches only; leave it off with --views volume.")
         try:
             low, high = (float(v) for v in self.window)
         except (TypeError, ValueError):
@@ -176,7 +182,7 @@ class TrainingConfig:
     def patch_spec(self) -> PatchSpec:
         return PatchSpec(
             spacing_mm=self.spacing_mm, size=self.patch_size, views=self.views, mask_channel=self.mask_channel,
-            air_hu=self.air_hu, fov_rule=self.fov_rule,
+            air_hu=self.air_hu, fov_rule=self.fov_rule, stack_offset_mm=self.stack_offset_mm,
         )
 
     def preprocessing(self) -> dict:
@@ -191,10 +197,11 @@ class TrainingConfig:
             "field_of_view_mm": spec.size * spec.spacing_mm[0],
             "views": spec.views,
             "mask_channel": spec.mask_channel,
-            "channels": list(spec.view_names) + (["mask"] if spec.mask_channel else []),
+            "channels": list(spec.channel_names),
             "air_hu": spec.air_hu,
             "fov_rule": spec.fov_rule,
             "fov_margin": spec.fov_margin,
+            **({"stack_offset_mm": spec.stack_offset_mm} if spec.views in STACK_MODES else {}),
         }
 
     def to_dict(self) -> dict:
@@ -386,6 +393,33 @@ def augment_appearance(x: torch.Tensor, generator: torch.Generator, config: Trai
 
 
 # --------------------------------------------------------------------------------------------
+# 3D augmentation (views "volume")
+
+
+def augment_volume_batch(x: torch.Tensor, generator: torch.Generator, config: TrainingConfig) -> torch.Tensor:
+    """`augment_batch` for `(N, C, D, H, W)` blocks `[z, y, x]`: each node's block is flipped along
+    x / y (and z, with `flips`), turned about the patient z axis and shifted in x / y, by one transform
+    for all its slices and channels (so it is a rigid 3D motion, unlike the 2D views' per-view
+    transforms); the mask channel is re-binarised. No appearance augmentation (refused for volumes)."""
+    n, channels, depth, height, width = x.shape
+    if config.flips:
+        flip_z = (torch.rand(n, generator=generator) < 0.5)[:, None, None, None, None]
+        x = torch.where(flip_z, x.flip(2), x)
+    in_plane = replace(config, mask_channel=False)  # the mask is D slices here: thresholded below
+    out = augment_batch(x.reshape(n, channels * depth, height, width), generator, in_plane).reshape(x.shape)
+    if config.mask_channel:
+        out[:, -1] = (out[:, -1] >= 0.5).to(out.dtype)
+    return out
+
+
+def check_exportable(config: TrainingConfig) -> None:
+    """Refuse, before any work, a configuration whose model cannot yet be exported and classify a CT."""
+    if config.views == "volume":
+        raise InputError("3D models (--views volume) can be cross-validated only: inference and Grad-CAM take 2D patches; "
+                         "drop --export-model (crossval), or train a 2D or 2.5D model (--views triplanar_stack).")
+
+
+# --------------------------------------------------------------------------------------------
 # training
 
 
@@ -468,10 +502,10 @@ def _check_patchset(patchset: PatchSet, config: TrainingConfig) -> None:
     if not isinstance(patchset, PatchSet):
         raise TypeError("train needs a patchset.PatchSet (patchset.build_patchset)")
     spec = config.patch_spec()
-    if patchset.x.ndim != 4 or patchset.x.shape[1:] != (spec.channels, spec.size, spec.size):
+    if patchset.x.shape[1:] != spec.patch_shape:
         raise InputError(
             f"The patches have shape {patchset.x.shape[1:]} per node but the configuration needs "
-            f"({spec.channels}, {spec.size}, {spec.size}); extract them with the configuration's patch spec."
+            f"{spec.patch_shape}; extract them with the configuration's patch spec."
         )
     if patchset.spec != spec or tuple(patchset.window) != tuple(config.window):
         raise InputError("The patches were extracted with another patch spec or window than the configuration's; rebuild them with config.patch_spec() and config.window.")
@@ -531,7 +565,7 @@ def _train(patchset, config, on_event, is_cancelled, splits) -> TrainingResult:
                 batch = order[start:start + config.batch_size]
                 if batch.size < 2 and seen:  # batch normalisation cannot train on a single node
                     continue
-                xb = augment_batch(x[batch], generator, config)
+                xb = (augment_volume_batch if x.ndim == 5 else augment_batch)(x[batch], generator, config)
                 logits = model(xb)
                 loss = F.binary_cross_entropy_with_logits(logits, y[batch])
                 optimizer.zero_grad(set_to_none=True)
@@ -716,6 +750,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="model file to write (.pt); replaced only when training finishes")
     parser.add_argument("--architecture", choices=list(ARCHITECTURE_NAMES), default=defaults.architecture)
     parser.add_argument("--views", choices=list(VIEW_MODES), default=defaults.views)
+    parser.add_argument("--stack-offset", type=float, default=defaults.stack_offset_mm,
+                        help=f"--views triplanar_stack: neighbour planes at +- this many mm (default {defaults.stack_offset_mm:g})")
     parser.add_argument("--mask-channel", action="store_true", help="add the node mask as an input channel")
     parser.add_argument("--patch-size", type=int, default=defaults.patch_size, help="patch pixels (default 64; 48 with --spacing 1.054 trains about twice as fast)")
     parser.add_argument("--spacing", type=float, default=defaults.spacing_mm[0], help="patch pixel spacing in mm (default 0.79)")
@@ -778,12 +814,13 @@ def run(args: argparse.Namespace, command: str) -> int:
         raise InputError(f"--val-fraction {args.val_fraction:g} and --test-fraction {args.test_fraction:g} must each be from 0 to below 1 "
                          "and leave patients to train on; e.g. 0.1 and 0.1.")
     config = TrainingConfig(
-        architecture=args.architecture, views=args.views, mask_channel=args.mask_channel, epochs=args.epochs,
+        architecture=args.architecture, views=args.views, stack_offset_mm=args.stack_offset, mask_channel=args.mask_channel, epochs=args.epochs,
         patch_size=args.patch_size, spacing_mm=(args.spacing,) * 3, batch_size=args.batch_size, learning_rate=args.lr, weight_decay=args.weight_decay, patience=args.patience, lr_patience=args.lr_patience,
         rotation_degrees=args.rotation, translation_px=translation, flips=not args.no_flips, seed=args.seed,
         num_threads=args.threads, fov_rule=args.fov_rule, threshold_rule=args.threshold_rule, split_fractions=fractions,
         intensity_jitter=args.intensity_jitter, blur_sigma_px=args.blur, noise_std=args.noise,
     )
+    check_exportable(config)
     # before any work: a model must never be lost to an unwritable --out after training
     out = check_writable_file(args.out, "--out", "model.pt")
     held_out_sets = [Dataset.load(folder) for folder in args.held_out]  # fail early on a bad path
