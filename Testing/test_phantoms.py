@@ -437,6 +437,82 @@ def test_command_line_preset_records_its_settings(tmp_path):
         assert case.extra["phantom"]["noise_kernel"] in ("sharp", "smooth")
 
 
+def _aorta_span_hu(config: PhantomConfig) -> tuple[float, float]:
+    """The aorta / artery HU a config can render: hi - timing * (hi - lo) +- 15, clipped to aorta_hu,
+    arteries up to 15 HU below (scanner._hu_table)."""
+    from LymphNodeClassifierLib.phantoms.config import intervals
+
+    low, high = config.aorta_hu
+    timings = [t for interval in intervals(config.contrast_timing) for t in interval]
+    return (float(np.clip(high - max(timings) * (high - low) - 15.0, low, high)) - 15.0,
+            float(np.clip(high - min(timings) * (high - low) + 15.0, low, high)))
+
+
+def test_randomised_training_preset_never_draws_what_the_unseen_test_preset_draws():
+    from LymphNodeClassifierLib.phantoms import PRESETS, preset_config
+    from LymphNodeClassifierLib.phantoms.config import intervals
+
+    default, unseen, randomised = PhantomConfig(), preset_config("unseen"), preset_config("randomised")
+    assert set(PRESETS["unseen"]) <= set(PRESETS["randomised"])  # none falls back to a default that may overlap (noise does)
+    for name in PRESETS["unseen"]:
+        train, test = getattr(randomised, name), getattr(unseen, name)
+        if name == "slice_thickness_choices_mm":
+            assert not set(train) & set(test)
+        elif name == "noise_kernels":
+            assert set(train) == set(test) == set(phantoms.NOISE_KERNELS)  # shared families; their grain is disjoint
+        elif name == "aorta_hu":
+            assert _aorta_span_hu(unseen)[1] < _aorta_span_hu(randomised)[0]  # a clip range: compare what it renders
+        else:
+            for a_low, a_high in intervals(train):
+                for b_low, b_high in intervals(test):
+                    assert a_high < b_low or b_high < a_low, (name, (a_low, a_high), (b_low, b_high))
+        assert train != getattr(default, name), name
+    # the class signal is the default's in every preset
+    signal = [f for f in PhantomConfig.__dataclass_fields__ if f.startswith(("benign_", "metastatic_", "short_axis", "necrosis", "fatty_hilum"))]
+    assert len(signal) >= 12 and all(getattr(c, f) == getattr(default, f) for c in (unseen, randomised) for f in signal)
+    # rendered, not only configured: the aorta of delayed-phase unseen studies is below any randomised one
+    medians = {}
+    for name, config in (("unseen", unseen), ("randomised", randomised)):
+        medians[name] = []
+        for seed in (1, 2):
+            case = generate_case(seed, config, n_nodes=2, n_metastatic=1, spacing_mm=0.9, slice_thickness_mm=5.0, tilt=False, return_tissue=True)
+            aorta = sitk.GetArrayFromImage(case.tissue) == TISSUES["aorta"]
+            medians[name].append(float(np.median(sitk.GetArrayFromImage(case.ct)[aorta])))
+    assert max(medians["unseen"]) < 125 < min(medians["randomised"]), medians
+
+
+def test_interval_unions_draw_once_in_proportion_to_length():
+    from LymphNodeClassifierLib.phantoms.shapes import _u
+
+    union = ((0.0, 1.0), (3.0, 6.0))
+    rng, reference = np.random.default_rng(4), np.random.default_rng(4)
+    draws = np.array([_u(rng, union) for _ in range(4000)])
+    reference.random(4000)
+    assert rng.random() == reference.random()  # one draw each, like a plain range
+    assert np.all(((draws >= 0) & (draws <= 1)) | ((draws >= 3) & (draws <= 6)))
+    assert np.mean(draws <= 1) == pytest.approx(0.25, abs=0.03)  # 1 of 4 mm of total length
+    assert np.mean((draws >= 3) & (draws < 4.5)) == pytest.approx(0.375, abs=0.03)  # uniform inside an interval
+    assert _u(np.random.default_rng(9), (2.0, 5.0)) == 2.0 + 3.0 * np.random.default_rng(9).random()  # plain ranges as before
+
+
+def test_command_line_randomised_preset_round_trips_its_unions(tmp_path):
+    from LymphNodeClassifierLib.phantoms import preset_config
+    from LymphNodeClassifierLib.phantoms.config import intervals
+
+    out = tmp_path / "randomised"
+    assert main(["--out", str(out), "--cases", "3", "--seed", "4", "--preset", "randomised", "--quiet"]) == 0
+    dataset = Dataset.load(out)
+    config = dataset.generator["config"]
+    assert PhantomConfig.with_overrides(config) == preset_config("randomised")  # JSON lists back to the preset
+    assert "randomised" in dataset.name
+    randomised = preset_config("randomised")
+    for case in dataset.cases:
+        scanner = case.extra["phantom"]
+        assert scanner["slice_thickness_mm"] in randomised.slice_thickness_choices_mm
+        for key in ("psf_sigma_mm", "noise_sigma_hu", "noise_correlation_px"):
+            assert any(low <= scanner[key] <= high for low, high in intervals(getattr(randomised, key))), key
+
+
 # ---- the bundled sample case ---------------------------------------------------------------------
 
 

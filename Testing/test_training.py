@@ -286,6 +286,55 @@ def test_blur_augmentation_keeps_the_mass_and_spreads_an_impulse():
         TrainingConfig(blur_sigma_px=-1)
 
 
+def _lag1_correlation(noise: torch.Tensor) -> torch.Tensor:
+    """Per node: correlation of horizontally adjacent pixels (mean over channels)."""
+    a, b = noise[..., :, :-1], noise[..., :, 1:]
+    a, b = a - a.mean(dim=(2, 3), keepdim=True), b - b.mean(dim=(2, 3), keepdim=True)
+    return ((a * b).mean(dim=(2, 3)) / (a.std(dim=(2, 3)) * b.std(dim=(2, 3)))).mean(dim=1)
+
+
+def test_noise_grain_correlates_the_noise_like_a_ct_kernel_and_keeps_its_level():
+    from LymphNodeClassifierLib.training import augment_appearance
+
+    x = torch.full((64, 3, 48, 48), 0.5)
+    white = augment_appearance(x, torch.Generator().manual_seed(2), TrainingConfig(noise_std=0.06)) - 0.5
+    grainy = augment_appearance(x, torch.Generator().manual_seed(2), TrainingConfig(noise_std=0.06, noise_grain_px=3.0)) - 0.5
+    # the level is the drawn std either way (uniform in [0, s]: mean variance s^2 / 3)
+    assert float(white.var()) == pytest.approx(0.06 ** 2 / 3, rel=0.2) and float(grainy.var()) == pytest.approx(0.06 ** 2 / 3, rel=0.2)
+    white_r, grainy_r = _lag1_correlation(white), _lag1_correlation(grainy)
+    assert white_r.abs().max() < 0.1
+    # Gaussian-smoothed white noise of sigma s has lag-1 correlation exp(-1 / (4 s^2)); s is uniform in [0, 3] per node
+    assert grainy_r.max() <= np.exp(-1 / (4 * 3.0 ** 2)) + 0.05 and float(grainy_r.mean()) > 0.5
+    assert float(grainy_r.std()) > 0.05  # a grain per node, not one for the batch
+    with pytest.raises(InputError, match="noise grain needs noise"):
+        TrainingConfig(noise_grain_px=1.0)
+
+
+def test_zoom_scales_about_the_patch_centre_and_off_draws_nothing():
+    size = 64
+    rows, cols = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+    disc = (((rows - size / 2) ** 2 + (cols - size / 2) ** 2) <= 8.0 ** 2).float()
+    x = disc.expand(3, 1, size, size).clone()
+    config = TrainingConfig(flips=False, rotation_degrees=0, translation_px=0, zoom_jitter=0.3)
+    out = augment_batch(x, torch.Generator(), config, zooms=torch.tensor([1.0, 1.5, 0.5]))
+    area = out[:, 0].sum(dim=(1, 2))
+    torch.testing.assert_close(out[0], x[0], atol=1e-5, rtol=0)
+    assert float(area[1] / area[0]) == pytest.approx(1.5 ** 2, rel=0.05) and float(area[2] / area[0]) == pytest.approx(0.5 ** 2, rel=0.1)
+    for node in out[:, 0]:  # still centred
+        centre_r, centre_c = (float((node * grid).sum() / node.sum()) for grid in (rows, cols))
+        assert centre_r == pytest.approx(size / 2, abs=0.05) and centre_c == pytest.approx(size / 2, abs=0.05)
+    randomly = augment_batch(disc.expand(200, 1, size, size).clone(), torch.Generator().manual_seed(5), config)[:, 0].sum(dim=(1, 2))
+    ratio = randomly / area[0]
+    assert float(ratio.min()) >= 0.7 ** 2 - 0.05 and float(ratio.max()) <= 1.3 ** 2 + 0.05 and float(ratio.std()) > 0.15
+    # off: only the angle and shift draws of earlier versions, so their runs keep their random streams
+    generator, reference = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    assert torch.equal(augment_batch(x, generator, TrainingConfig(flips=False, rotation_degrees=0, translation_px=0)), x)
+    torch.rand(3, generator=reference), torch.rand((3, 2), generator=reference)
+    assert torch.equal(generator.get_state(), reference.get_state())
+    with pytest.raises(InputError, match="zoom"):
+        TrainingConfig(zoom_jitter=0.9)
+
+
 def test_short_training_learns(trained, cohort):
     config, result, _ = trained
     assert result.metrics["validation"]["auc"] > 0.8

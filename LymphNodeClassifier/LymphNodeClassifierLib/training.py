@@ -121,6 +121,9 @@ class TrainingConfig:
     intensity_jitter: float = 0.0  # per node: scale 1 +- j and shift +- j (windowed units, window = [0, 1])
     blur_sigma_px: float = 0.0  # per node: Gaussian blur, sigma uniform in [0, this] pixels
     noise_std: float = 0.0  # per node: Gaussian noise, std uniform in [0, this] (windowed units)
+    noise_grain_px: float = 0.0  # with noise_std: the noise smoothed by a Gaussian of sigma uniform in [0, this] px, then
+    # rescaled to its std (a CT kernel's correlated noise grain instead of white noise)
+    zoom_jitter: float = 0.0  # per node: scale 1 +- this in the geometric transform (another pixel size; it also moves the size cue)
 
     def __post_init__(self) -> None:
         arch = str(self.architecture).strip().lower()
@@ -157,6 +160,10 @@ class TrainingConfig:
         self.intensity_jitter = _number(self.intensity_jitter, "intensity jitter", 0.0, 0.5, 0.1)
         self.blur_sigma_px = _number(self.blur_sigma_px, "blur sigma (pixels)", 0.0, 5.0, 1.0)
         self.noise_std = _number(self.noise_std, "noise standard deviation", 0.0, 0.5, 0.03)
+        self.noise_grain_px = _number(self.noise_grain_px, "noise grain (pixels)", 0.0, 5.0, 1.5)
+        if self.noise_grain_px and not self.noise_std:
+            raise InputError("A noise grain needs noise to shape; give a noise standard deviation too (e.g. --noise 0.08 --noise-grain 1.5).")
+        self.zoom_jitter = _number(self.zoom_jitter, "zoom jitter", 0.0, 0.5, 0.1)
         if self.views == "volume" and (self.intensity_jitter or self.blur_sigma_px or self.noise_std):
             raise InputError("Appearance augmentation (--intensity-jitter, --blur, --noise) works on 2D patches only; leave it off with --views volume.")
         try:
@@ -314,10 +321,12 @@ def augment_batch(
     config: TrainingConfig,
     angles_deg: torch.Tensor | None = None,
     shifts_px: torch.Tensor | None = None,
+    zooms: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Randomly flipped, rotated and shifted copy of a `(N, C, H, W)` batch (zero padding = air).
+    """Randomly flipped, rotated, shifted (and with `zoom_jitter` scaled) copy of a `(N, C, H, W)`
+    batch (zero padding = air), about the patch centre.
 
-    `angles_deg` (N,) and `shifts_px` (N, 2: columns, rows) override the random draws (tests).
+    `angles_deg` (N,), `shifts_px` (N, 2: columns, rows) and `zooms` (N,) override the random draws (tests).
     A positive angle turns the image counter-clockwise as displayed (rows down, columns right);
     a positive shift moves the content towards higher column / row indices.
     """
@@ -333,7 +342,10 @@ def augment_batch(
         shifts_px = (torch.rand((n, 2), generator=generator) * 2 - 1) * config.translation_px
     angles_deg = angles_deg.to(x.dtype)
     shifts_px = shifts_px.to(x.dtype)
-    if not (angles_deg.abs().max() > 0 or shifts_px.abs().max() > 0):
+    # zoom > 1 magnifies the content; no draw at 0, so runs without it keep their random streams
+    zoom = zooms.to(x.dtype) if zooms is not None else (
+        1.0 + (torch.rand(n, generator=generator) * 2 - 1).to(x.dtype) * config.zoom_jitter if config.zoom_jitter else None)
+    if not (angles_deg.abs().max() > 0 or shifts_px.abs().max() > 0 or zoom is not None):
         return augment_appearance(x, generator, config)
     # affine_grid maps output (u, v) in [-1, 1] (u = column, v = row) to input coordinates:
     # input = R(-angle) @ output - shift, so the content turns by +angle and moves by +shift.
@@ -345,6 +357,8 @@ def augment_batch(
     # rows grow downwards: turning counter-clockwise on screen is clockwise in (u, v)
     theta[:, 0, 0], theta[:, 0, 1] = cos, -sin
     theta[:, 1, 0], theta[:, 1, 1] = sin, cos
+    if zoom is not None:
+        theta[:, :, :2] = theta[:, :, :2] / zoom[:, None, None]  # input = R(-angle) @ output / zoom - shift
     theta[:, :, 2] = -(theta[:, :, :2] @ shift[:, :, None])[:, :, 0]
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
@@ -362,31 +376,45 @@ def _gaussian_kernels(sigma_px: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
     return kernels / kernels.sum(dim=1, keepdim=True)
 
 
+def _blurred(image: torch.Tensor, sigma_px: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) blurred per node by a separable Gaussian of sigma_px[node] (replicate padding)."""
+    n, images = image.shape[:2]
+    kernels = _gaussian_kernels(sigma_px, image.dtype).repeat_interleave(images, dim=0)  # one per (node, channel)
+    half = kernels.shape[1] // 2
+    flat = image.reshape(1, n * images, *image.shape[2:])
+    flat = F.conv2d(F.pad(flat, (half, half, 0, 0), mode="replicate"), kernels[:, None, None, :], groups=n * images)
+    flat = F.conv2d(F.pad(flat, (0, 0, half, half), mode="replicate"), kernels[:, None, :, None], groups=n * images)
+    return flat.reshape(image.shape)
+
+
+def _correlated(noise: torch.Tensor, grain_px: torch.Tensor) -> torch.Tensor:
+    """White noise smoothed per node (sigma grain_px) and rescaled to unit std per node and channel."""
+    smooth = _blurred(noise, grain_px)
+    return smooth / smooth.std(dim=(2, 3), keepdim=True).clamp_min(1e-6)
+
+
 def augment_appearance(x: torch.Tensor, generator: torch.Generator, config: TrainingConfig) -> torch.Tensor:
     """Per node, on the image channels only (never the mask): intensity scale and shift, Gaussian blur
-    and Gaussian noise, as another scanner's calibration, kernel and dose would change them; values
-    clipped to the window's [0, 1]. No random number is drawn for a setting at 0, so runs without
-    them are unchanged."""
+    and Gaussian noise (white, or correlated with a random grain), as another scanner's calibration,
+    kernel and dose would change them; values clipped to the window's [0, 1]. No random number is
+    drawn for a setting at 0, so runs without them are unchanged."""
     if not (config.intensity_jitter or config.blur_sigma_px or config.noise_std):
         return x
     n, channels = x.shape[:2]
     images = channels - 1 if config.mask_channel else channels
     image = x[:, :images]
     if config.blur_sigma_px:
-        sigma = torch.rand(n, generator=generator) * config.blur_sigma_px
-        kernels = _gaussian_kernels(sigma, x.dtype).repeat_interleave(images, dim=0)  # one per (node, channel)
-        half = kernels.shape[1] // 2
-        flat = image.reshape(1, n * images, *image.shape[2:])
-        flat = F.conv2d(F.pad(flat, (half, half, 0, 0), mode="replicate"), kernels[:, None, None, :], groups=n * images)
-        flat = F.conv2d(F.pad(flat, (0, 0, half, half), mode="replicate"), kernels[:, None, :, None], groups=n * images)
-        image = flat.reshape(image.shape)
+        image = _blurred(image, torch.rand(n, generator=generator) * config.blur_sigma_px)
     if config.intensity_jitter:
         scale = 1.0 + (torch.rand(n, generator=generator) * 2 - 1) * config.intensity_jitter
         shift = (torch.rand(n, generator=generator) * 2 - 1) * config.intensity_jitter
         image = image * scale[:, None, None, None].to(x.dtype) + shift[:, None, None, None].to(x.dtype)
     if config.noise_std:
         std = torch.rand(n, generator=generator) * config.noise_std
-        image = image + torch.randn(image.shape, generator=generator, dtype=x.dtype) * std[:, None, None, None].to(x.dtype)
+        noise = torch.randn(image.shape, generator=generator, dtype=x.dtype)
+        if config.noise_grain_px:
+            noise = _correlated(noise, torch.rand(n, generator=generator) * config.noise_grain_px)
+        image = image + noise * std[:, None, None, None].to(x.dtype)
     out = x.clone()
     out[:, :images] = image.clamp(0.0, 1.0)
     return out
@@ -776,6 +804,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--intensity-jitter", type=float, default=0.0, help="appearance augmentation: intensity scale / shift up to this (window units, e.g. 0.1)")
     parser.add_argument("--blur", type=float, default=0.0, help="appearance augmentation: Gaussian blur sigma up to this many pixels")
     parser.add_argument("--noise", type=float, default=0.0, help="appearance augmentation: Gaussian noise std up to this (window units, e.g. 0.03)")
+    parser.add_argument("--noise-grain", type=float, default=0.0,
+                        help="with --noise: correlated noise, smoothed with a Gaussian of sigma up to this many pixels (a CT kernel's grain, e.g. 1.5)")
+    parser.add_argument("--zoom-jitter", type=float, default=0.0, help="geometric augmentation: scale 1 +- this (e.g. 0.1; it also changes the apparent node size)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's setting)")
     parser.add_argument("--workers", type=int, default=1, help="processes for patch extraction")
     parser.add_argument("--cache", default=None, help="folder for cached patch arrays (reused while the data are unchanged)")
@@ -819,6 +850,7 @@ def run(args: argparse.Namespace, command: str) -> int:
         rotation_degrees=args.rotation, translation_px=translation, flips=not args.no_flips, seed=args.seed,
         num_threads=args.threads, fov_rule=args.fov_rule, threshold_rule=args.threshold_rule, split_fractions=fractions,
         intensity_jitter=args.intensity_jitter, blur_sigma_px=args.blur, noise_std=args.noise,
+        noise_grain_px=args.noise_grain, zoom_jitter=args.zoom_jitter,
     )
     check_exportable(config)
     # before any work: a model must never be lost to an unwritable --out after training

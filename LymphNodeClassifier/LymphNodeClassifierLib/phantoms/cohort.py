@@ -222,7 +222,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--label-noise", type=float, default=0.0, help="fraction of node labels to flip (default 0)")
     parser.add_argument("--clinical-size", action="store_true", help="512x512x110 volumes with ~10 nodes (benchmarks)")
     parser.add_argument("--preset", choices=list(PRESETS), default="default",
-                        help="generator settings: default, or unseen (scanners, contrast timing and node texture the bundled model never saw)")
+                        help="generator settings: default; randomised (training: wider scanner, contrast, tissue and node-texture ranges with holes where unseen draws); "
+                             "unseen (test: scanners, contrast timing and node texture never used in training)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     return parser
 

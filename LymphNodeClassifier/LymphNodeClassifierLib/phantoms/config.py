@@ -71,15 +71,17 @@ _OVER_SOFT = _lut(_T.VISCERAL_FAT, _T.MUSCLE, _T.PSOAS, _T.PARASPINAL)
 
 @dataclass
 class PhantomConfig:
-    """Every range the generator draws from ((low, high) uniform unless said otherwise)."""
+    """Every range the generator draws from ((low, high) uniform unless said otherwise). The fields
+    marked "union ok" may also be a union of disjoint intervals ((low, high), (low, high), ...), drawn
+    uniformly over their total length (`intervals`): training ranges with a hole where a test preset sits."""
 
     # scanner
     spacing_xy_mm: tuple[float, float] = (0.6, 0.98)
     slice_thickness_choices_mm: tuple[float, ...] = (0.8, 1.0, 1.25, 2.0, 2.5, 3.0, 5.0)
     supersample_step_mm: float = 1.25  # z sub-sample step for partial-volume averaging
-    psf_sigma_mm: tuple[float, float] = (0.6, 1.2)  # in-plane Gaussian blur (sigma)
-    noise_sigma_hu: tuple[float, float] = (8.0, 25.0)
-    noise_correlation_px: tuple[float, float] = (0.5, 0.9)  # in-plane smoothing of the noise (sigma, pixels)
+    psf_sigma_mm: tuple = (0.6, 1.2)  # in-plane Gaussian blur (sigma); union ok
+    noise_sigma_hu: tuple = (8.0, 25.0)  # union ok
+    noise_correlation_px: tuple = (0.5, 0.9)  # in-plane smoothing of the noise (sigma, pixels); union ok
     # reconstruction kernel's noise texture, one drawn per study (NOISE_KERNELS): "smooth" = low-pass
     # (soft-tissue kernel), "sharp" = band-pass, peaked at mid frequencies (sharp / bone kernel)
     noise_kernels: tuple[str, ...] = ("smooth",)
@@ -114,7 +116,7 @@ class PhantomConfig:
     metastatic_hu: tuple[float, float] = (40.0, 70.0)  # base; texture adds +-25 (30..90)
     metastatic_texture_hu: tuple[float, float] = (8.0, 16.0)  # std of the texture
     benign_texture_hu: tuple[float, float] = (1.0, 3.0)
-    node_texture_wavelength_mm: tuple[float, float] = (2.5, 7.0)  # grain of the node texture (both classes)
+    node_texture_wavelength_mm: tuple = (2.5, 7.0)  # grain of the node texture (both classes); union ok
     necrosis_probability: float = 0.35
     necrosis_hu: tuple[float, float] = (0.0, 20.0)
     necrosis_scale: tuple[float, float] = (0.35, 0.6)  # of the node's semi-axes
@@ -127,7 +129,7 @@ class PhantomConfig:
     annotator_bias_vox: tuple[float, float] = (-0.2, 0.4)  # per case (annotators tend to include the rim)
     # tissue HU (per study; contrast timing interpolates arterial -> portal venous)
     air_hu: float = -1000.0
-    contrast_timing: tuple[float, float] = (0.0, 1.0)  # 0 late arterial .. 1 portal venous; > 1 delayed (vessels fade)
+    contrast_timing: tuple = (0.0, 1.0)  # 0 late arterial .. 1 portal venous; > 1 delayed (vessels fade); union ok
     subcutaneous_fat_hu: tuple[float, float] = (-115.0, -95.0)
     visceral_fat_hu: tuple[float, float] = (-110.0, -88.0)
     muscle_hu: tuple[float, float] = (40.0, 60.0)
@@ -163,10 +165,20 @@ class PhantomConfig:
         unknown = sorted(set(overrides) - fields)
         if unknown:
             raise InputError(f"Unknown phantom setting(s) {', '.join(unknown)}; use fields of PhantomConfig such as noise_sigma_hu.")
-        return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in overrides.items()})
+        def frozen(value):  # JSON lists (a union's intervals too) back to tuples
+            return tuple(frozen(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+        return cls(**{key: frozen(value) for key, value in overrides.items()})
 
 
 NOISE_KERNELS = ("smooth", "sharp")
+
+
+def intervals(bounds) -> list[tuple[float, float]]:
+    """A range field as a list of (low, high) intervals: [(low, high)] for a plain range, the union's parts otherwise."""
+    if isinstance(bounds[0], (int, float, np.integer, np.floating)):
+        return [(float(bounds[0]), float(bounds[1]))]
+    return [(float(low), float(high)) for low, high in bounds]
 
 # Generator settings never used to train the bundled phantom model (trained on the defaults): other
 # slice thicknesses, noisier and sharper-kernel scanners with a wider PSF, delayed-phase contrast
@@ -183,6 +195,33 @@ PRESETS: dict[str, dict] = {
         "contrast_timing": (1.0, 1.6),  # beyond portal venous: the aorta fades (wider range below), medulla > cortex
         "aorta_hu": (100.0, 250.0),
         "node_texture_wavelength_mm": (1.5, 10.0),
+    },
+    # Domain randomisation for TRAINING cohorts (`phantoms --preset randomised`): wider than the
+    # defaults in everything a scanner and a patient change, but with holes wherever "unseen" draws,
+    # so that "unseen" stays a test of settings never used in training (Testing/test_phantoms.py
+    # checks the two are disjoint): unseen values lie in the holes (PSF, noise level and grain,
+    # contrast timing, node texture grain, slice thickness: interpolation between trained values) and
+    # the unseen aorta and arteries (85-115 HU after their delayed-phase fade) lie below every
+    # trained one (>= 120 HU). Shared by both: the two noise-kernel families (their grain, noise_correlation_px,
+    # is disjoint) and, at their default ranges, pixel size, tilt and the class signal (node sizes,
+    # shapes, HU, texture amplitude), which no preset changes. Fat, vessels, muscle, bowel fluid and
+    # oral contrast, which "unseen" leaves at their defaults, are widened around them.
+    "randomised": {
+        "slice_thickness_choices_mm": (0.8, 1.0, 1.25, 2.0, 2.5, 3.0, 5.0, 6.0),
+        "psf_sigma_mm": ((0.4, 1.15), (1.65, 2.2)),
+        "noise_sigma_hu": ((5.0, 19.5), (35.5, 50.0)),
+        "noise_correlation_px": ((0.3, 0.85), (1.35, 1.8)),
+        "noise_kernels": ("smooth", "sharp"),
+        "contrast_timing": ((0.0, 0.95), (1.65, 2.0)),
+        "aorta_hu": (135.0, 320.0),
+        "ivc_hu": (80.0, 170.0),
+        "liver_hu": (55.0, 100.0),
+        "visceral_fat_hu": (-125.0, -75.0),
+        "subcutaneous_fat_hu": (-125.0, -85.0),
+        "muscle_hu": (35.0, 65.0),
+        "bowel_fluid_hu": (-5.0, 35.0),
+        "oral_contrast_probability": 0.5,
+        "node_texture_wavelength_mm": ((0.8, 1.45), (10.5, 16.0)),
     },
 }
 

@@ -16,9 +16,23 @@ from .config import _lut, _OVER_FAT, _OVER_FAT_WALL, _T
 # small helpers
 
 
-def _u(rng: np.random.Generator, bounds: Sequence[float]) -> float:
+def _u(rng: np.random.Generator, bounds: Sequence) -> float:
+    """Uniform on (low, high), or on a union of disjoint intervals ((low, high), (low, high), ...) with
+    probability proportional to length (config.intervals); one draw either way, so a plain range keeps its stream."""
+    if not isinstance(bounds[0], (int, float, np.integer, np.floating)):
+        return _u_union(float(rng.random()), bounds)
     low, high = float(bounds[0]), float(bounds[1])
     return low + (high - low) * float(rng.random()) if high > low else low
+
+
+def _u_union(unit: float, intervals: Sequence[Sequence[float]]) -> float:
+    lengths = [float(high) - float(low) for low, high in intervals]
+    position = unit * sum(lengths)
+    for (low, high), length in zip(intervals, lengths):
+        if position <= length:
+            return float(low) + position
+        position -= length
+    return float(intervals[-1][1])
 
 
 def _rot_x(angle: float) -> np.ndarray:
