@@ -52,9 +52,13 @@ What a scanner and a patient change is a setting of `PhantomConfig`: slice thick
 size, PSF, noise level and grain, the reconstruction kernel's noise texture (`noise_kernels`:
 smooth low-pass or sharp band-pass), contrast timing (`contrast_timing`, > 1 = delayed phase),
 tissue HU ranges and the node texture (`node_texture_wavelength_mm`, `*_texture_hu`). Their defaults
-keep every random stream of earlier versions (same seed, same arrays). `PRESETS["unseen"]`
-(`phantoms --preset unseen`) holds settings the bundled model was never trained on, for testing
-whether a model learned the generator rather than the nodes.
+keep every random stream of earlier versions (same seed, same arrays). Presets (`phantoms --preset`):
+`unseen` is a TEST preset, settings never used for training (other slice thicknesses, noisier and
+sharper scanners with a wider PSF, delayed contrast, another node-texture grain), for testing
+whether a model learned the generator rather than the nodes; `randomised` is a TRAINING preset
+(domain randomisation): wider ranges of everything a scanner and a patient change, with holes
+wherever `unseen` draws (range fields may be unions of intervals, `config.intervals`), so a model
+trained on it has still never seen the `unseen` settings (Testing/test_phantoms.py checks this).
 
 Package layout, by what each part models: `config` (settings, tissue ids, results), `shapes`
 (geometry primitives and the targets they paint), `anatomy` (the patient's body, organs, vessels,
