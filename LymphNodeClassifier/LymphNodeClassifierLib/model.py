@@ -119,19 +119,20 @@ class CustomCNN(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    """ResNet basic block: conv-BN-ReLU-conv-BN + shortcut (1x1 conv-BN when the shape changes), ReLU."""
+    """ResNet basic block: conv-BN-ReLU-conv-BN + shortcut (1x1 conv-BN when the shape changes), ReLU; 2D, or 3D with `dims=3`."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, dims: int = 2):
         super().__init__()
-        self.conv1 = _conv3x3(in_channels, out_channels, stride, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_channels)
+        conv, norm = (nn.Conv2d, nn.BatchNorm2d) if dims == 2 else (nn.Conv3d, nn.BatchNorm3d)
+        self.conv1 = conv(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn1 = norm(out_channels)
         self.relu1 = nn.ReLU()
-        self.conv2 = _conv3x3(out_channels, out_channels, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.conv2 = conv(out_channels, out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn2 = norm(out_channels)
         if stride != 1 or in_channels != out_channels:
             self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False),
-                nn.BatchNorm2d(out_channels),
+                conv(in_channels, out_channels, kernel_size=1, stride=stride, bias=False),
+                norm(out_channels),
             )
         else:
             self.shortcut = nn.Identity()
@@ -152,19 +153,21 @@ class SmallResNet(nn.Module):
     dropout and the linear layer.
     """
 
-    def __init__(self, in_channels: int = 3, size: int = 64, dropout: float = 0.3):
+    def __init__(self, in_channels: int = 3, size: int = 64, dropout: float = 0.3, dims: int = 2, widths: tuple[int, int, int] = (32, 64, 128)):
         super().__init__()
         _check_shape_args(in_channels, size)
         self.architecture_name = "small_resnet"
         self.in_channels = in_channels
         self.size = size
-        self.stem = nn.Sequential(_conv3x3(in_channels, 32, stride=2, bias=False), nn.BatchNorm2d(32), nn.ReLU())
-        self.stages = nn.Sequential(BasicBlock(32, 32, 1), BasicBlock(32, 64, 2), BasicBlock(64, 128, 1))
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        conv, norm, pool = (nn.Conv2d, nn.BatchNorm2d, nn.AdaptiveAvgPool2d) if dims == 2 else (nn.Conv3d, nn.BatchNorm3d, nn.AdaptiveAvgPool3d)
+        w1, w2, w3 = widths
+        self.stem = nn.Sequential(conv(in_channels, w1, kernel_size=3, stride=2, padding=1, bias=False), norm(w1), nn.ReLU())
+        self.stages = nn.Sequential(BasicBlock(w1, w1, 1, dims), BasicBlock(w1, w2, 2, dims), BasicBlock(w2, w3, 1, dims))
+        self.pool = pool(1)
         self.dropout = nn.Dropout(dropout)
-        self.fc = nn.Linear(128, 1)
+        self.fc = nn.Linear(w3, 1)
         for module in self.modules():
-            if isinstance(module, nn.Conv2d):
+            if isinstance(module, (nn.Conv2d, nn.Conv3d)):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
 
     @torch.jit.export
@@ -188,65 +191,14 @@ class SmallResNet(nn.Module):
 # 3D architecture (views "volume": input (N, C, size, size, size), patches.py)
 
 
-class BasicBlock3d(nn.Module):
-    """BasicBlock with 3x3x3 convolutions: conv-BN-ReLU-conv-BN + shortcut, ReLU."""
-
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
-        super().__init__()
-        self.conv1 = nn.Conv3d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm3d(out_channels)
-        self.relu1 = nn.ReLU()
-        self.conv2 = nn.Conv3d(out_channels, out_channels, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm3d(out_channels)
-        if stride != 1 or in_channels != out_channels:
-            self.shortcut = nn.Sequential(nn.Conv3d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm3d(out_channels))
-        else:
-            self.shortcut = nn.Identity()
-        self.relu2 = nn.ReLU()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu1(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu2(out + self.shortcut(x))
-
-
-class SmallResNet3D(nn.Module):
-    """SmallResNet in 3D, at half its widths (a CPU budget: a 24^3 block costs about twice a 40^2 tri-planar patch).
-
-    Stem 3x3x3 conv 16 (stride 2) + BN + ReLU, blocks of 16 / 32 / 64 channels (strides 1, 2, 1),
-    global average pooling, dropout, linear -> 1 logit. ``features`` is the last block's output
-    (``size / 4`` voxels a side), so a Grad-CAM of it is a 3D map on the patch grid.
-    """
+class SmallResNet3D(SmallResNet):
+    """SmallResNet in 3D (3x3x3 convolutions) at half its widths, 16 / 32 / 64 channels: a CPU
+    budget (a 26^3 block costs about twice a 40^2 tri-planar patch). ``features`` is the last
+    block's output (``size / 4`` voxels a side), so a Grad-CAM of it would be a 3D map on the patch grid."""
 
     def __init__(self, in_channels: int = 2, size: int = 24, dropout: float = 0.3):
-        super().__init__()
-        _check_shape_args(in_channels, size)
+        super().__init__(in_channels, size, dropout, dims=3, widths=(16, 32, 64))
         self.architecture_name = "small_resnet3d"
-        self.in_channels = in_channels
-        self.size = size
-        self.stem = nn.Sequential(nn.Conv3d(in_channels, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm3d(16), nn.ReLU())
-        self.stages = nn.Sequential(BasicBlock3d(16, 16, 1), BasicBlock3d(16, 32, 2), BasicBlock3d(32, 64, 1))
-        self.pool = nn.AdaptiveAvgPool3d(1)
-        self.dropout = nn.Dropout(dropout)
-        self.fc = nn.Linear(64, 1)
-        for module in self.modules():
-            if isinstance(module, nn.Conv3d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-
-    @torch.jit.export
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.stages(self.stem(x))
-
-    @torch.jit.export
-    def head(self, feature_map: torch.Tensor) -> torch.Tensor:
-        pooled = torch.flatten(self.pool(feature_map), 1)
-        return self.fc(self.dropout(pooled))[:, 0]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
-
-    def feature_layer(self) -> nn.Module:
-        return self.stages[-1]
 
 
 VOLUME_ARCHITECTURES = ("small_resnet3d",)  # take views "volume" only; the 2D ones take every other view mode
