@@ -94,10 +94,9 @@ def child_main(argv) -> int:
     if args.what == "classify":
         timer = StageTimer()
         start = time.perf_counter()
-        with timer.stage("model"):
-            model = load_model(args.model, "cpu")
-        classify_case_files(args.ct, args.labels, args.out, model, "bench", with_gradcam=not args.no_gradcam, with_report=False,
-                            timer=timer, note=lambda text: None)
+        # as `classify --ct` runs it: the model loads while the CT and label map are read (in a thread)
+        classify_case_files(args.ct, args.labels, args.out, lambda: load_model(args.model, "cpu"), "bench", with_gradcam=not args.no_gradcam,
+                            with_report=False, timer=timer, note=lambda text: None)
         out.update(classify_s=time.perf_counter() - start, stages=timer.seconds)
     else:
         batch = np.load(args.batch)

@@ -21,7 +21,8 @@ import SimpleITK as sitk
 from scipy.spatial import ConvexHull, QhullError
 
 from .errors import InputError
-from .geometry import INTEGER_PIXEL_TYPES, direction_matrix, lps_to_ras, physical_points_of_indices
+from .geometry import (INTEGER_PIXEL_TYPES, continuous_indices_of_physical_points, direction_matrix, index_to_physical_matrix, lps_to_ras,
+                       physical_points_of_indices)
 
 # The k axis counts as the patient's superior axis when its direction cosine is this close to +-1.
 _AXIAL_COSINE_TOLERANCE = 1e-6
@@ -69,12 +70,24 @@ def extract_nodes(label_image: sitk.Image, per_label_value: bool = False) -> tup
 
     The component image is UInt16 (UInt32 beyond 65535 nodes) on the label's grid, 0 outside nodes.
     """
+    nodes, component_crop = extract_nodes_cropped(label_image, per_label_value)
+    return nodes, components_on_grid(component_crop, label_image)
+
+
+def extract_nodes_cropped(label_image: sitk.Image, per_label_value: bool = False) -> tuple[list[NodeInfo], sitk.Image]:
+    """`extract_nodes` without the full-grid component image: the node ids on the smallest sub-grid
+    of the label's grid that holds every node (a slice of it, so the same physical voxels; the whole
+    grid when the label map is empty). The nodes' `bbox_index` and edge flags refer to the full grid.
+
+    A new full-size image costs one pass over fresh memory (~40 ms on 512x512x110, more under load);
+    patches and the segmentation file need only the nodes' region (`components_on_grid` makes the rest).
+    """
     if label_image.GetDimension() != 3 or label_image.GetPixelID() not in INTEGER_PIXEL_TYPES:
         raise InputError(
             "The label volume must be a 3D integer label map; check it with geometry.prepare_label_image first."
         )
-    # Nodes fill a tiny part of a clinical CT: label the bounding box of the foreground only, then put
-    # the result back on the full grid (connected components over 512x512x110 voxels cost ~0.3 s).
+    # Nodes fill a tiny part of a clinical CT: label the bounding box of the foreground only
+    # (connected components over 512x512x110 voxels cost ~0.3 s).
     # Two max-projections find the occupied slices, rows and columns: half the time of a boolean
     # volume and three any() passes (~12 vs ~23 ms on 512x512x110). Signed maps: non-zero, not > 0.
     values = sitk.GetArrayViewFromImage(label_image)
@@ -92,18 +105,39 @@ def extract_nodes(label_image: sitk.Image, per_label_value: bool = False) -> tup
         return _extract_nodes_on_grid(label_image, per_label_value)
     cropped = label_image[start[0] : stop[0], start[1] : stop[1], start[2] : stop[2]]
     nodes, cropped_components = _extract_nodes_on_grid(cropped, per_label_value)
-    # numpy, not sitk.Paste: pasting into a 512x512x110 image took ~0.3 s, this ~0.03 s
-    component_array = np.zeros(full_size[::-1], dtype=sitk.GetArrayViewFromImage(cropped_components).dtype)
-    component_array[start[2] : stop[2], start[1] : stop[1], start[0] : stop[0]] = sitk.GetArrayViewFromImage(cropped_components)
-    component_image = sitk.GetImageFromArray(component_array)
-    component_image.CopyInformation(label_image)
     shifted = []
     for node in nodes:
         i0, j0, k0, i1, j1, k1 = node.bbox_index
         bbox = (i0 + start[0], j0 + start[1], k0 + start[2], i1 + start[0], j1 + start[1], k1 + start[2])
         touches_edge = min(bbox[:3]) == 0 or any(bbox[3 + axis] == full_size[axis] - 1 for axis in range(3))
         shifted.append(replace(node, bbox_index=bbox, touches_edge=bool(touches_edge)))
-    return shifted, component_image
+    return shifted, cropped_components
+
+
+def crop_start_index(crop: sitk.Image, grid: sitk.Image) -> tuple[int, int, int]:
+    """The (i, j, k) index of `grid` at `crop`'s first voxel; `crop` must be a sub-grid of `grid` (a slice of it)."""
+    start = np.rint(continuous_indices_of_physical_points(grid, np.asarray(crop.GetOrigin(), dtype=np.float64)))
+    start = [int(v) for v in start]
+    stop = [a + n for a, n in zip(start, crop.GetSize())]
+    if (min(start) < 0 or any(b > n for b, n in zip(stop, grid.GetSize()))
+            or not np.allclose(crop.GetSpacing(), grid.GetSpacing()) or not np.allclose(crop.GetDirection(), grid.GetDirection())):
+        raise ValueError("the component crop is not a sub-grid of the label's grid")
+    return start[0], start[1], start[2]
+
+
+def components_on_grid(component_crop: sitk.Image, grid: sitk.Image) -> sitk.Image:
+    """The component image of `extract_nodes_cropped` put back on the full grid of `grid` (0 elsewhere)."""
+    if component_crop.GetSize() == grid.GetSize():
+        return component_crop
+    i, j, k = crop_start_index(component_crop, grid)
+    size_i, size_j, size_k = component_crop.GetSize()
+    # numpy, not sitk.Paste: pasting into a 512x512x110 image took ~0.3 s, this ~0.03 s
+    crop_array = sitk.GetArrayViewFromImage(component_crop)
+    component_array = np.zeros(grid.GetSize()[::-1], dtype=crop_array.dtype)
+    component_array[k : k + size_k, j : j + size_j, i : i + size_i] = crop_array
+    component_image = sitk.GetImageFromArray(component_array)
+    component_image.CopyInformation(grid)
+    return component_image
 
 
 def _extract_nodes_on_grid(label_image: sitk.Image, per_label_value: bool) -> tuple[list[NodeInfo], sitk.Image]:
@@ -230,10 +264,12 @@ def _axes_on_axial_slices(image: sitk.Image, mask: np.ndarray, crop_start_ijk: t
     """Measure every k slice (patient-axial by assumption) and keep the one with the longest long axis."""
     i0, j0, k0 = crop_start_ijk
     best = AxialAxes()
+    matrix = index_to_physical_matrix(image)  # once per node, not per slice (physical_points_of_indices' arithmetic)
+    linear, offset = matrix[:3, :3].T, matrix[:3, 3]
     for k in np.flatnonzero(mask.any(axis=(1, 2))):
         faces_ij = _boundary_face_points(mask[k]) + (i0, j0)
         faces_ijk = np.column_stack([faces_ij, np.full(len(faces_ij), float(k0 + k))])
-        faces_lps = physical_points_of_indices(image, faces_ijk)  # one z: the slice is axial
+        faces_lps = faces_ijk @ linear + offset  # one z: the slice is axial
         # A slice whose bounding-box diagonal (>= its largest diameter) falls short of the best so far
         # cannot replace it under the rule below: skip its hull (same result, ~half the slices).
         if np.hypot(*np.ptp(faces_lps[:, :2], axis=0)) < best.long_axis_mm - 1e-9:
@@ -294,7 +330,7 @@ def _feret_axes(points_xy: np.ndarray) -> tuple[float, float, np.ndarray, np.nda
     # the long axis, so its maximum lies at the offset of a vertex: intersect each such line with
     # every polygon edge.
     along, across = hull @ axis, hull @ perpendicular
-    next_along, next_across = np.roll(along, -1), np.roll(across, -1)
+    next_along, next_across = np.concatenate((along[1:], along[:1])), np.concatenate((across[1:], across[:1]))  # np.roll(-1), cheaper
     offsets = along[:, None]  # one candidate line per vertex
     span = next_along - along
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -19,7 +19,7 @@ from .errors import CancelledError
 from .gradcam import cam_to_volume, gradcam, label_cam_volume
 from .inference import predict
 from .model import LoadedModel
-from .nodes import NodeInfo, extract_nodes
+from .nodes import NodeInfo, components_on_grid, extract_nodes_cropped
 from .patches import DEFAULT_FOV_MARGIN, DEFAULT_STACK_OFFSET_MM, NodePatch, PatchSpec, extract_patches
 from .validate import InputPolicy, check_ct, labels_on_ct, node_warnings
 
@@ -33,12 +33,22 @@ class ClassificationResult:
     probabilities: np.ndarray
     predictions: np.ndarray
     decision_threshold: float
-    component_image: sitk.Image
+    component_crop: sitk.Image  # each node's node_id on the nodes' region of the CT grid (nodes.extract_nodes_cropped)
+    grid: sitk.Image  # the CT: the grid `component_image` is on
     cams: np.ndarray | None = None
     cam_volume: sitk.Image | None = None
     cam_classes: np.ndarray | None = None  # per node, the class its Grad-CAM map explains (1 metastatic, 0 benign; gradcam.CLASS_NAMES)
     messages: list[str] = field(default_factory=list)  # notes on the case (e.g. how the label map was resampled)
     warnings: list[list[str]] = field(default_factory=list)  # per node (same order as nodes): reasons not to trust its probability
+    _component_image: sitk.Image | None = field(default=None, init=False, repr=False)
+
+    @property
+    def component_image(self) -> sitk.Image:
+        """Each node's node_id on the CT's whole voxel grid, built on first use: classifying and the
+        output files need only `component_crop`, and a full-size image costs ~40 ms of fresh memory."""
+        if self._component_image is None:
+            self._component_image = components_on_grid(self.component_crop, self.grid)
+        return self._component_image
 
 
 class StageTimer:
@@ -53,7 +63,10 @@ class StageTimer:
         try:
             yield
         finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            self.add(name, time.perf_counter() - start)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
 
 
 def patch_spec_from_card(card: dict) -> PatchSpec:
@@ -108,11 +121,11 @@ def classify_images(
         check_ct(ct, policy=policy)
         labels_image, notes = labels_on_ct(ct, labels, policy=policy)
         messages.extend(notes)
-        nodes, component_image = extract_nodes(labels_image, per_label_value=per_label_value)
+        nodes, component_crop = extract_nodes_cropped(labels_image, per_label_value=per_label_value)
 
     checkpoint(0.2, f"Cropping {len(nodes)} node patches")
     with timer.stage("patches"):
-        patches = extract_patches(ct, component_image, nodes, patch_spec_from_card(model.card), window_from_card(model.card))
+        patches = extract_patches(ct, component_crop, nodes, patch_spec_from_card(model.card), window_from_card(model.card))
         batch = np.stack([patch.image for patch in patches]).astype(np.float32)
     grown = [patch.node.node_id for patch in patches if patch.fov_grown]
     if grown:
@@ -146,7 +159,8 @@ def classify_images(
         probabilities=probabilities,
         predictions=predictions,
         decision_threshold=threshold,
-        component_image=component_image,
+        component_crop=component_crop,
+        grid=ct,
         cams=cams,
         cam_volume=cam_volume,
         cam_classes=cam_classes,

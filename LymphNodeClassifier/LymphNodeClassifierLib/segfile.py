@@ -15,7 +15,7 @@ import slicerio
 
 from .fileio import atomic_path
 from .geometry import index_to_physical_matrix
-from .nodes import NodeInfo
+from .nodes import NodeInfo, crop_start_index
 
 PROBABILITY_TAG = "LymphNodeClassifier.probability"
 NODE_ID_TAG = "LymphNodeClassifier.nodeId"
@@ -47,12 +47,17 @@ def write_segmentation_file(
     component_image: sitk.Image,
     nodes: Sequence[NodeInfo],
     probabilities: Sequence[float],
+    grid: sitk.Image | None = None,
 ) -> None:
-    """One segment per node (label value = node_id), named and coloured by probability, written atomically."""
+    """One segment per node (label value = node_id), named and coloured by probability, written atomically.
+
+    `component_image` is on the grid of the nodes' `bbox_index` or, given that grid as `grid`, on a
+    sub-grid of it (`nodes.extract_nodes_cropped`)."""
     if nodes:  # only the nodes' bounding box, which Slicer places by its own origin: the whole CT grid
         # cost a transpose, a copy and the compression of every voxel (~0.5-0.8 s on a 512x512x110 CT)
         boxes = np.array([node.bbox_index for node in nodes], dtype=np.int64)
-        lower, upper = boxes[:, :3].min(axis=0), boxes[:, 3:].max(axis=0) + 1
+        offset = np.zeros(3, dtype=np.int64) if grid is None else np.array(crop_start_index(component_image, grid), dtype=np.int64)
+        lower, upper = boxes[:, :3].min(axis=0) - offset, boxes[:, 3:].max(axis=0) + 1 - offset
         component_image = component_image[int(lower[0]):int(upper[0]), int(lower[1]):int(upper[1]), int(lower[2]):int(upper[2])]
     # slicerio takes voxels in (i, j, k) order with an IJK->LPS matrix; SimpleITK arrays are (k, j, i).
     voxels = np.ascontiguousarray(sitk.GetArrayFromImage(component_image).transpose(2, 1, 0))
@@ -77,4 +82,5 @@ def write_segmentation_file(
             }
         )
     with atomic_path(path) as temporary:
-        slicerio.write_segmentation(str(temporary), segmentation)
+        # zlib level 1, not slicerio's 9: the same gzip NRRD, ~4x faster to write (10 nodes: 6 vs 30 ms, 10 vs 7 KB)
+        slicerio.write_segmentation(str(temporary), segmentation, compression_level=1)

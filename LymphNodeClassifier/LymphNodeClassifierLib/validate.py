@@ -10,6 +10,8 @@
 - `labels_on_ct(ct, labels, source, policy)`: the label map checked and brought onto the CT grid
   by the geometry policy of `geometry.prepare_label_image` (docs/ARCHITECTURE.md).
 - `read_case(ct_path, labels_path, policy)`: the three above in order, as every command runs them.
+- `read_ct_and_labels(ct_path, labels_path, series_uid, meanwhile)`: both reads in one background
+  thread while `meanwhile()` (loading the model) runs on the calling one.
 - `node_warnings(...)`: per node, what a radiologist should know before trusting the probability:
   a size no single lymph node has, a node smaller than the model can see, and a node or patch
   outside the training data the model card describes (`experience`).
@@ -23,15 +25,21 @@ import argparse
 import gzip
 import os
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
 from .geometry import check_ct_image, prepare_label_image
+
+try:  # ISA-L's CRC-32 / Adler-32: the same values as zlib's, ~5x faster (a 512x512x110 CT: ~10 vs ~35-55 ms)
+    from isal.isal_zlib import adler32 as _adler32, crc32 as _crc32
+except ImportError:  # optional: zlib's give the same verdict
+    from zlib import adler32 as _adler32, crc32 as _crc32
 
 # A CT in HU has air (-1000) or lung (-900..-500) somewhere; a CT stored without its rescale
 # intercept (HU + 1024) or an MR image has no voxel in this range.
@@ -124,6 +132,30 @@ def read_image(path: str | os.PathLike, what: str = "CT", series_uid: str | None
     return image
 
 
+Meanwhile = TypeVar("Meanwhile")
+
+
+def read_ct_and_labels(
+    ct_path: str | os.PathLike, labels_path: str | os.PathLike, series_uid: str | None = None,
+    meanwhile: Callable[[], Meanwhile] | None = None,
+) -> tuple[sitk.Image, sitk.Image, Meanwhile | None]:
+    """`read_image` of the CT, then of the label map, and the result of `meanwhile()`.
+
+    With `meanwhile` (e.g. loading the model), the two reads run in one background thread while it
+    runs on this one: ITK's readers and the checksums release the GIL, so on a second core the
+    reads cost no extra time. One reader thread, never two: some of ITK's image readers are not
+    safe to run concurrently (SimpleITK issue #74). Errors come as in the sequential order
+    `meanwhile()`, CT, label map: `meanwhile`'s first, then the CT's (the label map is then not read).
+    """
+    if meanwhile is None:
+        return read_image(ct_path, "CT", series_uid), read_image(labels_path, "label"), None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-case") as pool:
+        images = pool.submit(lambda: (read_image(ct_path, "CT", series_uid), read_image(labels_path, "label")))
+        result = meanwhile()
+        ct, labels = images.result()
+    return ct, labels, result
+
+
 @dataclass(frozen=True)
 class _StoredChecksum:
     """What a compressed file's trailer says its whole uncompressed stream was (gzip: CRC-32 and
@@ -139,8 +171,8 @@ class _StoredChecksum:
         if not voxels.flags.c_contiguous:
             return False
         if self.adler32:
-            return zlib.adler32(voxels, zlib.adler32(self.prefix)) == self.value
-        return (len(self.prefix) + voxels.nbytes) % (1 << 32) == self.length and zlib.crc32(voxels, zlib.crc32(self.prefix)) == self.value
+            return _adler32(voxels, _adler32(self.prefix)) == self.value
+        return (len(self.prefix) + voxels.nbytes) % (1 << 32) == self.length and _crc32(voxels, _crc32(self.prefix)) == self.value
 
 
 def _stored_checksum(path: Path) -> _StoredChecksum | None:
