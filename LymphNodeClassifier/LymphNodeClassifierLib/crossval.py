@@ -54,7 +54,9 @@ from .fileio import atomic_path, atomic_write_json, atomic_write_text, check_wri
 from .metrics import METRIC_NAMES, binary_metrics, bootstrap_ci, calibration, group_members, json_safe, parse_threshold_rule, plot_reliability, rank_auc, roc_points
 from .patchset import PatchSet
 from .patches import VIEW_MODES
-from .training import ARCHITECTURE_NAMES, TrainingConfig, _one_fold, check_exportable, train
+from .training import ARCHITECTURE_NAMES, TrainingConfig, _one_fold, _threads, check_exportable, choose_threshold, train
+from .inference import eager_logits
+from .model import TTA_MODES, check_tta_fits_training
 from .training import assign_folds as training_assign_folds
 from .validate import InputPolicy, add_input_options
 
@@ -196,6 +198,7 @@ class CrossValResult:
     metrics: dict
     folds: list[dict] = field(default_factory=list)  # per fold: sizes, best epoch, threshold, AUC, seconds
     seconds: float = 0.0
+    member_logits: dict = field(default_factory=dict)  # --ensemble / --tta: TTA mode -> (members, N) OOF logits
 
     @property
     def prediction(self) -> np.ndarray:
@@ -223,14 +226,30 @@ def cross_validate(
     n_boot: int = 1000,
     on_event: Callable[[dict], None] | None = None,
     is_cancelled: Callable[[], bool] | None = None,
+    ensemble: int = 1,
+    tta: str = "none",
 ) -> CrossValResult:
     """k-fold patient-grouped cross-validation of `config` on `patchset` (module docstring).
 
     `seed` (default: the config's) seeds the folds; fold k's training uses seed + k. Events of
-    each fold's `train` come to `on_event` with a `"fold"` key added.
+    each fold's `train` come to `on_event` with a `"fold"` key added (and `"member"` with
+    `ensemble` > 1).
+
+    `ensemble` K > 1: every fold trains K members on the same split (member m: seed + k +
+    ENSEMBLE_SEED_STRIDE m, member 0 the single model), and the fold's held-out part gets the
+    mean of their logits: an honest OOF estimate of a K-seed ensemble. `tta`: the held-out and
+    the inner validation parts are predicted with that test-time augmentation (model.TTA_MODES;
+    early stopping still reads the plain validation loss). The threshold is then chosen on the
+    inner validation part's combined probabilities. With either, `metrics["ensemble_tta"]` also
+    scores every member count (1, K) with every TTA mode from the same runs, and
+    `member_logits` holds each member's OOF logits per TTA mode.
     """
     started = time.perf_counter()
     seed = config.seed if seed is None else int(seed)
+    ensemble = check_ensemble_size(ensemble)
+    tta = check_tta_fits_training(tta, config.flips, config.rotation_degrees)
+    combine = ensemble > 1 or tta != "none"
+    member_logits = {mode: np.full((ensemble, patchset.y.size), np.nan, dtype=np.float32) for mode in TTA_MODES} if combine else {}
     if not 0.0 < float(inner_val_fraction) < 1.0:
         raise InputError(f"The inner validation fraction must lie between 0 and 1, got {inner_val_fraction!r}; use e.g. 0.2.")
     y = np.asarray(patchset.y, dtype=np.int64)
@@ -245,26 +264,116 @@ def cross_validate(
         validation = _one_fold(rest, y, groups, float(inner_val_fraction), seed + 1000 + k)
         train_idx = np.setdiff1d(rest, validation)
         assert not set(groups[test]) & set(groups[rest]), "a patient in two folds"
-        fold_config = replace(config, seed=config.seed + k)
-        forward = None if on_event is None else (lambda event, k=k: on_event({**event, "fold": k}))
-        result = train(patchset, fold_config, on_event=forward, is_cancelled=is_cancelled, splits=(train_idx, validation, test))
-        probability[test] = result.probabilities["test"]
-        threshold[test] = result.decision_threshold
-        fold_info.append(json_safe({
+        members = []
+        for m in range(ensemble):
+            fold_config = replace(config, seed=member_seed(config.seed + k, m))
+            extra = {"fold": k} if ensemble == 1 else {"fold": k, "member": m}
+            forward = None if on_event is None else (lambda event, extra=extra: on_event({**event, **extra}))
+            members.append(train(patchset, fold_config, on_event=forward, is_cancelled=is_cancelled, splits=(train_idx, validation, test)))
+        result = members[0]
+        if not combine:
+            probability[test] = result.probabilities["test"]
+            threshold[test] = result.decision_threshold
+            fold_threshold, fold_validation_auc = result.decision_threshold, result.metrics["validation"]["auc"]
+        else:
+            validation_logits = np.zeros((ensemble, validation.size), dtype=np.float32)
+            parts = np.concatenate([validation, test])
+            with _threads(config.num_threads):
+                for mode in TTA_MODES:
+                    for m, member in enumerate(members):
+                        logits = eager_logits(member.model, patchset.x[parts], mode)
+                        member_logits[mode][m, test] = logits[validation.size:]  # only the held-out part: OOF
+                        if mode == tta:
+                            validation_logits[m] = logits[:validation.size]
+            validation_probability = _sigmoid(validation_logits.astype(np.float64).mean(axis=0))
+            probability[test] = _sigmoid(member_logits[tta][:, test].astype(np.float64).mean(axis=0))
+            fold_threshold, _ = choose_threshold(y[validation], validation_probability, config.threshold_rule)
+            threshold[test] = fold_threshold
+            fold_validation_auc = _auc(y[validation], validation_probability)
+        info = {
             "fold": k, "train_nodes": int(train_idx.size), "validation_nodes": int(validation.size), "test_nodes": int(test.size),
             "test_patients": int(len(set(groups[test].tolist()))), "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
-            "threshold": result.decision_threshold, "validation_auc": result.metrics["validation"]["auc"],
-            "test_auc": _auc(y[test], probability[test]), "seconds": round(result.seconds, 1),
-        }))
+            "threshold": fold_threshold, "validation_auc": fold_validation_auc,
+            "test_auc": _auc(y[test], probability[test]), "seconds": round(sum(r.seconds for r in members), 1),
+        }
+        if ensemble > 1:
+            info["members"] = [
+                {"seed": r.config.seed, "best_epoch": r.best_epoch, "epochs_run": r.epochs_run, "test_auc": _auc(y[test], r.probabilities["test"]),
+                 "seconds": round(r.seconds, 1)}
+                for r in members
+            ]
+        fold_info.append(json_safe(info))
     prediction = (probability >= threshold).astype(np.int64)
     metrics = cv_metrics(y, probability, prediction, fold_of, groups, patchset.short_axis_mm, patchset.long_axis_mm, n_boot=n_boot, seed=seed,
                          threshold_rule=config.threshold_rule)
     metrics["fold_details"] = fold_info
+    if combine:
+        metrics["ensemble_tta"] = ensemble_tta_variants(y, groups, np.asarray(patchset.long_axis_mm, dtype=np.float64), member_logits, ensemble, tta,
+                                                        n_boot, seed)
     metrics["inner_val_fraction"] = float(inner_val_fraction)
     metrics["config"] = config.to_dict()
     metrics["dataset"] = patchset.summary()
     return CrossValResult(patchset=patchset, config=config, fold=fold_of, probability=probability, threshold=threshold,
-                          metrics=metrics, folds=fold_info, seconds=time.perf_counter() - started)
+                          metrics=metrics, folds=fold_info, seconds=time.perf_counter() - started, member_logits=member_logits)
+
+
+# --------------------------------------------------------------------------------------------
+# ensembles and test-time augmentation (--ensemble K, --tta MODE)
+
+ENSEMBLE_SEED_STRIDE = 100  # member m of a run with seed s trains with seed s + 100 m (member 0: the single model's seed)
+
+
+def member_seed(seed: int, member: int) -> int:
+    return int(seed) + ENSEMBLE_SEED_STRIDE * int(member)
+
+
+def check_ensemble_size(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= 20:
+        raise InputError(f"The ensemble size must be an integer from 1 to 20, got {value!r}; use e.g. 3 (1: a single model).")
+    return int(value)
+
+
+def _sigmoid(logits: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-logits))
+
+
+def ensemble_tta_variants(y: np.ndarray, groups: np.ndarray, long_axis_mm: np.ndarray, member_logits: dict[str, np.ndarray], ensemble: int,
+                          tta: str, n_boot: int, seed: int) -> dict:
+    """Every (members, TTA mode) combination scored from the same fold runs: OOF AUC with its
+    patient-bootstrap CI, the paired difference to the long axis and to the single model without
+    TTA (member 0, the plain run), Brier and ECE. Nothing here is chosen: the run's own choice is
+    `members` / `tta`."""
+    single = _sigmoid(member_logits["none"][0].astype(np.float64))
+    variants = []
+    for count in sorted({1, ensemble}):
+        for mode, logits in member_logits.items():
+            p = _sigmoid(logits[:count].astype(np.float64).mean(axis=0))
+            row = {"members": count, "tta": mode, "auc": _auc(y, p)}
+            if n_boot:
+                row["auc_ci95"] = list(bootstrap_ci(y, p, 0.5, n_boot=n_boot, seed=seed, groups=groups)["auc"])
+                row["minus_long_axis"] = paired_auc_difference(y, p, long_axis_mm, groups, n_boot, seed)
+                if (count, mode) != (1, "none"):
+                    row["minus_single_no_tta"] = paired_auc_difference(y, p, single, groups, n_boot, seed)
+            cal = calibration(y, p)
+            row["brier"], row["ece"] = cal["brier"], cal["ece"]
+            variants.append(row)
+    return json_safe({
+        "members": ensemble, "tta": tta, "member_seeds": f"fold k, member m: seed + k + {ENSEMBLE_SEED_STRIDE} m",
+        "combination": "mean of the members' logits (each averaged over its TTA copies), then the sigmoid",
+        "variants": variants,
+    })
+
+
+def member_logits_csv(result: "CrossValResult") -> str:
+    """One row per node and member: its OOF logit under every TTA mode (member_logits.csv)."""
+    ps = result.patchset
+    rows = []
+    for m in range(next(iter(result.member_logits.values())).shape[0]):
+        for i in range(len(ps)):
+            row = {"case_id": str(ps.case_ids[i]), "patient_id": str(ps.patient_ids[i]), "fold": int(result.fold[i]), "member": m, "label": int(ps.y[i])}
+            row.update({f"logit_{mode}": float(logits[m, i]) for mode, logits in result.member_logits.items()})
+            rows.append(row)
+    return csv_text(rows, ("case_id", "patient_id", "fold", "member", "label", *(f"logit_{mode}" for mode in result.member_logits)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -333,6 +442,8 @@ def write_crossval(result: CrossValResult, out_dir: str | os.PathLike, title: st
     plot_roc(result, paths["roc.png"], title)
     plot_reliability([("CNN (out-of-fold)", result.patchset.y, result.probability)], paths["reliability.png"],
                      f"{title + chr(10) if title else ''}reliability of the pooled out-of-fold probabilities")
+    if result.member_logits:
+        atomic_write_text(out_dir / "member_logits.csv", member_logits_csv(result))
     atomic_write_json(paths["metrics.json"], {**result.metrics, "seconds": round(result.seconds, 1)})
     return paths
 
@@ -350,31 +461,60 @@ def card_summary(metrics: dict) -> dict:
     return json_safe(out)
 
 
-def train_final_model(patchset: PatchSet, config: TrainingConfig, inner_val_fraction: float = 0.2, on_event=None):
+def train_final_model(patchset: PatchSet, config: TrainingConfig, inner_val_fraction: float = 0.2, on_event=None, member: int = 0):
     """`training.train` on every node of `patchset`: a patient-level inner validation part (early
-    stopping and threshold only), no test part."""
+    stopping and threshold only), no test part. `member` m of an ensemble trains with seed +
+    ENSEMBLE_SEED_STRIDE m on the same split."""
     y = np.asarray(patchset.y, dtype=np.int64)
     groups = np.asarray(patchset.patient_ids).astype(str)
     everything = np.arange(y.size)
     validation = _one_fold(everything, y, groups, float(inner_val_fraction), config.seed + 1)
     train_idx = np.setdiff1d(everything, validation)
-    return train(patchset, config, on_event=on_event, splits=(train_idx, validation, np.zeros(0, dtype=np.int64)))
+    member_config = replace(config, seed=member_seed(config.seed, member))
+    return train(patchset, member_config, on_event=on_event, splits=(train_idx, validation, np.zeros(0, dtype=np.int64)))
 
 
 def export_final_model(result, patchset: PatchSet, config: TrainingConfig, path: str | os.PathLike, command: str,
                        cv_metrics_block: dict, name: str, description: str, label_definition: str | None = None,
-                       model_version: str = "1.0.0") -> Path:
-    """Write the whole-set model with its card: cross-validated metrics under metrics.cross_validation."""
-    from .model import export_torchscript, validate_card
-    from .training import build_card
+                       model_version: str = "1.0.0", members: Sequence = (), tta: str = "none") -> Path:
+    """Write the whole-set model with its card: cross-validated metrics under metrics.cross_validation.
+
+    `members` (the results of `train_final_model` for members 0..K-1, `result` first) make the
+    archive a `model.Ensemble`; `tta` is written as the card's `preprocessing.tta`. Either way the
+    threshold is chosen again on the inner validation part, predicted the way the file predicts."""
+    from .model import Ensemble, export_torchscript, validate_card
+    from .training import build_card, evaluate
 
     card = build_card(result, patchset.summary(), config, command, None, model_version=model_version, name=name, description=description)
     card["metrics"]["cross_validation"] = card_summary(cv_metrics_block)
+    network, threshold = result.model, result.decision_threshold
+    members = list(members) or [result]
+    if len(members) > 1 or tta != "none":
+        network = Ensemble([member.model for member in members]) if len(members) > 1 else result.model
+        validation = result.splits["validation"]
+        with _threads(config.num_threads):
+            validation_probability = _sigmoid(eager_logits(network, patchset.x[validation], tta).astype(np.float64))
+        threshold, method = choose_threshold(patchset.y[validation], validation_probability, config.threshold_rule)
+        card["decision_threshold"] = threshold
+        card["training"]["threshold_method"] = method
+        card["metrics"]["validation"] = evaluate(validation_probability, patchset.subset(validation), threshold, seed=config.seed)
+        card["preprocessing"]["tta"] = tta
+        if len(members) > 1:
+            card["architecture"]["ensemble"] = {
+                "members": len(members), "combination": "mean of the members' logits", "seeds": [m.config.seed for m in members],
+                "best_epochs": [m.best_epoch for m in members],
+                "oof_estimate": "crossval --ensemble K: every fold trains K seeds and predicts its held-out part by their mean",
+            }
     # resubstitution on every training node: optimistic, not a performance estimate; recorded so
     # that re-evaluating the shipped model on the same data can be checked against the card
-    from .training import predict_probabilities
+    if network is result.model and tta == "none":
+        from .training import predict_probabilities
 
-    whole = binary_metrics(patchset.y, predict_probabilities(result.model, patchset.x), result.decision_threshold)
+        whole_probability = predict_probabilities(result.model, patchset.x)
+    else:
+        with _threads(config.num_threads):
+            whole_probability = _sigmoid(eager_logits(network, patchset.x, tta).astype(np.float64))
+    whole = binary_metrics(patchset.y, whole_probability, threshold)
     card["metrics"]["training_set"] = json_safe({
         **{key: whole[key] for key in ("n", "n_positive", "threshold", "auc", "accuracy", "sensitivity", "specificity")},
         "note": "the shipped model on its own training nodes (resubstitution, optimistic): a reproducibility check, not a performance estimate",
@@ -386,7 +526,7 @@ def export_final_model(result, patchset: PatchSet, config: TrainingConfig, path:
     split["inner_val_fraction"] = float(cv_metrics_block.get("inner_val_fraction", math.nan))
     if label_definition:
         card["label_definition"] = label_definition
-    return export_torchscript(result.model, validate_card(card), path)
+    return export_torchscript(network, validate_card(card), path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -427,6 +567,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--cache", default=None, help="folder for cached patch arrays")
     p.add_argument("--export-model", default=None, metavar="MODEL.pt", help="then train on the whole set and write this model with the CV metrics in its card")
+    p.add_argument("--ensemble", type=int, default=1, metavar="K",
+                   help="K seeds per fold, each fold's held-out part predicted by their mean logit; with --export-model, K seeds on all nodes in one archive")
+    p.add_argument("--tta", default="none", choices=list(TTA_MODES), help="test-time augmentation of the held-out parts, recorded in the exported card")
     p.add_argument("--name", default="LymphNodeClassifier model")
     p.add_argument("--description", default="")
     p.add_argument("--label-definition", default=None)
@@ -460,6 +603,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = config_from_args(args)
     check_writable_folder(args.out)  # before any work: a bad output place must not cost the folds
+    check_ensemble_size(args.ensemble)
+    check_tta_fits_training(args.tta, config.flips, config.rotation_degrees)
     if args.export_model:
         check_exportable(config)
         check_writable_file(args.export_model, "--export-model")
@@ -475,7 +620,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"fold {event.get('fold', 'all')}: best epoch {event['best_epoch']} of {event['epochs_run']}, "
                   f"test AUC {_f(event.get('test_auc'))}", flush=True)
 
-    result = cross_validate(patchset, config, args.folds, args.seed, args.inner_val, args.bootstrap, on_event=show)
+    result = cross_validate(patchset, config, args.folds, args.seed, args.inner_val, args.bootstrap, on_event=show, ensemble=args.ensemble, tta=args.tta)
     result.metrics["command"] = command
     write_crossval(result, args.out, title=f"{dataset.name}: {config.model_name}, {config.views}, window {config.window[0]:g}..{config.window[1]:g} HU")
     m = result.metrics
@@ -486,10 +631,15 @@ def main(argv: Sequence[str] | None = None) -> int:
               + f"  acc {_f(block['accuracy'])}  sens {_f(block['sensitivity'])}  spec {_f(block['specificity'])}")
     cal = m["calibration"]
     print(f"calibration (pooled OOF): Brier {_f(cal['brier'])}  ECE {_f(cal['ece'])} ({cal['n_bins']} bins); threshold rule {m['threshold_rule']}", flush=True)
+    for row in m.get("ensemble_tta", {}).get("variants", []):
+        ci = row.get("auc_ci95")
+        print(f"members {row['members']} tta {row['tta']:<12} OOF AUC {_f(row['auc'])}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+              + f"  Brier {_f(row['brier'])}  ECE {_f(row['ece'])}", flush=True)
     print(f"per-fold AUC: {', '.join(_f(v) for v in m['per_fold_auc'])}; {result.seconds:.0f} s; wrote {args.out}", flush=True)
     if args.export_model:
-        final = train_final_model(patchset, config, args.inner_val, on_event=lambda e: show({**e, "fold": "all"}))
-        export_final_model(final, patchset, config, args.export_model, command, m, args.name, args.description,
-                           args.label_definition, args.model_version)
-        print(f"whole-set model (best epoch {final.best_epoch}, threshold {final.decision_threshold:.3f}) written to {args.export_model}", flush=True)
+        finals = [train_final_model(patchset, config, args.inner_val, on_event=lambda e, k=k: show({**e, "fold": f"all, member {k}"}), member=k)
+                  for k in range(args.ensemble)]
+        export_final_model(finals[0], patchset, config, args.export_model, command, m, args.name, args.description,
+                           args.label_definition, args.model_version, members=finals, tta=args.tta)
+        print(f"whole-set model ({args.ensemble} member(s), best epochs {[f.best_epoch for f in finals]}, tta {args.tta}) written to {args.export_model}", flush=True)
     return 0

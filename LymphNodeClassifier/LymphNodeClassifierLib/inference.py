@@ -2,6 +2,11 @@
 
 The patches must have been made with the card's preprocessing (``card["preprocessing"]``); this
 module checks what it can see (channels, size, value range) and refuses anything else.
+
+Test-time augmentation: a card with ``preprocessing.tta`` ("flips", "flips+rot90"; see
+``model.TTA_MODES``) gets each node's logit averaged over those transformed copies of its patch;
+a card without it (every card written before it existed) or with "none" is one plain call. A
+model file holding a ``model.Ensemble`` needs nothing here: its forward is the members' mean.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import numpy as np
 import torch
 
 from .errors import InputError
-from .model import LoadedModel, interpreted_execution
+from .model import LoadedModel, card_tta, check_tta_mode, interpreted_execution, tta_logits
 
 
 def check_patches(patches: np.ndarray, card: dict | None = None) -> np.ndarray:
@@ -86,24 +91,43 @@ def _set_deterministic_algorithms(mode: bool, warn_only: bool) -> None:
         setter(mode, warn_only=warn_only)
 
 
-def predict_logits(loaded_model: LoadedModel, patches: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    """Logits ``(N,)`` (float32) of the metastatic class, computed in batches."""
+def predict_logits(loaded_model: LoadedModel, patches: np.ndarray, batch_size: int = 32, tta: str | None = None) -> np.ndarray:
+    """Logits ``(N,)`` (float32) of the metastatic class, computed in batches, averaged over the
+    test-time augmentation ``tta`` (default: the card's ``preprocessing.tta``; "none" without it)."""
     if not isinstance(loaded_model, LoadedModel):
         raise TypeError("predict needs a LoadedModel from model.load_model")
     batch_size = _check_batch_size(batch_size)
+    mode = card_tta(loaded_model.card) if tta is None else check_tta_mode(tta)
     patches = check_patches(patches, loaded_model.card)
     module = loaded_model.module
     module.eval()
+    with deterministic(), interpreted_execution():
+        return _batched_logits(module, patches, batch_size, mode, loaded_model.device)
+
+
+def eager_logits(model: torch.nn.Module, patches: np.ndarray | torch.Tensor, tta: str = "none", batch_size: int = 256) -> np.ndarray:
+    """Logits ``(N,)`` (float32) of an eager model (put in eval mode) with test-time augmentation
+    ``tta``: what its TorchScript export with that card would return (cross-validation folds)."""
+    model.eval()
+    parameter = next(iter(model.parameters()), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    patches = patches.detach().cpu().numpy() if isinstance(patches, torch.Tensor) else patches
+    with deterministic():
+        return _batched_logits(model, np.ascontiguousarray(patches, dtype=np.float32), batch_size, check_tta_mode(tta), device)
+
+
+def _batched_logits(module, patches: np.ndarray, batch_size: int, tta: str, device: torch.device) -> np.ndarray:
     out = np.empty((patches.shape[0],), dtype=np.float32)
-    with deterministic(), torch.inference_mode(), interpreted_execution():
+    with torch.inference_mode():
         for start in range(0, patches.shape[0], batch_size):
-            batch = torch.from_numpy(patches[start:start + batch_size]).to(loaded_model.device)
-            logits = module(batch)
-            out[start:start + batch.shape[0]] = logits.reshape(-1).float().cpu().numpy()
+            batch = torch.from_numpy(patches[start:start + batch_size]).to(device)
+            logits = tta_logits(module, batch, tta)
+            out[start:start + batch.shape[0]] = logits.float().cpu().numpy()
     return out
 
 
-def predict(loaded_model: LoadedModel, patches: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    """Probabilities ``(N,)`` (float64, sigmoid of the logits) that each node is metastatic."""
-    logits = predict_logits(loaded_model, patches, batch_size).astype(np.float64)
+def predict(loaded_model: LoadedModel, patches: np.ndarray, batch_size: int = 32, tta: str | None = None) -> np.ndarray:
+    """Probabilities ``(N,)`` (float64, sigmoid of the logits) that each node is metastatic
+    (``tta`` as for ``predict_logits``: by default the card's)."""
+    logits = predict_logits(loaded_model, patches, batch_size, tta).astype(np.float64)
     return 1.0 / (1.0 + np.exp(-logits))

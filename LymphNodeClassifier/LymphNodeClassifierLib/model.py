@@ -33,7 +33,7 @@ import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -233,6 +233,114 @@ def count_parameters(model: nn.Module) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# Ensembles and test-time augmentation (TTA)
+# --------------------------------------------------------------------------------------------
+
+# TTA: the logits of each patch are averaged over transformed copies of it. The transforms are
+# the ones training augmentation applies to the whole (C, H, W) patch -- flips of its rows and
+# columns and rotations about its centre (training.augment_batch), every channel (all views and
+# the mask) alike -- so a copy is a patch the network was trained on. They are not the same 3D
+# mirror in every view (a column flip is right-left in the axial and coronal views but
+# anterior-posterior in the sagittal one); neither is the augmentation. "flips" needs training
+# with flips; "flips+rot90" (the 8 symmetries of the square) also rotations of at least 90 degrees.
+TTA_TRANSFORMS: dict[str, Any] = {
+    "identity": lambda x: x,
+    "flip_columns": lambda x: x.flip(-1),
+    "flip_rows": lambda x: x.flip(-2),
+    "rot180": lambda x: x.flip(-2, -1),
+    "rot90": lambda x: torch.rot90(x, 1, (-2, -1)),
+    "rot90_flip_columns": lambda x: torch.rot90(x, 1, (-2, -1)).flip(-1),
+    "rot90_flip_rows": lambda x: torch.rot90(x, 1, (-2, -1)).flip(-2),
+    "rot270": lambda x: torch.rot90(x, 3, (-2, -1)),
+}
+TTA_MODES: dict[str, tuple[str, ...]] = {
+    "none": ("identity",),
+    "flips": ("identity", "flip_columns", "flip_rows", "rot180"),
+    "flips+rot90": tuple(TTA_TRANSFORMS),
+}
+
+
+def check_tta_mode(mode: Any) -> str:
+    """A known TTA mode name (InputError otherwise)."""
+    if not isinstance(mode, str) or mode.strip().lower() not in TTA_MODES:
+        raise InputError(f"Unknown test-time augmentation {mode!r}; choose one of {', '.join(TTA_MODES)}.")
+    return mode.strip().lower()
+
+
+def check_tta_fits_training(mode: str, flips: bool, rotation_degrees: float) -> str:
+    """Refuse a TTA mode whose copies the training augmentation never made (InputError)."""
+    mode = check_tta_mode(mode)
+    if mode != "none" and not flips:
+        raise InputError(f"Test-time augmentation '{mode}' flips patches but the training uses no flips; train with flips or use --tta none.")
+    if mode == "flips+rot90" and rotation_degrees < 90:
+        raise InputError(
+            f"Test-time augmentation 'flips+rot90' rotates patches by 90 degrees but the training rotates them by at most "
+            f"{rotation_degrees:g}; train with --rotation 90 or more, or use --tta flips."
+        )
+    return mode
+
+
+def card_tta(card: dict) -> str:
+    """The card's TTA mode (``preprocessing.tta``; cards written before it existed: "none")."""
+    return str(card["preprocessing"].get("tta", "none"))
+
+
+def tta_logits(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, mode: str | Sequence[str] = "none") -> torch.Tensor:
+    """Logits ``(N,)`` of ``forward`` averaged over the TTA copies of ``x`` (a mode name or a
+    sequence of ``TTA_TRANSFORMS`` names). Mode "none" is one plain call, bit for bit."""
+    names = TTA_MODES[check_tta_mode(mode)] if isinstance(mode, str) else tuple(mode)
+    if names == ("identity",):
+        return forward(x).reshape(-1)
+    copies = torch.cat([TTA_TRANSFORMS[name](x) for name in names], dim=0)  # one call for all copies
+    return forward(copies).reshape(len(names), x.shape[0]).mean(dim=0)
+
+
+class Ensemble(nn.Module):
+    """k member networks of one architecture and input in one archive; ``forward(x)`` is the mean
+    of the members' logits.
+
+    For Grad-CAM (gradcam.py, which needs nothing else): ``features(x)`` is the members' feature
+    maps stacked along the channels, ``(N, k K, h, w)``, and ``head`` applies each member's head to
+    its own K channels and averages. Grad-CAM of the ensemble's logit is then ReLU of the mean of
+    the members' weighted activation sums (the ReLU after the mean, not a mean of the members'
+    maps): of k identical members, exactly the member's map up to rounding.
+    """
+
+    def __init__(self, members: Sequence[nn.Module]):
+        super().__init__()
+        members = list(members)
+        if not members:
+            raise InputError("An ensemble needs at least one member network; train one first.")
+        shapes = {(getattr(m, "architecture_name", None), getattr(m, "in_channels", None), getattr(m, "size", None)) for m in members}
+        if len(shapes) != 1 or None in next(iter(shapes)):
+            raise InputError(f"Ensemble members must share architecture, input channels and patch size, got {sorted(map(str, shapes))}; train them with one configuration.")
+        self.architecture_name, self.in_channels, self.size = next(iter(shapes))
+        self.n_members = len(members)
+        self.members = nn.ModuleList(members)
+
+    @torch.jit.export
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        maps: list[torch.Tensor] = []
+        for member in self.members:
+            maps.append(member.features(x))
+        return torch.cat(maps, dim=1)
+
+    @torch.jit.export
+    def head(self, feature_map: torch.Tensor) -> torch.Tensor:
+        chunks = torch.chunk(feature_map, self.n_members, dim=1)
+        logits: list[torch.Tensor] = []
+        for index, member in enumerate(self.members):
+            logits.append(member.head(chunks[index]))
+        return torch.stack(logits, dim=0).mean(dim=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits: list[torch.Tensor] = []
+        for member in self.members:
+            logits.append(member(x))
+        return torch.stack(logits, dim=0).mean(dim=0)
+
+
+# --------------------------------------------------------------------------------------------
 # Device
 # --------------------------------------------------------------------------------------------
 
@@ -321,6 +429,8 @@ def _check_card(card: dict) -> None:
     mask = _require(pre, "mask_channel", w, lambda v: isinstance(v, bool), "true or false")
     channels = _require(pre, "channels", w, lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v), "a list of channel names")
     _require(pre, "air_hu", w, _is_number, "a number (HU)")
+    if "tta" in pre:  # optional (older cards: none)
+        _require(pre, "tta", w, lambda v: v in TTA_MODES, f"one of {', '.join(TTA_MODES)}")
     expected = expected_channels(views, mask)
     if channels != expected:
         raise _CardError(f"preprocessing.channels {channels} do not match views '{views}' with mask_channel={mask} (expected {expected})")
@@ -331,6 +441,9 @@ def _check_card(card: dict) -> None:
     _require(arch, "parameters", "architecture.", lambda v: _is_int(v) and v >= 0, "a non-negative integer")
     if in_channels != len(channels):
         raise _CardError(f"architecture.in_channels ({in_channels}) differs from the {len(channels)} preprocessing channels")
+    if "ensemble" in arch:  # optional: a model.Ensemble of this architecture
+        ensemble = _require(arch, "ensemble", "architecture.", dict_, "an object")
+        _require(ensemble, "members", "architecture.ensemble.", lambda v: _is_int(v) and v >= 1, "a positive integer")
     if (arch["name"] in VOLUME_ARCHITECTURES) != (views == "volume"):
         raise _CardError(f"architecture.name {arch['name']} does not take '{views}' patches (3D architectures take views 'volume' only)")
 
