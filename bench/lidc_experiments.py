@@ -7,6 +7,21 @@ only on the patients and labels), written to OUT/NAME/ (metrics.json, prediction
 and one line is appended to OUT/summary.jsonl. `table` prints the markdown table of every run.
 Compute: 2 CPU threads; 40 px patches at 0.8 mm (32 mm field of view: the largest LIDC nodule
 in this set is 32 mm across) keep a 5-fold run of the small ResNet at a few minutes.
+
+Fusion (issue 13 item 1; `crossval --fusion mean|concat`, fusion.py):
+
+    python bench/lidc_experiments.py fusion-mean-from-cnn --cnn docs/lidc_oof_predictions.csv --run OUT/fusion_mean_shipped_cnn
+    python bench/lidc_experiments.py fusion-score --run DIR [--run DIR ...]
+
+`fusion-mean-from-cnn` is `crossval --fusion mean` without retraining the CNN: the shipped
+configuration's CNN is deterministic, so its OOF probabilities (the `fold` column, the same
+folds) are what a `--fusion mean` run's image branch gives (checked fold by fold against a real
+run); per fold the feature logistic regression is fitted on the same training part (the fold's
+training patients minus the same inner validation part) and predicts the held-out fold; the
+output is the mean of the two probabilities. No threshold (the CNN's validation probabilities
+are not in the CSV): AUC, ECE and Brier only. `fusion-score` scores a run's predictions.csv
+(`probability` and, with --fusion, `image_probability`) against both size rules, radiomics
+(docs/lidc_baselines_oof.csv, same folds) and the shipped CNN, with patient-level paired CIs.
 """
 
 from __future__ import annotations
@@ -175,13 +190,87 @@ def suspects(dataset: Dataset, run_dir: Path, image_path: Path, top: int = 12, f
     return out
 
 
+def _read_csv(path: Path) -> list[dict]:
+    import csv
+
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def fusion_mean_from_cnn(dataset: Dataset, cnn_csv: Path, run_dir: Path, cache: str, inner_val: float = 0.2, seed: int = 0) -> Path:
+    """predictions.csv of `crossval --fusion mean` from the CNN's OOF probabilities (module docstring)."""
+    import numpy as np
+
+    from LymphNodeClassifierLib.fileio import atomic_write_text, csv_text
+    from LymphNodeClassifierLib.fusion import attach_features, fit_feature_logistic
+    from LymphNodeClassifierLib.training import _one_fold
+
+    config = TrainingConfig(**{**BASE, "mask_channel": True, "fusion": "mean"})
+    patchset = attach_features(dataset, build_patchset(dataset, config.patch_spec(), config.window, cache_dir=cache), config, cache)
+    rows = {(r["case_id"], int(r["label_value"])): r for r in _read_csv(cnn_csv)}
+    order = [rows[(str(c), int(v))] for c, v in zip(patchset.case_ids, patchset.label_values)]
+    fold = np.array([int(r["fold"]) for r in order])
+    cnn = np.array([float(r["probability"]) for r in order])
+    y, groups = patchset.y.astype(np.int64), np.asarray(patchset.patient_ids).astype(str)
+    assert (y == np.array([int(r["label"]) for r in order])).all()
+    feature_p, chosen = np.full(y.size, np.nan), []
+    for k in np.unique(fold):
+        test, rest = np.flatnonzero(fold == k), np.flatnonzero(fold != k)
+        validation = _one_fold(rest, y, groups, inner_val, seed + 1000 + int(k))  # crossval.cross_validate's inner split
+        train_idx = np.setdiff1d(rest, validation)
+        fitted = fit_feature_logistic(patchset.node_features[train_idx], y[train_idx], groups[train_idx], seed=seed + int(k))
+        feature_p[test] = fitted["pipeline"].predict_proba(patchset.node_features[test])[:, 1]
+        chosen.append(fitted["C"])
+    out = [{**{key: order[i][key] for key in ("case_id", "patient_id", "label_value", "fold", "label", "short_axis_mm", "long_axis_mm")},
+            "probability": 0.5 * (cnn[i] + feature_p[i]), "image_probability": cnn[i], "feature_probability": feature_p[i]} for i in range(y.size)]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "predictions.csv", csv_text(out, list(out[0])))
+    print(json.dumps({"run": str(run_dir), "C_per_fold": chosen}), flush=True)
+    return run_dir
+
+
+def fusion_score(run_dir: Path, baselines_csv: Path, cnn_csv: Path) -> dict:
+    """AUC [CI], differences to the size rules, radiomics and the shipped CNN [paired CIs], ECE, Brier of a run."""
+    import numpy as np
+
+    from LymphNodeClassifierLib.crossval import paired_auc_difference
+    from LymphNodeClassifierLib.metrics import bootstrap_ci, calibration
+    from sklearn.metrics import roc_auc_score
+
+    rows = _read_csv(run_dir / "predictions.csv")
+    base = {r["case_id"]: r for r in _read_csv(baselines_csv)}
+    cnn = {r["case_id"]: r for r in _read_csv(cnn_csv)}
+    assert all(int(base[r["case_id"]]["fold"]) == int(r["fold"]) for r in rows), "not the baselines' folds"
+    y = np.array([int(r["label"]) for r in rows])
+    groups = np.array([r["patient_id"] for r in rows])
+    references = {
+        "long_axis": np.array([float(r["long_axis_mm"]) for r in rows]), "short_axis": np.array([float(r["short_axis_mm"]) for r in rows]),
+        "radiomics_all": np.array([float(base[r["case_id"]]["radiomics_all"]) for r in rows]),
+        "shipped_cnn": np.array([float(cnn[r["case_id"]]["probability"]) for r in rows]),
+    }
+    out = {"run": str(run_dir)}
+    for column in ("probability", "image_probability"):
+        if column not in rows[0]:
+            continue
+        p = np.array([float(r[column]) for r in rows])
+        cal = calibration(y, p, n_boot=0, groups=groups)
+        out[column] = {
+            "auc": float(roc_auc_score(y, p)), "auc_ci95": list(bootstrap_ci(y, p, 0.5, n_boot=1000, seed=0, groups=groups)["auc"]),
+            "ece": cal["ece"], "brier": cal["brier"],
+            "minus": {name: paired_auc_difference(y, p, ref, groups, 1000, 0) for name, ref in references.items()},
+        }
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dataset", default="/tmp/lidc-dataset")
     parser.add_argument("--out", default="/tmp/lidc-work/runs")
     parser.add_argument("--cache", default="/tmp/lidc-work/cache")
-    parser.add_argument("what", choices=["grid", "table", "suspects", "record"])
-    parser.add_argument("--run", default=None, help="suspects: the crossval output folder to rank")
+    parser.add_argument("what", choices=["grid", "table", "suspects", "record", "fusion-mean-from-cnn", "fusion-score"])
+    parser.add_argument("--cnn", default="docs/lidc_oof_predictions.csv", help="fusion: the shipped CNN's OOF predictions (same folds)")
+    parser.add_argument("--baselines", default="docs/lidc_baselines_oof.csv", help="fusion-score: every baseline's OOF probability")
+    parser.add_argument("--run", default=None, action="append", help="suspects: the crossval output folder to rank; fusion-*: the run folder(s)")
     parser.add_argument("--image", default="docs/images/lidc_top_suspects.png")
     parser.add_argument("--features-suspects", default=None, help="suspects: suspects.csv of `suspects --method features` to score as well")
     parser.add_argument("names", nargs="*")
@@ -192,12 +281,19 @@ def main() -> int:
         print(table(out))
         return 0
     if args.what == "record":  # record NAME with --run DIR
-        record(out, args.names[0], Path(args.run))
+        record(out, args.names[0], Path(args.run[0]))
         return 0
     if args.what == "suspects":
-        result = suspects(Dataset.load(args.dataset), Path(args.run), Path(args.image),
+        result = suspects(Dataset.load(args.dataset), Path(args.run[0]), Path(args.image),
                           features_csv=Path(args.features_suspects) if args.features_suspects else None)
         print(json.dumps(result, indent=1))
+        return 0
+    if args.what == "fusion-mean-from-cnn":
+        fusion_mean_from_cnn(Dataset.load(args.dataset), Path(args.cnn), Path(args.run[0]), args.cache)
+        return 0
+    if args.what == "fusion-score":
+        for run_dir in args.run:
+            print(json.dumps(fusion_score(Path(run_dir), Path(args.baselines), Path(args.cnn))), flush=True)
         return 0
     torch.set_num_threads(1)  # two grid processes side by side on the 2 cores
     dataset = Dataset.load(args.dataset)

@@ -52,6 +52,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from .errors import InputError, OneLineArgumentParser
 from .fileio import atomic_path, atomic_write_json, atomic_write_text, check_writable_file, check_writable_folder, csv_text, ensure_folder
 from .metrics import METRIC_NAMES, binary_metrics, bootstrap_ci, calibration, group_members, json_safe, parse_threshold_rule, plot_reliability, rank_auc, roc_points
+from .fusion import FUSION_MODES, attach_features
 from .patchset import PatchSet
 from .patches import VIEW_MODES
 from .training import ARCHITECTURE_NAMES, TrainingConfig, _one_fold, _threads, check_exportable, choose_threshold, train
@@ -199,6 +200,7 @@ class CrossValResult:
     folds: list[dict] = field(default_factory=list)  # per fold: sizes, best epoch, threshold, AUC, seconds
     seconds: float = 0.0
     member_logits: dict = field(default_factory=dict)  # --ensemble / --tta: TTA mode -> (members, N) OOF logits
+    image_probability: np.ndarray | None = None  # --fusion: the image branch's own OOF probabilities (float64 (N,))
 
     @property
     def prediction(self) -> np.ndarray:
@@ -212,6 +214,7 @@ class CrossValResult:
                 "fold": int(self.fold[i]), "probability": float(self.probability[i]), "threshold": float(self.threshold[i]),
                 "prediction": int(self.prediction[i]), "label": int(ps.y[i]),
                 "short_axis_mm": float(ps.short_axis_mm[i]), "long_axis_mm": float(ps.long_axis_mm[i]),
+                **({} if self.image_probability is None else {"image_probability": float(self.image_probability[i])}),
             }
             for i in range(len(ps))
         ]
@@ -256,6 +259,7 @@ def cross_validate(
     groups = np.asarray(patchset.patient_ids).astype(str)
     fold_of = assign_folds(groups, y, folds, seed)
     probability = np.full(y.size, np.nan)
+    image_probability = np.full(y.size, np.nan) if config.fusion != "none" else None
     threshold = np.full(y.size, np.nan)
     fold_info = []
     for k in range(int(folds)):
@@ -271,6 +275,8 @@ def cross_validate(
             forward = None if on_event is None else (lambda event, extra=extra: on_event({**event, **extra}))
             members.append(train(patchset, fold_config, on_event=forward, is_cancelled=is_cancelled, splits=(train_idx, validation, test)))
         result = members[0]
+        if image_probability is not None:
+            image_probability[test] = result.probabilities["test_image"]
         if not combine:
             probability[test] = result.probabilities["test"]
             threshold[test] = result.decision_threshold
@@ -314,7 +320,8 @@ def cross_validate(
     metrics["config"] = config.to_dict()
     metrics["dataset"] = patchset.summary()
     return CrossValResult(patchset=patchset, config=config, fold=fold_of, probability=probability, threshold=threshold,
-                          metrics=metrics, folds=fold_info, seconds=time.perf_counter() - started, member_logits=member_logits)
+                          metrics=metrics, folds=fold_info, seconds=time.perf_counter() - started, member_logits=member_logits,
+                          image_probability=image_probability)
 
 
 # --------------------------------------------------------------------------------------------
@@ -381,7 +388,7 @@ def member_logits_csv(result: "CrossValResult") -> str:
 
 
 def predictions_csv(result: CrossValResult) -> str:
-    return csv_text(result.predictions(), PREDICTION_COLUMNS)
+    return csv_text(result.predictions(), PREDICTION_COLUMNS + (() if result.image_probability is None else ("image_probability",)))
 
 
 def _label(name: str, block: dict) -> str:
@@ -510,7 +517,7 @@ def export_final_model(result, patchset: PatchSet, config: TrainingConfig, path:
     if network is result.model and tta == "none":
         from .training import predict_probabilities
 
-        whole_probability = predict_probabilities(result.model, patchset.x)
+        whole_probability = predict_probabilities(result.model, patchset.x, features=patchset.node_features)
     else:
         with _threads(config.num_threads):
             whole_probability = _sigmoid(eager_logits(network, patchset.x, tta).astype(np.float64))
@@ -563,6 +570,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--intensity-jitter", type=float, default=d.intensity_jitter)
     p.add_argument("--blur", type=float, default=d.blur_sigma_px)
     p.add_argument("--noise", type=float, default=d.noise_std)
+    p.add_argument("--fusion", choices=list(FUSION_MODES), default=d.fusion,
+                   help="node features beside the CNN: mean (CNN + feature logistic regression, mean probability) or concat (end to end); fusion.py")
     p.add_argument("--threshold-rule", default=d.threshold_rule, help="each fold's decision threshold on its inner validation part: youden (default) or sensitivity:0.9")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--cache", default=None, help="folder for cached patch arrays")
@@ -587,6 +596,7 @@ def config_from_args(args: argparse.Namespace) -> TrainingConfig:
         lr_patience=args.lr_patience, rotation_degrees=args.rotation, translation_px=args.translation,
         flips=not args.no_flips, seed=args.seed, num_threads=args.threads, threshold_rule=args.threshold_rule,
         intensity_jitter=args.intensity_jitter, blur_sigma_px=args.blur, noise_std=args.noise,
+        fusion=args.fusion,
     )
 
 
@@ -605,12 +615,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_writable_folder(args.out)  # before any work: a bad output place must not cost the folds
     check_ensemble_size(args.ensemble)
     check_tta_fits_training(args.tta, config.flips, config.rotation_degrees)
+    if config.fusion != "none" and (args.ensemble > 1 or args.tta != "none"):  # not measured together, not exported together
+        raise InputError(f"--fusion {config.fusion} does not combine with --ensemble / --tta yet; use one of them.")
     if args.export_model:
         check_exportable(config)
         check_writable_file(args.export_model, "--export-model")
     dataset = Dataset.load(args.dataset)
     patchset = build_patchset(dataset, config.patch_spec(), config.window, cache_dir=args.cache, policy=InputPolicy.from_args(args))
     print(f"patches: {len(patchset)} nodes of {len(set(patchset.patient_ids.tolist()))} patients, {int(patchset.y.sum())} positive", flush=True)
+    attach_features(dataset, patchset, config, args.cache)
 
     def show(event: dict) -> None:
         if event["event"] == "epoch" and not args.quiet:

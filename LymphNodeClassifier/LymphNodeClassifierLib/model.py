@@ -341,6 +341,157 @@ class Ensemble(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
+# Fusion: the image network + the node's measured features (fusion.py; card preprocessing.node_features)
+# --------------------------------------------------------------------------------------------
+
+FUSION_MODES = ("mean", "concat")
+
+
+class FusedNetwork(nn.Module):
+    """An image network plus a linear branch on the node's measured features (`node_features`).
+
+    ``forward(x)``, ``features`` and ``head`` are the image network's own (Grad-CAM explains the
+    image branch, unchanged). ``fused(x, node_features)`` is the fused logit from the RAW feature
+    values (NaN = not measured): imputation by the training medians, then standardisation, are
+    buffers in the archive, as are the branch's weights, so the weights digest covers them.
+
+    - ``mean``: the feature branch is a logistic regression fitted beside the trained CNN; the
+      fused probability is the mean of the two probabilities (returned as its logit, computed in
+      log space so it stays exact at saturated probabilities).
+    - ``concat``: the standardised features join the CNN's pooled features in its final linear
+      layer: the head's last layer is linear, so ``head(fmap) + w . z`` IS that layer applied to
+      the concatenation; trained end to end (``feature_weight`` trainable, no second bias).
+    """
+
+    def __init__(self, image: nn.Module, mode: str, median, mean, scale, weight=None, bias: float = 0.0):
+        super().__init__()
+        if mode not in FUSION_MODES:
+            raise InputError(f"Unknown fusion '{mode}'; use one of: {', '.join(FUSION_MODES)}.")
+        self.image = image
+        self.architecture_name = str(getattr(image, "architecture_name", ""))
+        self.in_channels = int(getattr(image, "in_channels", 0))
+        self.size = int(getattr(image, "size", 0))
+        self.fusion = mode
+        self.average_probabilities = mode == "mean"
+        as_tensor = lambda v: torch.as_tensor(v, dtype=torch.float32).reshape(-1).clone()  # noqa: E731
+        self.register_buffer("feature_median", as_tensor(median))
+        self.register_buffer("feature_mean", as_tensor(mean))
+        self.register_buffer("feature_scale", as_tensor(scale))
+        n = int(self.feature_mean.numel())
+        if not (self.feature_median.numel() == self.feature_scale.numel() == n) or n < 1:
+            raise InputError("The node-feature constants (median, mean, scale) must have one value per feature; refit the feature model.")
+        self.n_features = n
+        initial = torch.zeros(n) if weight is None else as_tensor(weight)
+        if initial.numel() != n:
+            raise InputError(f"The feature branch has {initial.numel()} weights for {n} features; refit the feature model.")
+        self.feature_weight = nn.Parameter(initial, requires_grad=mode == "concat")
+        self.feature_bias = nn.Parameter(torch.tensor([float(bias)]), requires_grad=False)
+
+    @torch.jit.export
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.image.features(x)
+
+    @torch.jit.export
+    def head(self, feature_map: torch.Tensor) -> torch.Tensor:
+        return self.image.head(feature_map)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.image.head(self.image.features(x))
+
+    @torch.jit.export
+    def feature_logit(self, node_features: torch.Tensor) -> torch.Tensor:
+        """The feature branch's logit (mean) or its additive term (concat), ``(N,)``."""
+        values = node_features.to(self.feature_mean.dtype)
+        values = torch.where(torch.isnan(values), self.feature_median.expand_as(values), values)
+        z = (values - self.feature_mean) / self.feature_scale
+        return z @ self.feature_weight + self.feature_bias
+
+    @torch.jit.export
+    def fused(self, x: torch.Tensor, node_features: torch.Tensor) -> torch.Tensor:
+        """The fused logit ``(N,)`` of patches ``x`` and their nodes' raw features ``(N, F)``."""
+        image_logit = self.forward(x)
+        feature_logit = self.feature_logit(node_features)
+        if self.average_probabilities:
+            # logit((s(a) + s(b)) / 2) = log(s(a) + s(b)) - log(s(-a) + s(-b))
+            up = torch.logaddexp(nn.functional.logsigmoid(image_logit), nn.functional.logsigmoid(feature_logit))
+            down = torch.logaddexp(nn.functional.logsigmoid(-image_logit), nn.functional.logsigmoid(-feature_logit))
+            return up - down
+        return image_logit + feature_logit
+
+
+def card_fusion(card: dict) -> dict | None:
+    """The card's ``preprocessing.node_features`` block (a fused model), or None (image only)."""
+    return card["preprocessing"].get("node_features")
+
+
+def _check_node_features_block(pre: dict) -> None:
+    block = _require(pre, "node_features", "preprocessing.", lambda v: isinstance(v, dict), "an object")
+    w = "preprocessing.node_features."
+    _require(block, "fusion", w, lambda v: v in FUSION_MODES, f"one of {', '.join(FUSION_MODES)}")
+    _require(block, "names", w, lambda v: isinstance(v, list) and v and all(isinstance(n, str) for n in v), "a list of feature names")
+    _require(block, "version", w, lambda v: isinstance(v, str), "a string")
+
+
+def check_node_features_supported(card: dict, path: Path | str) -> None:
+    """Refuse a fused model whose features this code does not compute the same way (one line)."""
+    block = card_fusion(card)
+    if block is None:
+        return
+    from .node_features import FEATURE_NAMES, FEATURES_VERSION
+
+    if block["names"] != list(FEATURE_NAMES) or block["version"] != FEATURES_VERSION:
+        raise InputError(
+            f"The model '{path}' needs node features {len(block['names'])} of version {block['version']} but this LymphNodeClassifier "
+            f"computes {len(FEATURE_NAMES)} of version {FEATURES_VERSION}; use the LymphNodeClassifier version the model was trained with, or retrain it."
+        )
+
+
+def check_fused_network_fits_card(module: torch.jit.ScriptModule, card: dict, path: Path | str, device: torch.device) -> None:
+    """A fused card needs the network's ``fused`` method to take a zero batch with the card's
+    feature count and return one logit; a fused network needs a card that lists its features."""
+    block = card_fusion(card)
+    has_fused = hasattr(module, "fused")
+    if block is None:
+        if has_fused:
+            raise InputError(f"The network of '{path}' fuses node features but its model card lists none (preprocessing.node_features); "
+                             "restore the card the model was exported with, or re-export it.")
+        return
+    if not has_fused:
+        raise InputError(f"The model card of '{path}' asks for node-feature fusion ({block['fusion']}) but the network has no 'fused' method; "
+                         "restore the model file as it was exported, or re-export it.")
+    shape = card_input_shape(card)
+    try:
+        with torch.no_grad(), interpreted_execution():
+            out = module.fused(torch.zeros((1, *shape), device=device), torch.zeros((1, len(block["names"])), device=device))
+    except Exception as exc:  # noqa: BLE001 - any failure means the card does not describe this network's feature input
+        detail = next((line.strip() for line in str(exc).splitlines() if line.strip() and "Traceback" not in line), type(exc).__name__)
+        raise InputError(
+            f"The model card of '{path}' does not fit its network: it lists {len(block['names'])} node features but the network's fused "
+            f"method refuses them ({detail[:150]}); restore the card the model was exported with, or re-export it."
+        ) from None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1,):
+        raise InputError(f"The fused method of '{path}' does not return one logit per node; export the model with LymphNodeClassifier.")
+
+
+def _check_fused_export(eager: nn.Module, scripted: torch.jit.ScriptModule, example: torch.Tensor, card: dict) -> None:
+    """The exported fused method reproduces the eager one (or nothing is written)."""
+    block = card_fusion(card)
+    if block is None:
+        if hasattr(eager, "fused"):
+            raise InputError("The model fuses node features but its card has no preprocessing.node_features; build the card with the training configuration.")
+        return
+    if not isinstance(eager, FusedNetwork) or eager.fusion != block["fusion"] or eager.n_features != len(block["names"]):
+        raise InputError(f"The model does not fuse {len(block['names'])} node features by '{block['fusion']}' as its card says; fix the card before exporting.")
+    generator = torch.Generator().manual_seed(1)
+    features = torch.randn((example.shape[0], eager.n_features), generator=generator) * eager.feature_scale + eager.feature_mean
+    features[0, 0] = float("nan")  # the imputation is exported too
+    with torch.no_grad():
+        expected, got = eager.fused(example, features), scripted.fused(example, features)
+    if got.shape != expected.shape or not torch.allclose(got, expected, atol=1e-4, rtol=1e-4):
+        raise RuntimeError("The exported TorchScript model's fused method does not reproduce the eager model's; the model was not written.")
+
+
+# --------------------------------------------------------------------------------------------
 # Device
 # --------------------------------------------------------------------------------------------
 
@@ -431,6 +582,8 @@ def _check_card(card: dict) -> None:
     _require(pre, "air_hu", w, _is_number, "a number (HU)")
     if "tta" in pre:  # optional (older cards: none)
         _require(pre, "tta", w, lambda v: v in TTA_MODES, f"one of {', '.join(TTA_MODES)}")
+    if "node_features" in pre:  # optional: a FusedNetwork (older cards: image only)
+        _check_node_features_block(pre)
     expected = expected_channels(views, mask)
     if channels != expected:
         raise _CardError(f"preprocessing.channels {channels} do not match views '{views}' with mask_channel={mask} (expected {expected})")
@@ -650,6 +803,7 @@ def export_torchscript(model: nn.Module, card: dict, path: str | os.PathLike) ->
         got = scripted(example)
     if got.shape != expected.shape or not torch.allclose(got, expected, atol=1e-4, rtol=1e-4):
         raise RuntimeError("The exported TorchScript model does not reproduce the eager model's outputs; the model was not written.")
+    _check_fused_export(eager, scripted, example, card)
 
     card["integrity"] = integrity_block(card, weights_digest(scripted))
     # same_name: torch.jit.save names the archive's top folder after the file it writes.
@@ -752,6 +906,7 @@ def check_network_fits_card(module: torch.jit.ScriptModule, card: dict, path: Pa
             f"The network of '{path}' returns {tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__} for one patch, "
             "not one logit; export the model with LymphNodeClassifier."
         )
+    check_fused_network_fits_card(module, card, path, device)
 
 
 def _not_a_model(path: Path, detail: str = "") -> InputError:
@@ -791,6 +946,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> L
         detail = "not a TorchScript archive" if isinstance(exc, RuntimeError) else type(exc).__name__
         raise _not_a_model(path, detail) from None
     card = _parse_card(extra[CARD_FILE_NAME], path)
+    check_node_features_supported(card, path)
     for method in ("features", "head"):
         if not hasattr(module, method):
             raise _not_a_model(path, f"no exported '{method}' method")

@@ -56,6 +56,9 @@ FAT_HU = -30.0  # below: fat
 DEFAULT_FAT_HU = -100.0  # when no surrounding fat is found
 MIN_FAT_HU_GAP = 30.0  # node - fat contrast used for the partial-volume weights, at least
 
+# Changes whenever a feature's definition changes: a fused model's card records it, and inference
+# refuses a model whose features this code no longer computes the same way.
+FEATURES_VERSION = "1"
 FEATURE_NAMES = (
     "log_volume_mm3", "elongation", "flatness", "roundness", "sphericity", "feret_to_equivalent_diameter",
     "pv_elongation_major_middle", "pv_elongation_middle_minor", "pv_elongation_major_minor",

@@ -17,6 +17,7 @@ import SimpleITK as sitk
 
 from .errors import CancelledError
 from .gradcam import cam_to_volume, gradcam, label_cam_volume
+from .fusion import features_of_nodes, predict_fused, uses_node_features
 from .inference import predict
 from .model import LoadedModel
 from .nodes import NodeInfo, components_on_grid, extract_nodes_cropped
@@ -40,6 +41,8 @@ class ClassificationResult:
     cam_classes: np.ndarray | None = None  # per node, the class its Grad-CAM map explains (1 metastatic, 0 benign; gradcam.CLASS_NAMES)
     messages: list[str] = field(default_factory=list)  # notes on the case (e.g. how the label map was resampled)
     warnings: list[list[str]] = field(default_factory=list)  # per node (same order as nodes): reasons not to trust its probability
+    image_probabilities: np.ndarray | None = None  # a fused model (fusion.py): the image branch's own probabilities; `probabilities` are the fused ones
+    node_features: np.ndarray | None = None  # a fused model: (N, F) node_features.FEATURE_NAMES of each node, as the model got them
     _component_image: sitk.Image | None = field(default=None, init=False, repr=False)
 
     @property
@@ -138,8 +141,14 @@ def classify_images(
     warnings = node_warnings(model.card, nodes, patches)
 
     checkpoint(0.4, "Running the model")
-    with timer.stage("model"):
-        probabilities = predict(model, batch)
+    image_probabilities = node_features = None
+    if uses_node_features(model.card):  # a fused model: the node's measured features, by the code that trained it
+        with timer.stage("model"):  # its features are part of the model's input (classify's TIMING_STAGES unchanged)
+            node_features = features_of_nodes(ct, components_on_grid(component_crop, ct), [patch.node for patch in patches])
+            probabilities, image_probabilities = predict_fused(model, batch, node_features)
+    else:
+        with timer.stage("model"):
+            probabilities = predict(model, batch)
     threshold = float(model.card["decision_threshold"])
     predictions = (probabilities >= threshold).astype(np.int64)
 
@@ -166,4 +175,6 @@ def classify_images(
         cam_classes=cam_classes,
         messages=messages,
         warnings=warnings,
+        image_probabilities=image_probabilities,
+        node_features=node_features,
     )

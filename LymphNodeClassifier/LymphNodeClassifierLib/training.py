@@ -58,7 +58,8 @@ from .errors import CancelledError, InputError, OneLineArgumentParser
 from .fileio import check_writable_file
 from .inference import deterministic
 from .metrics import binary_metrics, bootstrap_ci, calibration, choose_threshold, json_safe, threshold_rule_name, youden_threshold  # noqa: F401 (youden_threshold: public here too)
-from .model import build_model, export_torchscript, new_card
+from .fusion import card_block as fusion_card_block, check_fusion, fit_feature_logistic, standardisation
+from .model import FusedNetwork, build_model, export_torchscript, new_card
 from .patches import DEFAULT_STACK_OFFSET_MM, FOV_RULES, STACK_MODES, VIEW_MODES, PatchSpec
 from .patchset import PatchSet, build_patchset
 from .validate import InputPolicy, add_input_options
@@ -124,6 +125,7 @@ class TrainingConfig:
     noise_grain_px: float = 0.0  # with noise_std: the noise smoothed by a Gaussian of sigma uniform in [0, this] px, then
     # rescaled to its std (a CT kernel's correlated noise grain instead of white noise)
     zoom_jitter: float = 0.0  # per node: scale 1 +- this in the geometric transform (another pixel size; it also moves the size cue)
+    fusion: str = "none"  # node features beside the CNN: "none", "mean" (CNN + feature LR, mean probability) or "concat" (fusion.py)
 
     def __post_init__(self) -> None:
         arch = str(self.architecture).strip().lower()
@@ -164,6 +166,7 @@ class TrainingConfig:
         if self.noise_grain_px and not self.noise_std:
             raise InputError("A noise grain needs noise to shape; give a noise standard deviation too (e.g. --noise 0.08 --noise-grain 1.5).")
         self.zoom_jitter = _number(self.zoom_jitter, "zoom jitter", 0.0, 0.5, 0.1)
+        self.fusion = check_fusion(self.fusion)
         if self.views == "volume" and (self.intensity_jitter or self.blur_sigma_px or self.noise_std):
             raise InputError("Appearance augmentation (--intensity-jitter, --blur, --noise) works on 2D patches only; leave it off with --views volume.")
         try:
@@ -209,6 +212,7 @@ class TrainingConfig:
             "fov_rule": spec.fov_rule,
             "fov_margin": spec.fov_margin,
             **({"stack_offset_mm": spec.stack_offset_mm} if spec.views in STACK_MODES else {}),
+            **({"node_features": fusion_card_block(self.fusion)} if self.fusion != "none" else {}),
         }
 
     def to_dict(self) -> dict:
@@ -482,23 +486,37 @@ def _threads(count: int | None) -> Iterator[None]:
             torch.set_num_threads(previous)
 
 
-def predict_probabilities(model: torch.nn.Module, x: np.ndarray | torch.Tensor, batch_size: int = 256) -> np.ndarray:
-    """Probabilities (float64) of an eager model (put in eval mode) for `(N, C, H, W)` patches."""
+def _logits(model: torch.nn.Module, x: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
+    """The model's logits; a FusedNetwork's fused ones when it gets the rows' node features."""
+    if isinstance(model, FusedNetwork):
+        if features is None:
+            raise InputError("A fused model needs the nodes' features; compute them with fusion.attach_features.")
+        return model.fused(x, features)
+    return model(x)
+
+
+def predict_probabilities(model: torch.nn.Module, x: np.ndarray | torch.Tensor, batch_size: int = 256,
+                          features: np.ndarray | None = None) -> np.ndarray:
+    """Probabilities (float64) of an eager model (put in eval mode) for `(N, C, H, W)` patches;
+    a FusedNetwork's fused ones from `features` (N, F), the rows' raw node features."""
     model.eval()
     tensor = torch.as_tensor(x, dtype=torch.float32)
+    f = None if features is None else torch.as_tensor(np.asarray(features), dtype=torch.float32)
     out = []
     with torch.inference_mode():
         for start in range(0, tensor.shape[0], batch_size):
-            out.append(torch.sigmoid(model(tensor[start:start + batch_size])).double().numpy())
+            chunk = None if f is None else f[start:start + batch_size]
+            out.append(torch.sigmoid(_logits(model, tensor[start:start + batch_size], chunk)).double().numpy())
     return np.concatenate(out) if out else np.zeros(0)
 
 
-def _loss_and_probabilities(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> tuple[float, np.ndarray]:
+def _loss_and_probabilities(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256,
+                            features: torch.Tensor | None = None) -> tuple[float, np.ndarray]:
     model.eval()
     losses, probs = [], []
     with torch.inference_mode():
         for start in range(0, x.shape[0], batch_size):
-            logits = model(x[start:start + batch_size])
+            logits = _logits(model, x[start:start + batch_size], None if features is None else features[start:start + batch_size])
             losses.append(F.binary_cross_entropy_with_logits(logits, y[start:start + batch_size], reduction="sum").item())
             probs.append(torch.sigmoid(logits).double().numpy())
     return sum(losses) / max(1, x.shape[0]), (np.concatenate(probs) if probs else np.zeros(0))
@@ -543,6 +561,11 @@ def _check_patchset(patchset: PatchSet, config: TrainingConfig) -> None:
     if positives == 0 or positives == len(patchset):
         only = "benign" if positives == 0 else "metastatic"
         raise InputError(f"All {len(patchset)} usable nodes are {only}; label nodes of both classes before training.")
+    if config.fusion != "none":
+        from .node_features import FEATURE_NAMES
+
+        if patchset.node_features is None or np.shape(patchset.node_features) != (len(patchset), len(FEATURE_NAMES)):
+            raise InputError(f"Fusion '{config.fusion}' needs the node features of every patch; compute them with fusion.attach_features before training.")
 
 
 def train(
@@ -574,6 +597,12 @@ def _train(patchset, config, on_event, is_cancelled, splits) -> TrainingResult:
         y = torch.from_numpy(patchset.y.astype(np.float32))
         x_val, y_val = x[val_idx], y[val_idx]
         model = build_model(config.model_name, patchset.x.shape[1], config.patch_size)
+        # fusion "concat": the features are standardised with the training part's constants and
+        # trained with the CNN; "mean": the CNN trains alone, the feature model is fitted after it
+        features = None if config.fusion == "none" else torch.from_numpy(np.asarray(patchset.node_features, dtype=np.float32))
+        joint = features if config.fusion == "concat" else None
+        if joint is not None:
+            model = FusedNetwork(model, "concat", **standardisation(patchset.node_features[train_idx]))
         optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=config.lr_patience)
         emit({
@@ -594,14 +623,14 @@ def _train(patchset, config, on_event, is_cancelled, splits) -> TrainingResult:
                 if batch.size < 2 and seen:  # batch normalisation cannot train on a single node
                     continue
                 xb = (augment_volume_batch if x.ndim == 5 else augment_batch)(x[batch], generator, config)
-                logits = model(xb)
+                logits = _logits(model, xb, None if joint is None else joint[batch])
                 loss = F.binary_cross_entropy_with_logits(logits, y[batch])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 total += loss.item() * batch.size
                 seen += batch.size
-            val_loss, val_prob = _loss_and_probabilities(model, x_val, y_val)
+            val_loss, val_prob = _loss_and_probabilities(model, x_val, y_val, features=None if joint is None else joint[val_idx])
             lr = optimizer.param_groups[0]["lr"]
             record = {
                 "epoch": epoch, "train_loss": total / max(1, seen), "val_loss": val_loss,
@@ -620,9 +649,13 @@ def _train(patchset, config, on_event, is_cancelled, splits) -> TrainingResult:
                 break
         model.load_state_dict(best_state)
         model.eval()
-        probabilities = {"validation": predict_probabilities(model, x_val)}
-        if test_idx.size:
-            probabilities["test"] = predict_probabilities(model, x[test_idx])
+        if config.fusion == "mean":  # the feature model sees the training part only, like the CNN
+            fitted = fit_feature_logistic(patchset.node_features[train_idx], patchset.y[train_idx], patchset.patient_ids[train_idx], config.seed)
+            model = FusedNetwork(model, "mean", fitted["median"], fitted["mean"], fitted["scale"], fitted["coef"], fitted["intercept"]).eval()
+        rows = {"validation": val_idx, **({"test": test_idx} if test_idx.size else {})}
+        probabilities = {key: predict_probabilities(model, x[idx], features=None if features is None else features[idx]) for key, idx in rows.items()}
+        if features is not None:  # the image branch alone, for the record (its Grad-CAM is what the user sees)
+            probabilities.update({f"{key}_image": predict_probabilities(model.image, x[idx]) for key, idx in rows.items()})
 
     threshold, method = choose_threshold(patchset.y[val_idx], probabilities["validation"], config.threshold_rule)
     metrics = {
@@ -728,7 +761,7 @@ def evaluate_held_out(result: TrainingResult, held_out: dict[str, PatchSet]) -> 
             raise InputError(f"The held-out dataset '{key}' has no usable labelled nodes; label its nodes or leave it out.")
         if patchset.x.shape[1:] != (result.config.patch_spec().channels, result.config.patch_size, result.config.patch_size):
             raise InputError(f"The held-out dataset '{key}' was extracted with another patch spec; rebuild it with the training configuration.")
-        probability = predict_probabilities(result.model, patchset.x)
+        probability = predict_probabilities(result.model, patchset.x, features=patchset.node_features)
         metrics = evaluate(probability, patchset, result.decision_threshold, seed=result.config.seed)
         metrics["dataset"] = patchset.summary()
         out[key] = metrics
