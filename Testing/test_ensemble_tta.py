@@ -253,6 +253,10 @@ def test_crossval_ensemble_with_tta_is_out_of_fold_and_member_zero_is_the_single
     written = crossval.write_crossval(both, tmp_path / "cv")
     rows = (written["metrics.json"].parent / "member_logits.csv").read_text().splitlines()
     assert len(rows) == 1 + 2 * len(patchset)
+    # --first-member 1: the second seed alone, on the same folds (pooled later by bench/ensemble_tta.py)
+    second = crossval.cross_validate(patchset, config, folds=3, seed=3, inner_val_fraction=0.5, n_boot=0, first_member=1)
+    for mode in model.TTA_MODES:
+        np.testing.assert_allclose(second.member_logits[mode][0], logits[mode][1], rtol=0, atol=1e-6)
 
 
 def test_crossval_command_exports_an_ensemble_with_tta_whose_card_matches_the_file(cohort, tmp_path):
@@ -280,4 +284,6 @@ def test_crossval_refuses_tta_the_training_never_saw_before_any_work(cohort, tmp
         crossval.main(base + ["--tta", "flips", "--no-flips"])
     with pytest.raises(InputError, match="ensemble size"):
         crossval.main(base + ["--ensemble", "0"])
+    with pytest.raises(InputError, match="exports nothing"):
+        crossval.main(base + ["--first-member", "1", "--export-model", str(tmp_path / "m.pt")])
     assert not (tmp_path / "cv" / "metrics.json").exists()

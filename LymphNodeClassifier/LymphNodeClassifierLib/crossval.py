@@ -231,6 +231,7 @@ def cross_validate(
     is_cancelled: Callable[[], bool] | None = None,
     ensemble: int = 1,
     tta: str = "none",
+    first_member: int = 0,
 ) -> CrossValResult:
     """k-fold patient-grouped cross-validation of `config` on `patchset` (module docstring).
 
@@ -245,13 +246,16 @@ def cross_validate(
     early stopping still reads the plain validation loss). The threshold is then chosen on the
     inner validation part's combined probabilities. With either, `metrics["ensemble_tta"]` also
     scores every member count (1, K) with every TTA mode from the same runs, and
-    `member_logits` holds each member's OOF logits per TTA mode.
+    `member_logits` holds each member's OOF logits per TTA mode. `first_member` M trains members
+    M..M+K-1 instead (more seeds for an earlier run, on the same folds: `bench/ensemble_tta.py`
+    pools the runs' member_logits.csv).
     """
     started = time.perf_counter()
     seed = config.seed if seed is None else int(seed)
     ensemble = check_ensemble_size(ensemble)
     tta = check_tta_fits_training(tta, config.flips, config.rotation_degrees)
-    combine = ensemble > 1 or tta != "none"
+    first_member = check_first_member(first_member)
+    combine = ensemble > 1 or tta != "none" or first_member > 0
     member_logits = {mode: np.full((ensemble, patchset.y.size), np.nan, dtype=np.float32) for mode in TTA_MODES} if combine else {}
     if not 0.0 < float(inner_val_fraction) < 1.0:
         raise InputError(f"The inner validation fraction must lie between 0 and 1, got {inner_val_fraction!r}; use e.g. 0.2.")
@@ -270,7 +274,7 @@ def cross_validate(
         assert not set(groups[test]) & set(groups[rest]), "a patient in two folds"
         members = []
         for m in range(ensemble):
-            fold_config = replace(config, seed=member_seed(config.seed + k, m))
+            fold_config = replace(config, seed=member_seed(config.seed + k, first_member + m))
             extra = {"fold": k} if ensemble == 1 else {"fold": k, "member": m}
             forward = None if on_event is None else (lambda event, extra=extra: on_event({**event, **extra}))
             members.append(train(patchset, fold_config, on_event=forward, is_cancelled=is_cancelled, splits=(train_idx, validation, test)))
@@ -337,6 +341,12 @@ def member_seed(seed: int, member: int) -> int:
 def check_ensemble_size(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= 20:
         raise InputError(f"The ensemble size must be an integer from 1 to 20, got {value!r}; use e.g. 3 (1: a single model).")
+    return int(value)
+
+
+def check_first_member(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < 100:
+        raise InputError(f"The first ensemble member must be an integer from 0 to 99, got {value!r}; use 0 (a new run) or the member count of the earlier run.")
     return int(value)
 
 
@@ -579,6 +589,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ensemble", type=int, default=1, metavar="K",
                    help="K seeds per fold, each fold's held-out part predicted by their mean logit; with --export-model, K seeds on all nodes in one archive")
     p.add_argument("--tta", default="none", choices=list(TTA_MODES), help="test-time augmentation of the held-out parts, recorded in the exported card")
+    p.add_argument("--first-member", type=int, default=0, metavar="M",
+                   help="train ensemble members M..M+K-1 (seed + k + 100 m): more seeds for an earlier run on the same folds (not with --export-model)")
     p.add_argument("--name", default="LymphNodeClassifier model")
     p.add_argument("--description", default="")
     p.add_argument("--label-definition", default=None)
@@ -614,6 +626,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = config_from_args(args)
     check_writable_folder(args.out)  # before any work: a bad output place must not cost the folds
     check_ensemble_size(args.ensemble)
+    if args.first_member and args.export_model:
+        raise InputError("--first-member adds seeds to an earlier cross-validation run and exports nothing; drop --export-model (export with --ensemble K).")
+    check_first_member(args.first_member)
     check_tta_fits_training(args.tta, config.flips, config.rotation_degrees)
     if config.fusion != "none" and (args.ensemble > 1 or args.tta != "none"):  # not measured together, not exported together
         raise InputError(f"--fusion {config.fusion} does not combine with --ensemble / --tta yet; use one of them.")
@@ -633,7 +648,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"fold {event.get('fold', 'all')}: best epoch {event['best_epoch']} of {event['epochs_run']}, "
                   f"test AUC {_f(event.get('test_auc'))}", flush=True)
 
-    result = cross_validate(patchset, config, args.folds, args.seed, args.inner_val, args.bootstrap, on_event=show, ensemble=args.ensemble, tta=args.tta)
+    result = cross_validate(patchset, config, args.folds, args.seed, args.inner_val, args.bootstrap, on_event=show, ensemble=args.ensemble, tta=args.tta,
+                            first_member=args.first_member)
     result.metrics["command"] = command
     write_crossval(result, args.out, title=f"{dataset.name}: {config.model_name}, {config.views}, window {config.window[0]:g}..{config.window[1]:g} HU")
     m = result.metrics

@@ -20,6 +20,14 @@ sign. A map with no positive evidence for its class stays all zero. With a head 
 pooled features (small_resnet) the map's mean before the ReLU is (s - (+/-) bias) / (h w), so a
 node whose predicted class won by more than the bias always gets a non-empty map.
 
+Ensembles (``model.Ensemble``, k members in one file) need nothing here: their ``features`` are the
+members' maps stacked along the channels and their ``head`` the mean of the members' heads, so the
+map above is Grad-CAM of the ensemble's own logit, ReLU of the mean of the members' weighted sums
+(of k identical members: the member's map). Test-time augmentation (a card's ``preprocessing.tta``)
+is not applied here: the map explains the untransformed patch, and ``return_logits`` gives its
+plain logits, while ``inference.predict`` reports the mean over the TTA copies. The pipeline passes
+its reported classes as ``target``, so a map always explains the class shown for its node.
+
 ``cam_to_volume`` turns the per-node 2D maps into one float32 SimpleITK image on the CT's voxel grid.
 """
 
