@@ -265,3 +265,16 @@ def test_gradcam_of_a_fused_model_is_gradcam_of_its_image_branch(cohort, trained
     batch = cohort["patchset"].x[:6]
     classes = np.array([0, 1, 0, 1, 1, 0])
     np.testing.assert_array_equal(gradcam(fused, batch, target=classes), gradcam(image_only, batch, target=classes))
+
+
+def test_evaluate_scores_a_fused_model_by_its_fused_probability(cohort, trained):
+    from LymphNodeClassifierLib.evaluate import evaluate_dataset
+
+    patchset = cohort["patchset"]
+    loaded = load_model(trained["mean"]["path"])
+    evaluation = evaluate_dataset(loaded, cohort["dataset"], n_boot=0)
+    rows = {(r["case_id"], r["label_value"]): r["probability"] for r in evaluation.predictions()}
+    fused, image = predict_fused(loaded, patchset.x, patchset.node_features)
+    got = np.array([rows[(str(c), int(v))] for c, v in zip(patchset.case_ids, patchset.label_values)])
+    np.testing.assert_allclose(got, fused, atol=1e-6)
+    assert not np.allclose(got, image)

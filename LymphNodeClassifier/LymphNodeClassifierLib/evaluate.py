@@ -51,6 +51,7 @@ from .fileio import atomic_path, atomic_write_json, atomic_write_text, check_wri
 from .metrics import METRIC_NAMES, binary_metrics, bootstrap_ci, calibration, json_safe, plot_reliability, roc_points
 from .model import LoadedModel, load_model
 from .model_registry import choose_model
+from .fusion import attach_features
 from .patchset import PatchSet, build_patchset
 from .validate import InputPolicy, add_input_options
 
@@ -192,6 +193,7 @@ def evaluate_patchset(
     `threshold` defaults to the card's decision threshold. The patch set must have been built
     with the card's preprocessing (checked).
     """
+    from .fusion import predict_fused, uses_node_features
     from .inference import predict
 
     if not isinstance(model, LoadedModel):
@@ -201,7 +203,12 @@ def evaluate_patchset(
         raise InputError("There is no labelled, non-excluded node to evaluate; label some nodes (or include excluded ones) first.")
     source = "model card" if threshold is None else "given"
     threshold = model.decision_threshold if threshold is None else threshold
-    probability = predict(model, patchset.x, batch_size=batch_size)
+    if uses_node_features(model.card):  # a fused model (fusion.py): its fused probability, from the nodes' features
+        if patchset.node_features is None:
+            raise InputError("This model fuses node features; build the patch set's features with fusion.attach_features first.")
+        probability = predict_fused(model, patchset.x, patchset.node_features, batch_size=batch_size)[0]
+    else:
+        probability = predict(model, patchset.x, batch_size=batch_size)
     metrics = evaluate_predictions(patchset, probability, threshold, n_boot=n_boot, seed=seed, size_threshold_mm=size_threshold_mm)
     metrics["threshold_source"] = source
     metrics["threshold_rule"] = threshold_rule_of(model.card) if source == "model card" else "given by the caller"
@@ -337,6 +344,7 @@ def evaluate_dataset(
         data, patch_spec_from_card(loaded.card), window_from_card(loaded.card), cache_dir=cache_dir,
         progress=progress, is_cancelled=is_cancelled, policy=policy,
     )
+    attach_features(data, patchset, loaded.card, cache_dir, is_cancelled=is_cancelled)  # a fused model's card asks for them
     if len(patchset) == 0:
         raise InputError(f"The dataset {data.folder} has no labelled, non-excluded node to evaluate; label some nodes (or include excluded ones) first.")
     evaluation = evaluate_patchset(loaded, patchset, threshold, n_boot=n_boot, seed=seed)

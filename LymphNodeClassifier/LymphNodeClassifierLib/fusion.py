@@ -84,8 +84,10 @@ def patchset_features(
 
 
 def attach_features(dataset, patchset, config, cache_dir: str | Path | None = None, **kwargs):
-    """`patchset` with `node_features` filled (`patchset_features`) when `config.fusion` needs them."""
-    if check_fusion(config.fusion) != "none" and patchset.node_features is None and len(patchset):
+    """`patchset` with `node_features` filled (`patchset_features`) when `config.fusion` (a
+    TrainingConfig) or a model card (`preprocessing.node_features`) needs them."""
+    needed = uses_node_features(config) if isinstance(config, dict) else check_fusion(config.fusion) != "none"
+    if needed and patchset.node_features is None and len(patchset):
         patchset.node_features = patchset_features(dataset, patchset, cache_dir, **kwargs)
     return patchset
 

@@ -340,6 +340,7 @@ def evaluate_other_model(model_path: Path, dataset, test, n_boot: int, seed: int
     """Metrics of another model on exactly the nodes of the PatchSet `test` (its own preprocessing)."""
     from .evaluate import evaluate_patchset
     from .model import load_model
+    from .fusion import attach_features
     from .patchset import build_patchset
     from .pipeline import patch_spec_from_card, window_from_card
 
@@ -349,6 +350,7 @@ def evaluate_other_model(model_path: Path, dataset, test, n_boot: int, seed: int
         info["name"] = str(loaded.card.get("name", ""))
         sub = _subset_dataset(dataset, set(test.case_ids.tolist()))
         patchset = build_patchset(sub, patch_spec_from_card(loaded.card), window_from_card(loaded.card), cache_dir=cache_dir, is_cancelled=is_cancelled)
+        attach_features(sub, patchset, loaded.card, cache_dir, is_cancelled=is_cancelled)  # a fused model's card asks for them
         index = {key: i for i, key in enumerate(_node_keys(patchset))}
         missing = [key for key in _node_keys(test) if key not in index]
         if missing:
@@ -421,6 +423,7 @@ def run(args: argparse.Namespace, emit: Callable[[dict], None], cancel: Cancella
     from . import model_registry
     from .dataset import Dataset
     from .fileio import atomic_write_json
+    from .fusion import attach_features
     from .patchset import build_patchset
     from .training import export_trained_model, train
 
@@ -453,6 +456,7 @@ def run(args: argparse.Namespace, emit: Callable[[dict], None], cancel: Cancella
         progress=lambda done, total: emit({"event": "patches", "done": int(done), "total": int(total)}),
         is_cancelled=cancel,
     )
+    attach_features(dataset, patchset, config, args.cache, is_cancelled=cancel)  # --fusion: the nodes' measured features
     emit({"event": "data", **patchset.summary(), "problems": len(patchset.problems), "problem_examples": patchset.problems[:20]})
 
     folds = int(args.folds)

@@ -58,7 +58,7 @@ from .errors import CancelledError, InputError, OneLineArgumentParser
 from .fileio import check_writable_file
 from .inference import deterministic
 from .metrics import binary_metrics, bootstrap_ci, calibration, choose_threshold, json_safe, threshold_rule_name, youden_threshold  # noqa: F401 (youden_threshold: public here too)
-from .fusion import card_block as fusion_card_block, check_fusion, fit_feature_logistic, standardisation
+from .fusion import attach_features, card_block as fusion_card_block, check_fusion, fit_feature_logistic, standardisation
 from .model import FusedNetwork, build_model, export_torchscript, new_card
 from .patches import DEFAULT_STACK_OFFSET_MM, FOV_RULES, STACK_MODES, VIEW_MODES, PatchSpec
 from .patchset import PatchSet, build_patchset
@@ -840,6 +840,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--noise-grain", type=float, default=0.0,
                         help="with --noise: correlated noise, smoothed with a Gaussian of sigma up to this many pixels (a CT kernel's grain, e.g. 1.5)")
     parser.add_argument("--zoom-jitter", type=float, default=0.0, help="geometric augmentation: scale 1 +- this (e.g. 0.1; it also changes the apparent node size)")
+    parser.add_argument("--fusion", choices=["none", "mean", "concat"], default=defaults.fusion,
+                        help="node features beside the CNN: mean (CNN + feature logistic regression, mean probability) or concat (end to end); fusion.py")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's setting)")
     parser.add_argument("--workers", type=int, default=1, help="processes for patch extraction")
     parser.add_argument("--cache", default=None, help="folder for cached patch arrays (reused while the data are unchanged)")
@@ -883,7 +885,7 @@ def run(args: argparse.Namespace, command: str) -> int:
         rotation_degrees=args.rotation, translation_px=translation, flips=not args.no_flips, seed=args.seed,
         num_threads=args.threads, fov_rule=args.fov_rule, threshold_rule=args.threshold_rule, split_fractions=fractions,
         intensity_jitter=args.intensity_jitter, blur_sigma_px=args.blur, noise_std=args.noise,
-        noise_grain_px=args.noise_grain, zoom_jitter=args.zoom_jitter,
+        noise_grain_px=args.noise_grain, zoom_jitter=args.zoom_jitter, fusion=args.fusion,
     )
     check_exportable(config)
     # before any work: a model must never be lost to an unwritable --out after training
@@ -896,6 +898,7 @@ def run(args: argparse.Namespace, command: str) -> int:
     print(f"patches: {len(patchset)} nodes from {patchset.n_cases} cases ({'cache' if patchset.from_cache else f'{time.perf_counter() - t0:.1f} s'}), "
           f"{int(patchset.y.sum())} metastatic, fingerprint {patchset.fingerprint[:12]}", flush=True)
     _print_problems(patchset.problems, args.dataset)
+    attach_features(dataset, patchset, config, args.cache)
 
     def show(event: dict) -> None:
         if event["event"] == "epoch":
@@ -908,6 +911,7 @@ def run(args: argparse.Namespace, command: str) -> int:
         held_patchset = build_patchset(held_dataset, config.patch_spec(), config.window, cache_dir=args.cache, workers=args.workers,
                                        policy=InputPolicy.from_args(args))
         _print_problems(held_patchset.problems, folder)
+        attach_features(held_dataset, held_patchset, config, args.cache)
         key = held_dataset.name or Path(folder).name
         held_sets[key if key not in held_sets else f"{key} ({folder})"] = held_patchset
 
