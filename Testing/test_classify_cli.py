@@ -187,3 +187,27 @@ def test_classify_and_evaluate_count_the_same_nodes_as_the_import_defined_them(t
         evaluated[row["case_id"]] = evaluated.get(row["case_id"], 0) + 1
     capsys.readouterr()
     assert classified == evaluated == expected
+
+
+@pytest.mark.parametrize("command, preset, expected", [("classify", None, "PASSIVE"), ("classify", "ACTIVE", "ACTIVE"), ("explore", None, None)])
+def test_classify_sets_openmps_passive_wait_before_torch_loads(command, preset, expected):
+    """libgomp reads OMP_WAIT_POLICY once, when torch loads it: the dispatcher must set it before any
+    import of torch, for classify only, and never over the user's own value."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import os, sys\n"
+        "from LymphNodeClassifierLib import cli\n"
+        "assert 'torch' not in sys.modules, 'torch loaded before the dispatcher could set OpenMP up'\n"
+        "try:\n"
+        f"    cli.main([{command!r}, '--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print('policy=' + str(os.environ.get('OMP_WAIT_POLICY')))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | ({"OMP_WAIT_POLICY": preset} if preset else {})
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == f"policy={expected}"

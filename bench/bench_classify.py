@@ -12,6 +12,8 @@ On a 512 x 512 x ~110 phantom CT with ~10 nodes (written to NRRD first):
   (`--jit-study`: profiling executor on/off, optimisation off, freeze, optimize_for_inference,
   fusion strategy) on the first and later calls.
 Run: `python bench/bench_classify.py [--repeats N] [--seed S] [--tilt] [--model M] [--cold K] [--jit-study]`.
+The model loads while the images are read, and torch's OpenMP threads wait passively, both as
+`classify --ct` runs (classify.classify_case_files, cli.OPENMP_SETTINGS).
 """
 
 from __future__ import annotations
@@ -28,9 +30,15 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "LymphNodeClassifier"))
+
+from LymphNodeClassifierLib.cli import OPENMP_SETTINGS  # noqa: E402
+
+for _name, _value in OPENMP_SETTINGS.items():  # as `classify` runs (children inherit it); OMP_WAIT_POLICY=ACTIVE ... measures without
+    os.environ.setdefault(_name, _value)
+
+import torch  # noqa: E402
 
 from LymphNodeClassifierLib.classify import DEFAULT_MODEL_PATH  # noqa: E402
 from LymphNodeClassifierLib.geometry import prepare_label_image  # noqa: E402
@@ -215,6 +223,7 @@ def main() -> int:
 
     results = {
         "load_average_1min_at_start": round(load_at_start, 2),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "ct_read_s": round(read_s, 4),
         "patches_local_s": round(local_s, 4),
         "patches_whole_volume_s": round(whole_s, 4),

@@ -41,6 +41,14 @@ COMMANDS = {
 }
 
 
+# torch's OpenMP threads otherwise spin between parallel regions: on a machine whose other core is
+# busy, the model and Grad-CAM stages of a classify took ~8x longer (load 8-9: 2.5-2.9 s and 1.5 s
+# vs 0.3-0.4 s and 0.3-0.5 s for 10 nodes); unloaded it costs nothing measurable. Set before torch
+# is imported (libgomp reads it once, when loaded); a user's own setting wins. Inherited by --workers.
+OPENMP_SETTINGS = {"OMP_WAIT_POLICY": "PASSIVE"}
+OPENMP_COMMANDS = ("classify", "demo")
+
+
 def usage() -> str:
     lines = ["usage: python -m LymphNodeClassifierLib <command> [options]", "", "commands:"]
     lines += [f"  {name:<10} {help_text}" for name, (_, _, help_text) in COMMANDS.items()]
@@ -71,6 +79,9 @@ def _dispatch(argv: Sequence[str] | None) -> int:
         print(f"error: unknown command '{command}'; choose one of: {', '.join(COMMANDS)} (see --help).", file=sys.stderr)
         return 2
     module_name, function_name, _ = COMMANDS[command]
+    if command in OPENMP_COMMANDS:
+        for name, value in OPENMP_SETTINGS.items():
+            os.environ.setdefault(name, value)
     module_path = module_name if "." in module_name else f"{__package__}.{module_name}"
     function = getattr(importlib.import_module(module_path), function_name)
     return exit_code(lambda: function(rest))
