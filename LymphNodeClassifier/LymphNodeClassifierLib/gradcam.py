@@ -268,6 +268,15 @@ def _node_cam_region(cam: np.ndarray, patch: Any, grid: _CtGrid) -> tuple[np.nda
         rc = _affine_on_grid(matrix, solve @ (grid.origin - origin), plane_axes)
         inside &= (rc[0] >= lo_r) & (rc[0] <= hi_r) & (rc[1] >= lo_c) & (rc[1] <= hi_c)
         coordinates.append(rc)
+    if extrusion is None and all(rc.shape[1:] != shape for rc in coordinates):
+        # Every view is flat along a CT axis (an axial CT): multiply the three small planes by
+        # broadcasting instead of gathering each voxel inside the cube, ~3x faster. Same float64
+        # products in the same view order as below, so the same values.
+        product = None
+        for rc in coordinates:
+            plane = _bilinear(cam, rc[0].ravel(), rc[1].ravel()).reshape(rc.shape[1:])
+            product = plane if product is None else product * plane
+        return lower, np.where(inside, np.cbrt(np.broadcast_to(product, shape)), 0.0).astype(np.float32)
     inside = inside.ravel()
     if extrusion is not None:
         origin, normal, z_lo, z_hi = extrusion
