@@ -43,8 +43,9 @@ COMMANDS = {
 
 # torch's OpenMP threads otherwise spin between parallel regions: on a machine whose other core is
 # busy, the model and Grad-CAM stages of a classify took ~8x longer (load 8-9: 2.5-2.9 s and 1.5 s
-# vs 0.3-0.4 s and 0.3-0.5 s for 10 nodes); unloaded it costs nothing measurable. Set before torch
-# is imported (libgomp reads it once, when loaded); a user's own setting wins. Inherited by --workers.
+# vs 0.3-0.4 s and 0.3-0.5 s for 10 nodes); on an idle machine passive waiting costs a thread wake-up
+# per parallel region (microseconds). Set before torch is imported (libgomp reads it once, when
+# loaded); a user's own setting wins. Inherited by --workers.
 OPENMP_SETTINGS = {"OMP_WAIT_POLICY": "PASSIVE"}
 OPENMP_COMMANDS = ("classify", "demo")
 
