@@ -52,6 +52,8 @@ def test_model_is_small_and_its_card_complete(card):
     assert cv["n"] == 603 and cv["folds"] == 5 and cv["patients"] == 343
     assert set(cv["size_rules"]) == {"short_axis_mm", "long_axis_mm"}
     assert card["preprocessing"]["window_low"] == -1000 and card["preprocessing"]["window_high"] == 400
+    # the CNN fused with the nodule's measured features (fusion.py): the card lists them, the command asks for them
+    assert card["preprocessing"]["node_features"]["fusion"] == "mean" and "--fusion mean" in command
 
 
 @needs_model
@@ -67,6 +69,9 @@ def test_oof_predictions_reproduce_the_cards_cross_validated_metrics(card):
     assert recall_score(y, pred) == cv["sensitivity"]
     assert recall_score(1 - y, 1 - pred) == cv["specificity"]
     assert roc_auc_score(y, [float(r["long_axis_mm"]) for r in rows]) == cv["size_rules"]["long_axis_mm"]["auc"]
+    # the image branch's own OOF probabilities are in the file too; the fused ones are what the card reports
+    image = np.array([float(r["image_probability"]) for r in rows])
+    assert roc_auc_score(y, image) != cv["auc"]
     folds: dict[str, set] = {}
     for r in rows:
         folds.setdefault(r["patient_id"], set()).add(r["fold"])

@@ -83,7 +83,7 @@ def test_nested_oof_never_chooses_on_the_held_out_fold(monkeypatch):
 def test_documented_baselines_are_recomputed_from_their_oof_file():
     with open(BASELINES, newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
-    cnn = {row["case_id"]: row for row in csv.DictReader(open(ROOT / "docs" / "lidc_oof_predictions.csv", newline="", encoding="utf-8"))}
+    cnn = {row["case_id"]: row for row in csv.DictReader(open(ROOT / "docs" / "lidc_cnn_v1_oof_predictions.csv", newline="", encoding="utf-8"))}
     assert len(rows) == len(cnn) == 603
     for row in rows:  # the CNN's own folds, labels and OOF probabilities
         assert int(row["fold"]) == int(cnn[row["case_id"]]["fold"]) and int(row["label"]) == int(cnn[row["case_id"]]["label"])

@@ -1,6 +1,6 @@
 """LIDC-IDRI: classical baselines and image + measurement stacking on the CNN's own patient folds.
 
-    python bench/bench_radiomics.py [--data ../shared/data/lidc-nodules] [--cnn docs/lidc_oof_predictions.csv]
+    python bench/bench_radiomics.py [--data ../shared/data/lidc-nodules] [--cnn docs/lidc_cnn_v1_oof_predictions.csv]
         [--work /tmp/lidc-radiomics] [--oof-out docs/lidc_baselines_oof.csv] [--json-out FILE]
 
 Every model here is scored out of fold on EXACTLY the folds of the CNN's cross-validation (the
@@ -214,7 +214,7 @@ def markdown(results: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "lidc-nodules"))
-    parser.add_argument("--cnn", default=str(ROOT / "docs" / "lidc_oof_predictions.csv"), help="the CNN's crossval predictions.csv")
+    parser.add_argument("--cnn", default=str(ROOT / "docs" / "lidc_cnn_v1_oof_predictions.csv"), help="the CNN's crossval predictions.csv")
     parser.add_argument("--work", default="/tmp/lidc-radiomics", help="feature caches and the imported dataset")
     parser.add_argument("--oof-out", default=None, help="CSV of every model's OOF probability per node")
     parser.add_argument("--json-out", default=None)

@@ -10,7 +10,7 @@ in this set is 32 mm across) keep a 5-fold run of the small ResNet at a few minu
 
 Fusion (issue 13 item 1; `crossval --fusion mean|concat`, fusion.py):
 
-    python bench/lidc_experiments.py fusion-mean-from-cnn --cnn docs/lidc_oof_predictions.csv --run OUT/fusion_mean_shipped_cnn
+    python bench/lidc_experiments.py fusion-mean-from-cnn --cnn docs/lidc_cnn_v1_oof_predictions.csv --run OUT/fusion_mean_shipped_cnn
     python bench/lidc_experiments.py fusion-score --run DIR [--run DIR ...]
 
 `fusion-mean-from-cnn` is `crossval --fusion mean` without retraining the CNN: the shipped
@@ -268,7 +268,7 @@ def main() -> int:
     parser.add_argument("--out", default="/tmp/lidc-work/runs")
     parser.add_argument("--cache", default="/tmp/lidc-work/cache")
     parser.add_argument("what", choices=["grid", "table", "suspects", "record", "fusion-mean-from-cnn", "fusion-score"])
-    parser.add_argument("--cnn", default="docs/lidc_oof_predictions.csv", help="fusion: the shipped CNN's OOF predictions (same folds)")
+    parser.add_argument("--cnn", default="docs/lidc_cnn_v1_oof_predictions.csv", help="fusion: the CNN-only model 1.0.0's OOF predictions (same folds)")
     parser.add_argument("--baselines", default="docs/lidc_baselines_oof.csv", help="fusion-score: every baseline's OOF probability")
     parser.add_argument("--run", default=None, action="append", help="suspects: the crossval output folder to rank; fusion-*: the run folder(s)")
     parser.add_argument("--image", default="docs/images/lidc_top_suspects.png")
