@@ -22,6 +22,7 @@ from LymphNodeClassifierLib.patches import PatchSpec, extract_patches
 from LymphNodeClassifierLib.patchset import PatchSet
 from LymphNodeClassifierLib.pipeline import classify_images, patch_spec_from_card
 from LymphNodeClassifierLib.training import TrainingConfig, augment_volume_batch, train
+from LymphNodeClassifierLib.training import main as train_main
 from helpers import TILTED
 
 WINDOW = (-1000.0, 400.0)
@@ -196,6 +197,12 @@ def test_volume_export_is_refused_before_any_work(tmp_path, capsys):
             "--patch-size", "16", "--translation", "2", "--export-model", str(tmp_path / "m.pt")]
     with pytest.raises(InputError, match="cross-validated only"):
         crossval_main(argv)
+    assert not (tmp_path / "m.pt").exists()
+    # `train` always exports: it answers with the same one line and exit code 2
+    code = train_main(["--dataset", str(tmp_path / "no-such-dataset"), "--out", str(tmp_path / "m.pt"), "--architecture", "resnet3d",
+                       "--views", "volume", "--patch-size", "16", "--translation", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "cross-validated only" in err[0] and "Traceback" not in err[0]
     assert not (tmp_path / "m.pt").exists()
 
 
