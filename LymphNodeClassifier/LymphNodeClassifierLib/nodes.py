@@ -266,13 +266,19 @@ def _axes_on_axial_slices(image: sitk.Image, mask: np.ndarray, crop_start_ijk: t
     best = AxialAxes()
     matrix = index_to_physical_matrix(image)  # once per node, not per slice (physical_points_of_indices' arithmetic)
     linear, offset = matrix[:3, :3].T, matrix[:3, 3]
+    slices = []
     for k in np.flatnonzero(mask.any(axis=(1, 2))):
         faces_ij = _boundary_face_points(mask[k]) + (i0, j0)
         faces_ijk = np.column_stack([faces_ij, np.full(len(faces_ij), float(k0 + k))])
         faces_lps = faces_ijk @ linear + offset  # one z: the slice is axial
-        # A slice whose bounding-box diagonal (>= its largest diameter) falls short of the best so far
-        # cannot replace it under the rule below: skip its hull (same result, ~half the slices).
-        if np.hypot(*np.ptp(faces_lps[:, :2], axis=0)) < best.long_axis_mm - 1e-9:
+        slices.append((faces_lps, np.ptp(faces_lps[:, :2], axis=0)))
+    # A slice's largest diameter lies between its widest x or y extent and its bounding-box diagonal.
+    # A slice whose diagonal falls short of the best so far, or of the widest extent of any slice
+    # (less a margin far above float noise and far below any two different voxel-face distances),
+    # can neither be the longest nor tie with it under the rule below: skip its hull (same result).
+    widest = max(float(extent.max()) for _, extent in slices) if slices else 0.0
+    for faces_lps, extent in slices:
+        if np.hypot(*extent) < max(best.long_axis_mm - 1e-9, widest - 1e-6):
             continue
         long_mm, short_mm, long_ends_xy, short_ends_xy = _feret_axes(faces_lps[:, :2])
         if long_mm > best.long_axis_mm + 1e-9 or (abs(long_mm - best.long_axis_mm) <= 1e-9 and short_mm > best.short_axis_mm):
