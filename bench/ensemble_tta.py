@@ -8,7 +8,8 @@ Each RUN is a `crossval --tta MODE [--ensemble K] [--first-member M]` output fol
 `predictions.csv`). The runs' members are pooled in order (a run with `--first-member 1` adds
 seed 1 to a run of member 0 on the same folds), then every (members 1..K) x (TTA mode) variant
 is scored: OOF AUC with its patient-bootstrap 95 % CI, the paired differences to the long axis,
-to the shipped CNN's own OOF probabilities (`--shipped`, the same nodes and folds) and to the
+to the first run's seed-0 model without TTA (the gain of seeds / TTA on the same folds), to the
+shipped CNN's own OOF probabilities (`--shipped`, the same nodes and folds) and to the
 best classical combination so far (mean of CNN and node-feature model, `--baselines`), Brier
 score and ECE; and, unfitted, the mean of each variant's probability with the node-feature
 model's OOF probability (the "fusion" mean). Nothing is chosen on a held-out fold: every variant
@@ -79,10 +80,11 @@ def main(argv=None) -> int:
     features = np.array([float(baselines[c]["node_features"]) for c in cases])
     best_so_far = np.array([float(baselines[c]["mean_cnn+node_features"]) for c in cases])
     n_boot = args.bootstrap
+    member0 = _sigmoid(logits["none"][0])  # the first run's single model without TTA: the paired reference of every gain
 
     def score(name: str, p: np.ndarray) -> dict:
         row = {"variant": name, "auc": _auc(y, p), "auc_ci95": list(bootstrap_ci(y, p, 0.5, n_boot=n_boot, groups=groups)["auc"])}
-        for other, reference in (("long_axis", long_axis), ("shipped_cnn", cnn), ("mean_cnn+node_features", best_so_far)):
+        for other, reference in (("long_axis", long_axis), ("seed0_no_tta", member0), ("shipped_cnn", cnn), ("mean_cnn+node_features", best_so_far)):
             d = paired_auc_difference(y, p, reference, groups, n_boot)
             row[f"minus_{other}"] = {"difference": d["difference"], "ci95": d["ci95"], "p_not_better": d["p_not_better"]}
         cal = calibration(y, p)
@@ -91,7 +93,6 @@ def main(argv=None) -> int:
 
     members = next(iter(logits.values())).shape[0]
     results = []
-    member0 = _sigmoid(logits["none"][0])
     results.append({"check": "member 0 without TTA vs the shipped CNN's OOF probabilities", "max_abs_difference": float(np.abs(member0 - cnn).max())})
     for count in range(1, members + 1):
         for mode in logits:
@@ -103,11 +104,12 @@ def main(argv=None) -> int:
         return f"[{pair[0]:+.3f}, {pair[1]:+.3f}]"
 
     print(f"{results[0]['check']}: max |difference| {results[0]['max_abs_difference']:.2e}")
-    print("| variant | OOF AUC [95 % CI] | − long axis [CI] | − shipped CNN [CI] | − mean CNN+node features [CI] | ECE | Brier |")
-    print("|---|---|---|---|---|---|---|")
+    print("| variant | OOF AUC [95 % CI] | − long axis [CI] | − seed 0 without TTA [CI] | − shipped CNN [CI] | − mean CNN+node features [CI] | ECE | Brier |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results[1:]:
         print(f"| {r['variant']} | {r['auc']:.3f} [{r['auc_ci95'][0]:.3f}, {r['auc_ci95'][1]:.3f}] | "
               f"{r['minus_long_axis']['difference']:+.3f} {ci(r['minus_long_axis']['ci95'])} | "
+              f"{r['minus_seed0_no_tta']['difference']:+.3f} {ci(r['minus_seed0_no_tta']['ci95'] or [0.0, 0.0])} | "
               f"{r['minus_shipped_cnn']['difference']:+.3f} {ci(r['minus_shipped_cnn']['ci95'])} | "
               f"{r['minus_mean_cnn+node_features']['difference']:+.3f} {ci(r['minus_mean_cnn+node_features']['ci95'])} | "
               f"{r['ece']:.3f} | {r['brier']:.3f} |")
