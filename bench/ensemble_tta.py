@@ -1,6 +1,6 @@
 """LIDC-IDRI: seed ensembles and test-time augmentation, out of fold on the shipped CNN's folds.
 
-    python bench/ensemble_tta.py RUN [RUN ...] [--shipped docs/lidc_oof_predictions.csv]
+    python bench/ensemble_tta.py RUN [RUN ...] [--shipped docs/lidc_cnn_v1_oof_predictions.csv]
         [--baselines docs/lidc_baselines_oof.csv] [--bootstrap 1000] [--json-out FILE]
 
 Each RUN is a `crossval --tta MODE [--ensemble K] [--first-member M]` output folder (its
@@ -9,7 +9,7 @@ Each RUN is a `crossval --tta MODE [--ensemble K] [--first-member M]` output fol
 seed 1 to a run of member 0 on the same folds), then every (members 1..K) x (TTA mode) variant
 is scored: OOF AUC with its patient-bootstrap 95 % CI, the paired differences to the long axis,
 to the first run's seed-0 model without TTA (the gain of seeds / TTA on the same folds), to the
-shipped CNN's own OOF probabilities (`--shipped`, the same nodes and folds) and to the
+CNN-only 1.0.0 model's OOF probabilities (`--shipped`, the same nodes and folds) and to the
 best classical combination so far (mean of CNN and node-feature model, `--baselines`), Brier
 score and ECE; and, unfitted, the mean of each variant's probability with the node-feature
 model's OOF probability (the "fusion" mean). Nothing is chosen on a held-out fold: every variant
@@ -57,7 +57,7 @@ def read_run(run: Path) -> tuple[list[str], np.ndarray, dict[str, np.ndarray]]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path)
-    parser.add_argument("--shipped", type=Path, default=Path("docs/lidc_oof_predictions.csv"))
+    parser.add_argument("--shipped", type=Path, default=Path("docs/lidc_cnn_v1_oof_predictions.csv"))
     parser.add_argument("--baselines", type=Path, default=Path("docs/lidc_baselines_oof.csv"))
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--json-out", type=Path, default=None)
