@@ -444,6 +444,12 @@ def augment_volume_batch(x: torch.Tensor, generator: torch.Generator, config: Tr
     return out
 
 
+# 3-D context (docs/LIDC_RESULTS.md, "3-D context": they did not beat the 2D views): options of the train
+# and crossval commands that the Training tab does not offer.
+COMMAND_LINE_ONLY_VIEWS = ("triplanar_stack", "volume")
+COMMAND_LINE_ONLY_ARCHITECTURES = ("resnet3d",)
+
+
 def check_exportable(config: TrainingConfig) -> None:
     """Refuse, before any work, a configuration whose model cannot yet be exported and classify a CT."""
     if config.views == "volume":
