@@ -19,7 +19,7 @@ from scipy.stats import hypergeom
 
 from LymphNodeClassifierLib import cli
 from LymphNodeClassifierLib.errors import InputError
-from LymphNodeClassifierLib.node_features import FEATURE_NAMES, feature_matrix, node_features
+from LymphNodeClassifierLib.node_features import FEATURE_NAMES, feature_matrix, feret_diameter, node_features
 from LymphNodeClassifierLib.nodes import extract_nodes
 from LymphNodeClassifierLib.patchset import build_patchset
 from LymphNodeClassifierLib.phantoms import generate_cohort
@@ -99,6 +99,36 @@ def test_features_do_not_depend_on_the_direction_matrix_or_slice_thickness():
         for name in ("pv_elongation_major_minor", "pv_elongation_major_middle"):
             assert other[name] == pytest.approx(reference[name], abs=0.1), (name, spacing)
         assert other["log_volume_mm3"] == pytest.approx(reference["log_volume_mm3"], abs=0.12)
+
+
+def _itk_feret_diameter(binary):
+    statistics = sitk.LabelShapeStatisticsImageFilter()
+    statistics.ComputeFeretDiameterOn()
+    statistics.Execute(binary)
+    return statistics.GetFeretDiameter(1)
+
+
+@pytest.mark.parametrize("shape", ["ellipsoid", "slab", "line", "touches_border", "two_blobs"])
+def test_feret_diameter_is_itks_on_the_hull(shape):
+    """The hull's farthest pair equals ITK's all-pairs Feret diameter, flat and collinear masks included."""
+    rng = np.random.default_rng(7)
+    mask = np.zeros((12, 30, 26), dtype=np.uint8)  # (k, j, i)
+    k, j, i = np.meshgrid(*[np.arange(n) for n in mask.shape], indexing="ij")
+    if shape == "ellipsoid":
+        mask[((i - 13) / 9.3) ** 2 + ((j - 15) / 6.1) ** 2 + ((k - 6) / 4.2) ** 2 <= 1] = 1
+        mask[rng.random(mask.shape) < 0.05] = 0  # holes and a ragged outline
+    elif shape == "slab":  # one slice thick: coplanar boundary, no 3-D hull
+        mask[5, 4:25, 3:20] = 1
+    elif shape == "line":
+        mask[6, 10, 2:23] = 1
+    elif shape == "touches_border":  # voxels on the image border count as boundary
+        mask[0:5, 0:30, 10:26] = 1
+    else:
+        mask[2:5, 2:6, 2:6] = 1
+        mask[8:11, 22:27, 19:24] = 1
+    binary = sitk.GetImageFromArray(mask)
+    binary.SetSpacing((0.5, 0.7, 1.3))
+    assert feret_diameter(binary) == pytest.approx(_itk_feret_diameter(binary), abs=1e-9)
 
 
 def test_a_round_node_is_less_elongated_than_an_oval_one(oblique_node):

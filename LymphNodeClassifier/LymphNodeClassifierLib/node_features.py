@@ -39,7 +39,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 import SimpleITK as sitk
-from scipy import stats
+from scipy import ndimage, stats
+from scipy.spatial import ConvexHull, QhullError
 
 from .dataset import Dataset
 from .errors import CancelledError, InputError
@@ -96,7 +97,7 @@ def _shape(mask: sitk.Image) -> dict[str, float]:
     binary = sitk.Cast(smooth > 0.5, sitk.sitkUInt8)
     statistics = sitk.LabelShapeStatisticsImageFilter()
     statistics.ComputePerimeterOn()
-    statistics.ComputeFeretDiameterOn()
+    statistics.ComputeFeretDiameterOff()  # ITK compares every pair of boundary voxels: feret_diameter does it on the hull
     statistics.Execute(binary)
     if not statistics.HasLabel(1):  # a node of a voxel or two vanishes at 0.5: its volume only, no shape
         return {"log_volume_mm3": math.log(max(float(np.prod(spacing)) * float(sitk.GetArrayViewFromImage(mask).sum()), 1e-3)),
@@ -105,6 +106,7 @@ def _shape(mask: sitk.Image) -> dict[str, float]:
     surface = statistics.GetPerimeter(1)
     equivalent_diameter = 2.0 * statistics.GetEquivalentSphericalRadius(1)
     moments = statistics.GetPrincipalMoments(1)
+    feret = feret_diameter(binary)
     flat = min(moments) <= 0  # a node one voxel thick: no third axis, elongation / flatness undefined
     return {
         "log_volume_mm3": math.log(max(volume, 1e-3)),
@@ -113,8 +115,32 @@ def _shape(mask: sitk.Image) -> dict[str, float]:
         "roundness": statistics.GetRoundness(1) if surface > 0 else math.nan,
         # the digital surface over-estimates a sphere's area, so this stays below 1 except for tiny nodes
         "sphericity": min(1.0, (math.pi ** (1 / 3)) * (6 * volume) ** (2 / 3) / surface) if surface > 0 else math.nan,
-        "feret_to_equivalent_diameter": statistics.GetFeretDiameter(1) / equivalent_diameter if statistics.GetFeretDiameter(1) > 0 else math.nan,
+        "feret_to_equivalent_diameter": feret / equivalent_diameter if feret > 0 else math.nan,
     }
+
+
+def feret_diameter(binary: sitk.Image) -> float:
+    """The largest distance (mm) between the centres of two boundary voxels of a binary mask.
+
+    The same value as ITK's LabelShapeStatistics Feret diameter (boundary: a voxel of the mask with
+    one of its 26 neighbours outside it or outside the image; distance on the index grid times the
+    spacing), but ITK compares every pair of boundary voxels (seconds for a 30 mm node on a 0.5 mm
+    grid) while the farthest pair of a point set always lies on its convex hull.
+    """
+    mask = sitk.GetArrayViewFromImage(binary).astype(bool)  # (k, j, i)
+    interior = ndimage.binary_erosion(mask, structure=np.ones((3, 3, 3), dtype=bool), border_value=0)
+    points = np.argwhere(mask & ~interior)[:, ::-1] * np.asarray(binary.GetSpacing(), dtype=np.float64)
+    if len(points) < 2:
+        return 0.0
+    try:
+        points = points[ConvexHull(points).vertices]
+    except QhullError:  # flat or collinear boundary: no 3-D hull, compare all pairs (few points then)
+        pass
+    farthest = 0.0
+    for start in range(0, len(points), 2048):  # row blocks keep the distance matrix small
+        block = points[start:start + 2048]
+        farthest = max(farthest, float((np.square(block[:, None, :] - points[None, :, :]).sum(axis=2)).max()))
+    return math.sqrt(farthest)
 
 
 def partial_volume_moments(hu: np.ndarray, region: np.ndarray, node_hu: float, fat_hu: float, image: sitk.Image) -> np.ndarray:
