@@ -43,6 +43,7 @@ import LymphNodeClassifierLogic.controller as panel  # binds `panel` only: `Lymp
 from LymphNodeClassifierLogic.controller import (
     DEVICE_NAMES,
     TRAIN_ARCHITECTURES,
+    TRAIN_FUSIONS,
     TRAIN_PATCHES,
     TRAIN_SPLITS,
     TRAIN_VIEWS,
@@ -166,6 +167,7 @@ class LymphNodeClassifierParameterNode:
     trainArchitecture: Annotated[str, Choice(TRAIN_ARCHITECTURES)] = "custom"
     trainViews: Annotated[str, Choice(TRAIN_VIEWS)] = "triplanar"
     trainMaskChannel: bool = False
+    trainFusion: Annotated[str, Choice(TRAIN_FUSIONS)] = "none"
     trainEpochs: Annotated[int, WithinRange(1, 1000)] = 40
     trainBatchSize: Annotated[int, WithinRange(2, 1024)] = 32
     trainLearningRate: Annotated[float, WithinRange(0.00001, 1.0)] = 0.001

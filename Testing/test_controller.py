@@ -226,12 +226,13 @@ def test_training_options_keep_the_shift_in_millimetres_and_choose_the_split():
     parameters = {"trainArchitecture": "resnet", "trainViews": "axial", "trainMaskChannel": True, "trainEpochs": 3,
                   "trainBatchSize": 8, "trainLearningRate": 0.01, "trainFlips": False, "trainRotationDegrees": 90.0,
                   "trainTranslationPx": 10.0, "trainPatience": 2, "trainLRPatience": 1, "trainSeed": 4,
-                  "trainSplit": ctl.TRAIN_SPLIT_KFOLD, "trainFolds": 3, "trainPatch": "48 px at 1.05 mm (faster on CPU)"}
+                  "trainSplit": ctl.TRAIN_SPLIT_KFOLD, "trainFolds": 3, "trainPatch": "48 px at 1.05 mm (faster on CPU)",
+                  "trainFusion": "mean"}
     options = ctl.training_options(parameters)
     assert options["patch_size"] == 48 and options["spacing_mm"] == (1.054,) * 3
     assert options["translation_px"] * 1.054 == pytest.approx(10.0 * 0.79, abs=0.01)
     assert options["folds"] == 3 and "split_fractions" not in options
-    assert options["architecture"] == "resnet" and options["epochs"] == 3
+    assert options["architecture"] == "resnet" and options["epochs"] == 3 and options["fusion"] == "mean"
     options = ctl.training_options({**parameters, "trainSplit": ctl.TRAIN_SPLIT_FRACTIONS, "trainPatch": ctl.TRAIN_PATCH_DEFAULT})
     assert options["split_fractions"] == (0.8, 0.1, 0.1) and "folds" not in options
     assert options["translation_px"] == 10.0

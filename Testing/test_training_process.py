@@ -288,6 +288,7 @@ def test_training_tab_options_match_the_training_config():
     import ast
     import dataclasses
 
+    from LymphNodeClassifierLib.fusion import FUSION_MODES
     from LymphNodeClassifierLib.patches import VIEW_MODES
     from LymphNodeClassifierLib.training import ARCHITECTURE_NAMES, COMMAND_LINE_ONLY_ARCHITECTURES, COMMAND_LINE_ONLY_VIEWS, TrainingConfig
 
@@ -295,10 +296,11 @@ def test_training_tab_options_match_the_training_config():
     # the option lists live in the panel's controller (the module file imports them from there)
     options = ast.parse((Path(tp.MODULE_DIR) / "LymphNodeClassifierLogic" / "controller.py").read_text(encoding="utf-8"))
     constants = {t.id: ast.literal_eval(n.value) for n in options.body if isinstance(n, ast.Assign)
-                 for t in n.targets if isinstance(t, ast.Name) and t.id in ("TRAIN_ARCHITECTURES", "TRAIN_VIEWS", "TRAINING_PARAMETERS", "TRAIN_PATCHES", "TRAIN_PATCH_DEFAULT")}
+                 for t in n.targets if isinstance(t, ast.Name) and t.id in ("TRAIN_ARCHITECTURES", "TRAIN_VIEWS", "TRAIN_FUSIONS", "TRAINING_PARAMETERS", "TRAIN_PATCHES", "TRAIN_PATCH_DEFAULT")}
     # every option except the 3-D context ones, which are the train / crossval commands' only
     assert set(constants["TRAIN_ARCHITECTURES"]) == set(ARCHITECTURE_NAMES) - set(COMMAND_LINE_ONLY_ARCHITECTURES)
     assert set(constants["TRAIN_VIEWS"]) == set(VIEW_MODES) - set(COMMAND_LINE_ONLY_VIEWS)
+    assert constants["TRAIN_FUSIONS"] == list(FUSION_MODES)
     wrapper = next(n for n in module.body if isinstance(n, ast.ClassDef) and n.name == "LymphNodeClassifierParameterNode")
     defaults = {item.target.id: ast.literal_eval(item.value) for item in wrapper.body
                 if isinstance(item, ast.AnnAssign) and item.value is not None and item.target.id.startswith("train")}

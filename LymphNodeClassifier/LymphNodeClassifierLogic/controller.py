@@ -61,6 +61,7 @@ DEVICE_NAMES = ["auto", "cpu", "cuda"]
 # (Testing/test_training_process.py checks that they agree).
 TRAIN_ARCHITECTURES = ["custom", "resnet"]
 TRAIN_VIEWS = ["triplanar", "axial"]
+TRAIN_FUSIONS = ["none", "mean", "concat"]  # training.TrainingConfig.fusion (fusion.py)
 # Training patch choices -> (pixels, spacing in mm); both cover the study's 64 x 0.79 = 50.6 mm field of view.
 TRAIN_PATCHES = {"64 px at 0.79 mm (study)": (64, 0.79), "48 px at 1.05 mm (faster on CPU)": (48, 1.054)}
 TRAIN_PATCH_DEFAULT = "64 px at 0.79 mm (study)"
@@ -72,6 +73,7 @@ TRAINING_PARAMETERS = {
     "trainArchitecture": "architecture",
     "trainViews": "views",
     "trainMaskChannel": "mask_channel",
+    "trainFusion": "fusion",
     "trainEpochs": "epochs",
     "trainBatchSize": "batch_size",
     "trainLearningRate": "learning_rate",
