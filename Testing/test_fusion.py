@@ -278,3 +278,50 @@ def test_evaluate_scores_a_fused_model_by_its_fused_probability(cohort, trained)
     got = np.array([rows[(str(c), int(v))] for c, v in zip(patchset.case_ids, patchset.label_values)])
     np.testing.assert_allclose(got, fused, atol=1e-6)
     assert not np.allclose(got, image)
+
+
+# --------------------------------------------------------------------------------------------
+# the command's input policy and the options fusion does not combine with
+
+
+def test_features_are_read_under_the_commands_input_policy(tmp_path):
+    """A CT accepted only through --not-hu-ok (the command's policy) must not be refused when its features are read."""
+    import SimpleITK as sitk
+
+    from LymphNodeClassifierLib.validate import InputPolicy
+
+    dataset = generate_cohort(tmp_path / "cohort", cases=2, seed=5)
+    case = next(iter(dataset.cases))
+    path = dataset.ct_path(case)
+    ct = sitk.ReadImage(str(path))
+    shifted = sitk.Cast(ct, sitk.sitkInt32) + 1024  # stored without the rescale intercept: not HU any more
+    shifted.CopyInformation(ct)
+    sitk.WriteImage(shifted, str(path), True)
+    patchset = build_patchset(dataset, small_config("mean").patch_spec(), small_config("mean").window, policy=InputPolicy(not_hu_ok=True))
+    rows = np.asarray(patchset.case_ids).astype(str) == case.case_id
+    assert rows.any()
+    with pytest.raises(InputError, match="Hounsfield"):
+        feature_matrix(dataset, np.asarray(patchset.case_ids)[rows], np.asarray(patchset.label_values)[rows])
+    features = feature_matrix(dataset, np.asarray(patchset.case_ids)[rows], np.asarray(patchset.label_values)[rows], policy=InputPolicy(not_hu_ok=True))
+    assert np.isfinite(features[:, FEATURE_NAMES.index("log_volume_mm3")]).all()
+    attached = attach_features(dataset, patchset, small_config("mean"), policy=InputPolicy(not_hu_ok=True))
+    assert attached.node_features.shape == (len(patchset), F)
+
+
+@pytest.mark.parametrize("extra", [["--first-member", "1"], ["--ensemble", "2"], ["--tta", "flips"]])
+def test_crossval_refuses_fusion_with_combined_members_before_any_work(cohort, tmp_path, extra):
+    """Their fold predictions would come from the image branch alone, reported as fused."""
+    with pytest.raises(InputError, match="--fusion mean does not combine") as error:  # before the (missing) dataset is read
+        crossval.main(["--dataset", str(tmp_path / "no-such-dataset"), "--out", str(tmp_path / "cv"), "--fusion", "mean", *extra])
+    assert "\n" not in str(error.value)
+    option = extra[0].lstrip("-").replace("-", "_")
+    value = int(extra[1]) if option != "tta" else extra[1]
+    with pytest.raises(InputError, match="does not combine"):  # the Python API too, before any fold trains
+        crossval.cross_validate(cohort["patchset"], small_config("mean"), folds=2, **{option: value})
+
+
+def test_a_fused_card_with_test_time_augmentation_is_refused(trained):
+    card = copy.deepcopy(trained["mean"]["card"])
+    card["preprocessing"]["tta"] = "flips"
+    with pytest.raises(InputError, match="not applied by a fused model"):
+        validate_card(card)

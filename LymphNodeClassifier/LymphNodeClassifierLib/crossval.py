@@ -220,6 +220,13 @@ class CrossValResult:
         ]
 
 
+def check_fusion_alone(config: TrainingConfig, combines_members: bool) -> None:
+    """A fused model is neither an ensemble member nor run with TTA: the combined fold predictions
+    call the image branch only, so they would be reported as fused without the features."""
+    if config.fusion != "none" and combines_members:
+        raise InputError(f"--fusion {config.fusion} does not combine with --ensemble / --tta / --first-member yet; use one of them.")
+
+
 def cross_validate(
     patchset: PatchSet,
     config: TrainingConfig,
@@ -256,6 +263,7 @@ def cross_validate(
     tta = check_tta_fits_training(tta, config.flips, config.rotation_degrees)
     first_member = check_first_member(first_member)
     combine = ensemble > 1 or tta != "none" or first_member > 0
+    check_fusion_alone(config, combine)
     member_logits = {mode: np.full((ensemble, patchset.y.size), np.nan, dtype=np.float32) for mode in TTA_MODES} if combine else {}
     if not 0.0 < float(inner_val_fraction) < 1.0:
         raise InputError(f"The inner validation fraction must lie between 0 and 1, got {inner_val_fraction!r}; use e.g. 0.2.")
@@ -630,15 +638,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise InputError("--first-member adds seeds to an earlier cross-validation run and exports nothing; drop --export-model (export with --ensemble K).")
     check_first_member(args.first_member)
     check_tta_fits_training(args.tta, config.flips, config.rotation_degrees)
-    if config.fusion != "none" and (args.ensemble > 1 or args.tta != "none"):  # not measured together, not exported together
-        raise InputError(f"--fusion {config.fusion} does not combine with --ensemble / --tta yet; use one of them.")
+    check_fusion_alone(config, args.ensemble > 1 or args.tta != "none" or args.first_member > 0)
     if args.export_model:
         check_exportable(config)
         check_writable_file(args.export_model, "--export-model")
     dataset = Dataset.load(args.dataset)
     patchset = build_patchset(dataset, config.patch_spec(), config.window, cache_dir=args.cache, policy=InputPolicy.from_args(args))
     print(f"patches: {len(patchset)} nodes of {len(set(patchset.patient_ids.tolist()))} patients, {int(patchset.y.sum())} positive", flush=True)
-    attach_features(dataset, patchset, config, args.cache)
+    attach_features(dataset, patchset, config, args.cache, policy=InputPolicy.from_args(args))
 
     def show(event: dict) -> None:
         if event["event"] == "epoch" and not args.quiet:

@@ -344,7 +344,7 @@ def evaluate_dataset(
         data, patch_spec_from_card(loaded.card), window_from_card(loaded.card), cache_dir=cache_dir,
         progress=progress, is_cancelled=is_cancelled, policy=policy,
     )
-    attach_features(data, patchset, loaded.card, cache_dir, is_cancelled=is_cancelled)  # a fused model's card asks for them
+    attach_features(data, patchset, loaded.card, cache_dir, is_cancelled=is_cancelled, policy=policy)  # a fused model's card asks for them
     if len(patchset) == 0:
         raise InputError(f"The dataset {data.folder} has no labelled, non-excluded node to evaluate; label some nodes (or include excluded ones) first.")
     evaluation = evaluate_patchset(loaded, patchset, threshold, n_boot=n_boot, seed=seed)

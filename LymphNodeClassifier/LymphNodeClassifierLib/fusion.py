@@ -58,9 +58,11 @@ def card_block(mode: str) -> dict:
 def patchset_features(
     dataset, patchset, cache_dir: str | Path | None = None,
     progress: Callable[[int, int], None] | None = None, is_cancelled: Callable[[], bool] | None = None,
+    policy=None,
 ) -> np.ndarray:
     """`node_features.feature_matrix` of the PatchSet's rows (row i = node i), cached in `cache_dir`
-    under the patch set's fingerprint and the feature code's version."""
+    under the patch set's fingerprint and the feature code's version; the cases are read under
+    `policy` (validate.InputPolicy, default the strict one), as the patches were."""
     from .node_features import FEATURE_NAMES, FEATURES_VERSION, feature_matrix
 
     case_ids = np.asarray(patchset.case_ids).astype(str)
@@ -74,7 +76,8 @@ def patchset_features(
                     return data["features"].astype(np.float64)
         except (OSError, KeyError, ValueError):
             pass  # a damaged cache is recomputed
-    features = feature_matrix(dataset, case_ids, label_values, progress=progress, is_cancelled=is_cancelled)
+    features = feature_matrix(dataset, case_ids, label_values, progress=progress, is_cancelled=is_cancelled,
+                              **({} if policy is None else {"policy": policy}))
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(cache) as tmp:

@@ -584,6 +584,8 @@ def _check_card(card: dict) -> None:
         _require(pre, "tta", w, lambda v: v in TTA_MODES, f"one of {', '.join(TTA_MODES)}")
     if "node_features" in pre:  # optional: a FusedNetwork (older cards: image only)
         _check_node_features_block(pre)
+        if pre.get("tta", "none") != "none":  # the fused method runs on the plain patches only (fusion.predict_fused)
+            raise _CardError(f"preprocessing.tta '{pre['tta']}' is not applied by a fused model (preprocessing.node_features); set tta to none")
     expected = expected_channels(views, mask)
     if channels != expected:
         raise _CardError(f"preprocessing.channels {channels} do not match views '{views}' with mask_channel={mask} (expected {expected})")

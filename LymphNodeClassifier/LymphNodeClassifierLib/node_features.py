@@ -47,6 +47,7 @@ from .errors import CancelledError, InputError
 from .geometry import direction_matrix
 from .nodes import NodeInfo
 from .patchset import case_nodes
+from .validate import InputPolicy
 
 MARGIN_MM = 4.0  # context around the node (at least the fat ring + 1 voxel, see _crop)
 RING_RADIUS_VOXELS = (3, 3, 1)  # the surrounding-fat ring: the mask dilated by this (i, j, k) minus the mask
@@ -213,8 +214,11 @@ def feature_matrix(
     label_values: Sequence[int],
     progress: Callable[[int, int], None] | None = None,
     is_cancelled: Callable[[], bool] | None = None,
+    policy: InputPolicy = InputPolicy(),
 ) -> np.ndarray:
     """(N, len(FEATURE_NAMES)) float64 features of the nodes `(case_ids[n], label_values[n])`.
+
+    Each case is read under `policy` (the command's --not-hu-ok / geometry options), as its patches were.
 
     Row n belongs to node n (e.g. the rows of a PatchSet); each case's images are read once.
     NaN marks a feature that could not be measured (e.g. no fat around the node).
@@ -233,7 +237,7 @@ def feature_matrix(
         if not dataset.has_case(case_id):
             raise InputError(f"Case '{case_id}' is not in the dataset; rebuild the node list from the dataset.")
         case = dataset.case(case_id)
-        ct, nodes, component_image = case_nodes(dataset.ct_path(case), dataset.labels_path(case), case)
+        ct, nodes, component_image = case_nodes(dataset.ct_path(case), dataset.labels_path(case), case, policy)
         by_value = {node.label_value: node for node in nodes}
         for row in rows:
             node = by_value.get(label_values[row])

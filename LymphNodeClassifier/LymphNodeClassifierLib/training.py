@@ -904,7 +904,7 @@ def run(args: argparse.Namespace, command: str) -> int:
     print(f"patches: {len(patchset)} nodes from {patchset.n_cases} cases ({'cache' if patchset.from_cache else f'{time.perf_counter() - t0:.1f} s'}), "
           f"{int(patchset.y.sum())} metastatic, fingerprint {patchset.fingerprint[:12]}", flush=True)
     _print_problems(patchset.problems, args.dataset)
-    attach_features(dataset, patchset, config, args.cache)
+    attach_features(dataset, patchset, config, args.cache, policy=InputPolicy.from_args(args))
 
     def show(event: dict) -> None:
         if event["event"] == "epoch":
@@ -917,7 +917,7 @@ def run(args: argparse.Namespace, command: str) -> int:
         held_patchset = build_patchset(held_dataset, config.patch_spec(), config.window, cache_dir=args.cache, workers=args.workers,
                                        policy=InputPolicy.from_args(args))
         _print_problems(held_patchset.problems, folder)
-        attach_features(held_dataset, held_patchset, config, args.cache)
+        attach_features(held_dataset, held_patchset, config, args.cache, policy=InputPolicy.from_args(args))
         key = held_dataset.name or Path(folder).name
         held_sets[key if key not in held_sets else f"{key} ({folder})"] = held_patchset
 
