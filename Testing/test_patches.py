@@ -176,6 +176,24 @@ def test_edge_node_is_padded_with_air():
     assert not patch.mask[0][outside].any()
 
 
+@pytest.mark.parametrize("shift_voxels", [(0.5, 0.0, 0.0), (0.0, 0.0, 3.0)])
+def test_a_component_image_off_the_ct_grid_is_refused(shift_voxels):
+    """Node bounding boxes are CT indices: a label grid shifted by half a voxel, or a crop reaching
+    past the CT, must be refused instead of giving patches from the wrong voxels."""
+    size, spacing = (40, 40, 20), (0.7, 0.7, 1.0)
+    ct = empty_ct(size, spacing, TILTED, (5.0, -3.0, 2.0))
+    points = voxel_points(ct)
+    labels = np.zeros(size[::-1], dtype=np.uint8)
+    add_sphere(labels, points, points[10, 20, 20], 4.0, 1)
+    label = with_array(ct, labels)
+    nodes, components = extract_nodes(label)
+    extract_patches(ct, components, nodes, PatchSpec(size=16), WINDOW)  # on the grid: fine
+    shifted = sitk.Image(components)
+    shifted.SetOrigin(components.TransformContinuousIndexToPhysicalPoint(shift_voxels))
+    with pytest.raises(InputError, match="not on the CT's voxel grid"):
+        extract_patches(ct, shifted, nodes, PatchSpec(size=16), WINDOW)
+
+
 def test_axial_mode_uses_plane_of_largest_cross_section():
     size, spacing = (70, 70, 50), (0.7, 0.7, 1.0)
     centre = np.array([5.0, -3.0, 20.0])
