@@ -43,7 +43,7 @@ def test_missing_requirements_compare_versions():
     missing = deps.missing_requirements([Requirement("slicerio>=1.1"), Requirement("scikit-learn>=1.3"),
                                          Requirement("cleanlab>=2.6")], installed)
     assert [str(r) for r in missing] == ["slicerio>=1.1", "cleanlab>=2.6"]
-    assert [r.name for r in deps.read_requirements(REQUIREMENTS)] == ["slicerio", "scikit-learn", "cleanlab"]
+    assert [r.name for r in deps.read_requirements(REQUIREMENTS)] == ["slicerio", "scikit-learn", "cleanlab", "isal"]
 
 
 def test_torch_status_compares_the_installed_version_with_the_minimum():
