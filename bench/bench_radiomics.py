@@ -45,22 +45,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "LymphNodeClassifier"))
 
 import numpy as np  # noqa: E402
-from sklearn.impute import SimpleImputer  # noqa: E402
-from sklearn.linear_model import LogisticRegression  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
-from sklearn.model_selection import StratifiedGroupKFold  # noqa: E402
-from sklearn.pipeline import make_pipeline  # noqa: E402
-from sklearn.preprocessing import StandardScaler  # noqa: E402
 
 from LymphNodeClassifierLib.crossval import paired_auc_difference  # noqa: E402
+# the fused model's feature branch (fusion.py) and this baseline share one model and C search
+from LymphNodeClassifierLib.fusion import C_GRID, INNER_FOLDS, choose_c, logistic_model  # noqa: E402
 from LymphNodeClassifierLib.fileio import atomic_write_json, atomic_write_text, csv_text  # noqa: E402
 from LymphNodeClassifierLib.metrics import bootstrap_ci, calibration  # noqa: E402
 
 RADIOMICS_CLASSES = ("shape", "firstorder", "glcm", "glrlm", "glszm", "gldm", "ngtdm")
 # linear, not B-spline, resampling: B-spline extrapolates garbage (inf) on crops of 2 slices
 RADIOMICS_SETTINGS = dict(binWidth=25, resampledPixelSpacing=[1, 1, 1], interpolator="sitkLinear", label=1, correctMask=True)
-C_GRID = tuple(float(c) for c in np.logspace(-3, 1, 9))
-INNER_FOLDS = 4
 N_BOOT = 1000
 
 
@@ -144,31 +139,13 @@ def logit(p: np.ndarray) -> np.ndarray:
 # nested out-of-fold logistic regression
 
 
-def pipeline(c: float):
-    return make_pipeline(SimpleImputer(strategy="median"), StandardScaler(), LogisticRegression(C=c, max_iter=5000))
-
-
-def choose_c(x: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int) -> float:
-    """The C of C_GRID with the best pooled inner-OOF AUC on (x, y), patient-grouped."""
-    inner = list(StratifiedGroupKFold(n_splits=INNER_FOLDS, shuffle=True, random_state=seed).split(x, y, groups))
-    best, best_auc = C_GRID[0], -1.0
-    for c in C_GRID:
-        p = np.zeros(y.size)
-        for fit, held in inner:
-            p[held] = pipeline(c).fit(x[fit], y[fit]).predict_proba(x[held])[:, 1]
-        auc = roc_auc_score(y, p)
-        if auc > best_auc + 1e-9:
-            best, best_auc = c, auc
-    return best
-
-
 def nested_oof(x: np.ndarray, y: np.ndarray, groups: np.ndarray, fold: np.ndarray) -> tuple[np.ndarray, list[float]]:
     """OOF probabilities on the given outer folds; C chosen inside each outer training part."""
     oof, chosen = np.full(y.size, np.nan), []
     for k in np.unique(fold):
         train, test = fold != k, fold == k
         c = choose_c(x[train], y[train], groups[train], seed=int(k))
-        oof[test] = pipeline(c).fit(x[train], y[train]).predict_proba(x[test])[:, 1]
+        oof[test] = logistic_model(c).fit(x[train], y[train]).predict_proba(x[test])[:, 1]
         chosen.append(c)
     return oof, chosen
 

@@ -31,6 +31,7 @@ import numpy as np
 
 from .errors import InputError
 from .fileio import atomic_path
+from .validate import InputPolicy
 
 FUSION_MODES = ("none", "mean", "concat")
 C_GRID = tuple(float(c) for c in np.logspace(-3, 1, 9))
@@ -58,11 +59,11 @@ def card_block(mode: str) -> dict:
 def patchset_features(
     dataset, patchset, cache_dir: str | Path | None = None,
     progress: Callable[[int, int], None] | None = None, is_cancelled: Callable[[], bool] | None = None,
-    policy=None,
+    policy: InputPolicy = InputPolicy(),
 ) -> np.ndarray:
     """`node_features.feature_matrix` of the PatchSet's rows (row i = node i), cached in `cache_dir`
     under the patch set's fingerprint and the feature code's version; the cases are read under
-    `policy` (validate.InputPolicy, default the strict one), as the patches were."""
+    `policy` (the command's input options), as the patches were."""
     from .node_features import FEATURE_NAMES, FEATURES_VERSION, feature_matrix
 
     case_ids = np.asarray(patchset.case_ids).astype(str)
@@ -76,8 +77,7 @@ def patchset_features(
                     return data["features"].astype(np.float64)
         except (OSError, KeyError, ValueError):
             pass  # a damaged cache is recomputed
-    features = feature_matrix(dataset, case_ids, label_values, progress=progress, is_cancelled=is_cancelled,
-                              **({} if policy is None else {"policy": policy}))
+    features = feature_matrix(dataset, case_ids, label_values, progress=progress, is_cancelled=is_cancelled, policy=policy)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(cache) as tmp:
@@ -108,7 +108,8 @@ def _preprocessor(*then):
     return make_pipeline(SimpleImputer(strategy="median", keep_empty_features=True), StandardScaler(), *then)
 
 
-def _logistic(c: float):
+def logistic_model(c: float):
+    """Median imputation, standardisation and an L2 logistic regression of strength C (also bench/bench_radiomics.py's model)."""
     from sklearn.linear_model import LogisticRegression
 
     return _preprocessor(LogisticRegression(C=c, max_iter=5000))
@@ -135,7 +136,7 @@ def choose_c(x: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int = 0) ->
         p = np.zeros(y.size)
         for fit, held in inner:
             if 0 < y[fit].sum() < fit.size:
-                p[held] = _logistic(c).fit(x[fit], y[fit]).predict_proba(x[held])[:, 1]
+                p[held] = logistic_model(c).fit(x[fit], y[fit]).predict_proba(x[held])[:, 1]
         auc = roc_auc_score(y, p) if 0 < y.sum() < y.size else math.nan
         if auc > best_auc + 1e-9:
             best, best_auc = c, auc
@@ -154,7 +155,7 @@ def fit_feature_logistic(features: np.ndarray, y: np.ndarray, groups: Sequence, 
     if not 0 < int(y.sum()) < y.size:
         raise InputError("The feature model needs training nodes of both classes; label nodes of both classes.")
     c = choose_c(x, y, np.asarray(groups).astype(str), seed)
-    fitted = _logistic(c).fit(x, y)
+    fitted = logistic_model(c).fit(x, y)
     imputer, scaler, logistic = (step for _, step in fitted.steps)
     return {
         "C": c, "median": imputer.statistics_.astype(np.float64), "mean": scaler.mean_.astype(np.float64),
