@@ -116,10 +116,10 @@ def extract_nodes_cropped(label_image: sitk.Image, per_label_value: bool = False
 
 def crop_start_index(crop: sitk.Image, grid: sitk.Image) -> tuple[int, int, int]:
     """The (i, j, k) index of `grid` at `crop`'s first voxel; `crop` must be a sub-grid of `grid` (a slice of it)."""
-    start = np.rint(continuous_indices_of_physical_points(grid, np.asarray(crop.GetOrigin(), dtype=np.float64)))
-    start = [int(v) for v in start]
+    continuous = continuous_indices_of_physical_points(grid, np.asarray(crop.GetOrigin(), dtype=np.float64))
+    start = [int(v) for v in np.rint(continuous)]
     stop = [a + n for a, n in zip(start, crop.GetSize())]
-    if (min(start) < 0 or any(b > n for b, n in zip(stop, grid.GetSize()))
+    if (min(start) < 0 or any(b > n for b, n in zip(stop, grid.GetSize())) or not np.allclose(continuous, start, atol=1e-3)
             or not np.allclose(crop.GetSpacing(), grid.GetSpacing()) or not np.allclose(crop.GetDirection(), grid.GetDirection())):
         raise ValueError("the component crop is not a sub-grid of the label's grid")
     return start[0], start[1], start[2]

@@ -46,7 +46,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
-from .geometry import continuous_indices_of_physical_points, physical_points_of_indices
+from .geometry import physical_points_of_indices
 from .nodes import NodeInfo, crop_start_index
 from .windowing import apply_window
 
@@ -406,15 +406,11 @@ def _check_images(ct: sitk.Image, component_image: sitk.Image) -> None:
     if ct.GetDimension() != 3 or component_image.GetDimension() != 3:
         raise InputError("The CT and the node label volume must both be 3D volumes; load 3D images.")
     # the nodes' bbox_index are read as CT indices: the component image must be the CT grid or a slice of it
-    start = continuous_indices_of_physical_points(ct, np.asarray(component_image.GetOrigin(), dtype=np.float64))
     try:
         crop_start_index(component_image, ct)
-        on_grid = np.allclose(start, np.rint(start), atol=1e-3)
     except ValueError:
-        on_grid = False
-    if not on_grid:
         raise InputError("The node label volume is not on the CT's voxel grid (nor a part of it); resample it onto the CT "
-                         "(validate.labels_on_ct) before extracting patches.")
+                         "(validate.labels_on_ct) before extracting patches.") from None
 
 
 def extract_patches(
